@@ -1,0 +1,28 @@
+# Two commands for a new user: `make demo` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint format bench clean setup
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup_env.sh
+	bash scripts/setup_env.sh $(PYTHON) $(VENV)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m attnopt.cli demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check attnopt tests benchmarks examples
+	$(VENV)/bin/ruff format --check attnopt tests benchmarks examples
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format attnopt tests benchmarks examples
+	$(VENV)/bin/ruff check --fix attnopt tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) build *.egg-info

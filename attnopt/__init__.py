@@ -1,0 +1,43 @@
+"""attnopt: a compiler for the attention in PyTorch models.
+
+Entry points: :func:`compile`, :func:`capture`, :func:`validate`, :class:`Pass`,
+:class:`PassManager`, :mod:`attnopt.passes`, :mod:`attnopt.ir`.
+"""
+
+from attnopt import ir
+from attnopt.api import capture, compile
+from attnopt.errors import (
+    AttnoptError,
+    BackendError,
+    CaptureError,
+    PassError,
+    PipelineError,
+    SignatureError,
+)
+from attnopt.ir import attention as _attention_op  # noqa: F401 - registers the attention op
+from attnopt.passes.base import Pass, PassContext, PassManager, PassResult
+from attnopt.runtime.module import CompiledModule
+from attnopt.sites import AttentionSite
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionSite",
+    "AttnoptError",
+    "BackendError",
+    "CaptureError",
+    "CompiledModule",
+    "Pass",
+    "PassContext",
+    "PassError",
+    "PassManager",
+    "PassResult",
+    "PipelineError",
+    "SignatureError",
+    "capture",
+    "compile",
+    "ir",
+    "passes",
+]
+
+from attnopt import passes  # noqa: E402 - registers the built-in passes

@@ -1,0 +1,76 @@
+"""The public entry points ``attnopt.compile`` and ``attnopt.capture``.
+
+Entry points: :func:`compile`, :func:`capture`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from attnopt.frontend.capture import capture
+from attnopt.passes.base import Pass, PassManager, as_pipeline
+from attnopt.runtime.module import CompiledModule
+
+
+def compile(  # noqa: A001 - the public name is fixed by the design
+    model: torch.nn.Module,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    *,
+    passes: str | Sequence[Pass] | PassManager = "exact",
+    backend: str = "auto",
+    calibration: Any = None,
+    budget: Any = None,
+    method: str = "auto",
+    max_signatures: int = 8,
+) -> CompiledModule:
+    """Compile ``model`` for the attention in it.
+
+    Args:
+        model: the module to compile (use ``model.eval()`` for inference graphs).
+        args: example positional inputs; when given (or ``kwargs``), compilation happens now.
+        kwargs: example keyword inputs.
+        passes: "exact" (canonicalize + fuse attention), "none", pipeline text such as
+            ``"fuse-attention,sliding-window{window=512,sinks=4}"``, a list of passes, or a
+            PassManager.
+        backend: "auto" (Triton on CUDA, fast torch kernels on CPU), "torch", "triton" or
+            "triton-interpret" (the generated Triton kernels in the interpreter, for tests).
+        calibration: iterable of ``(args, kwargs)`` for passes that score heads/layers/tokens.
+        budget: an accuracy budget (``attnopt.Budget``) for budgeted passes.
+        method: capture method: "auto", "export", "export-strict" or "fx".
+        max_signatures: input signatures kept compiled at once.
+
+    Returns:
+        A :class:`CompiledModule` with the model's call signature.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"attnopt.compile takes a torch.nn.Module, not {type(model).__name__}")
+    if model.training:
+        warnings.warn(
+            f"{type(model).__name__} is in training mode: dropout stays active in the compiled "
+            "graph; call model.eval() for inference",
+            stacklevel=2,
+        )
+    if not isinstance(args, builtins.tuple):
+        args = (args,)
+    pipeline = as_pipeline(passes)
+    compiled = CompiledModule(
+        model,
+        pipeline,
+        backend=backend,
+        calibration=calibration,
+        budget=budget,
+        max_signatures=max_signatures,
+        method=method,
+    )
+    if args or kwargs:
+        compiled.compile_for(args, kwargs or {})
+    return compiled
+
+
+__all__ = ["capture", "compile"]

@@ -1,0 +1,29 @@
+"""attnopt's error types. Every error a user can cause is one of these, with a message that
+names the problem and what to try next.
+
+Entry points: :class:`AttnoptError` and its subclasses.
+"""
+
+
+class AttnoptError(Exception):
+    """Base class of attnopt's errors."""
+
+
+class CaptureError(AttnoptError):
+    """A model could not be captured into the IR; names the module/op and the methods tried."""
+
+
+class SignatureError(AttnoptError, TypeError):
+    """Inputs that do not fit the compiled model's call signature."""
+
+
+class PassError(AttnoptError):
+    """A pass failed or left the graph invalid; names the pass and the pipeline before it."""
+
+
+class PipelineError(AttnoptError, ValueError):
+    """A pipeline text or pass option that does not parse or type-check; names the option."""
+
+
+class BackendError(AttnoptError, ValueError):
+    """An unknown or unavailable backend."""

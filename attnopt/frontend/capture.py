@@ -1,0 +1,172 @@
+"""Capture a model into the IR.
+
+Entry points: :func:`capture` (the public ``attnopt.capture``) and :func:`capture_program`,
+which also returns what the runtime needs to call the graph with the model's own signature.
+
+Methods: ``"export"`` (torch.export, non-strict: the default), ``"export-strict"`` (TorchDynamo
+based export) and ``"fx"`` (torch.fx.symbolic_trace first, for simple modules, then export of the
+traced module). ``"auto"`` tries export, then the others, and reports every failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from attnopt.errors import CaptureError
+from attnopt.frontend.lower import lower_exported_program
+from attnopt.ir import Graph
+
+METHODS = ("auto", "export", "export-strict", "fx")
+
+
+@dataclass
+class CapturedProgram:
+    """A captured graph plus how to map the model's inputs and outputs onto it.
+
+    Attributes:
+        graph: the IR graph.
+        in_spec: pytree spec of ``(args, kwargs)`` at capture time.
+        input_positions: for each graph input, its index among the flattened ``(args, kwargs)``
+            leaves.
+        out_spec: pytree spec to rebuild the model's output structure.
+        method: the capture method that succeeded.
+        seconds: capture time.
+    """
+
+    graph: Graph
+    in_spec: Any
+    input_positions: list[int]
+    out_spec: Any
+    method: str
+    seconds: float
+    attempts: list[str] = field(default_factory=list)
+
+
+def _prepare_model(model: torch.nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "use_cache", False):
+        # KV caches are Python objects, not tensors: capture the cache-free forward.
+        config.use_cache = False
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, strict: bool) -> Any:
+    with torch.no_grad():
+        return torch.export.export(model, args, kwargs, strict=strict)
+
+
+def _fx_then_export(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    traced = torch.fx.symbolic_trace(model)
+    return _export(traced, args, kwargs, strict=False)
+
+
+def capture_program(
+    model: torch.nn.Module,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    *,
+    dynamic: bool | None = None,
+    method: str = "auto",
+) -> CapturedProgram:
+    """Capture ``model`` called as ``model(*args, **kwargs)``.
+
+    Args:
+        model: the module (put in eval mode by the caller for inference graphs).
+        args: example positional inputs.
+        kwargs: example keyword inputs.
+        dynamic: reserved; shapes are specialised per input signature and the runtime recompiles
+            for a new signature (``CompiledModule.stats``). ``True`` is accepted and means the same.
+        method: ``"auto"``, ``"export"``, ``"export-strict"`` or ``"fx"``.
+
+    Returns:
+        The captured program.
+
+    Raises:
+        CaptureError: naming the model, the methods tried and each failure.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"attnopt captures torch.nn.Module objects, not {type(model).__name__}")
+    if not isinstance(args, tuple):
+        args = (args,)
+    kwargs = dict(kwargs or {})
+    name = type(model).__name__
+    _prepare_model(model)
+    order = ["export", "export-strict", "fx"] if method == "auto" else [method]
+    attempts: list[str] = []
+    start = time.perf_counter()
+    for attempt in order:
+        try:
+            if attempt == "fx":
+                ep = _fx_then_export(model, args, kwargs)
+            else:
+                ep = _export(model, args, kwargs, strict=attempt == "export-strict")
+        except Exception as err:  # noqa: BLE001 - every failure is reported to the user
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            attempts.append(f"{attempt}: {type(err).__name__}: {first_line[:300]}")
+            continue
+        graph = lower_exported_program(ep, model_name=name)
+        graph.meta["model"] = name
+        flat, in_spec = pytree.tree_flatten((args, kwargs))
+        positions = _input_positions(ep, flat)
+        return CapturedProgram(
+            graph=graph,
+            in_spec=in_spec,
+            input_positions=positions,
+            out_spec=ep.call_spec.out_spec,
+            method=attempt,
+            seconds=time.perf_counter() - start,
+            attempts=attempts,
+        )
+    tried = "\n  ".join(attempts)
+    raise CaptureError(
+        f"could not capture {name}. Tried:\n  {tried}\n"
+        "Next: call model.eval(), pass tensors (not Python objects) as inputs, set "
+        "use_cache=False for decoders, or capture the submodule that contains the attention."
+    )
+
+
+def _input_positions(ep: Any, flat: list[Any]) -> list[int]:
+    from torch.export.graph_signature import InputKind
+
+    user_specs = [s for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    if len(user_specs) != len(flat):
+        raise CaptureError(
+            f"export kept {len(user_specs)} user inputs for {len(flat)} flattened inputs"
+        )
+    positions = []
+    for index, (spec, leaf) in enumerate(zip(user_specs, flat)):
+        if isinstance(leaf, torch.Tensor):
+            positions.append(index)
+        del spec
+    return positions
+
+
+def capture(
+    model: torch.nn.Module,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    *,
+    dynamic: bool | None = None,
+    method: str = "auto",
+) -> Graph:
+    """Capture ``model`` into an IR graph (the public ``attnopt.capture``).
+
+    Args:
+        model: the module.
+        args: example positional inputs.
+        kwargs: example keyword inputs.
+        dynamic: see :func:`capture_program`.
+        method: ``"auto"``, ``"export"``, ``"export-strict"`` or ``"fx"``.
+
+    Returns:
+        The IR graph.
+    """
+    with contextlib.nullcontext():
+        return capture_program(model, args, kwargs, dynamic=dynamic, method=method).graph

@@ -1,0 +1,263 @@
+"""The compiled module: an ``nn.Module`` with the model's call signature and output structure.
+
+Entry point: :class:`CompiledModule` (built by ``attnopt.compile``).
+
+Shapes are specialised per input signature (tensor shapes, dtypes, devices and the values of
+non-tensor inputs); a new signature is captured and compiled again and cached, so a different
+batch size or sequence length never gives a wrong result. ``stats`` counts compilations.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from attnopt.codegen.program import Program, load_program
+from attnopt.errors import BackendError, CaptureError, SignatureError
+from attnopt.frontend.capture import CapturedProgram, capture_program
+from attnopt.ir import Graph, verify
+from attnopt.passes.base import PassContext, PassManager
+from attnopt.runtime.kernels import KernelNamespace
+from attnopt.sites import AttentionSite, collect_sites
+
+BACKENDS = ("auto", "torch", "triton", "triton-interpret")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for ``backend`` on ``device``.
+
+    Args:
+        backend: "auto", "torch", "triton" or "triton-interpret".
+        device: the device of the model's inputs.
+
+    Returns:
+        "torch", "triton" or "triton-interpret".
+    """
+    if backend not in BACKENDS:
+        raise BackendError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _has_triton() else "torch"
+    if backend == "triton" and device.type != "cuda":
+        raise BackendError(
+            "backend 'triton' needs CUDA tensors; on the CPU use 'auto'/'torch' (fast torch "
+            "kernels) or 'triton-interpret' (the generated kernels in Triton's interpreter)"
+        )
+    return backend
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class CompiledEntry:
+    """One compiled input signature."""
+
+    captured: CapturedProgram
+    graph: Graph
+    program: Program
+    kernels: KernelNamespace
+    sites: list[AttentionSite]
+    compile_seconds: float
+    pass_history: list[dict[str, Any]] = field(default_factory=list)
+    explanations: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _signature(flat: list[Any], spec: Any) -> tuple:
+    parts: list[Any] = [str(spec)]
+    for leaf in flat:
+        if isinstance(leaf, torch.Tensor):
+            parts.append(("T", tuple(leaf.shape), leaf.dtype, leaf.device.type))
+        else:
+            parts.append(("C", type(leaf).__name__, repr(leaf)))
+    return tuple(parts)
+
+
+class CompiledModule(torch.nn.Module):
+    """A model compiled by attnopt; call it like the model.
+
+    Args:
+        model: the original module (kept as ``self.model``; its parameters are used by reference).
+        pipeline: the passes to apply.
+        backend: "auto", "torch", "triton" or "triton-interpret".
+        calibration: iterable of ``(args, kwargs)`` for passes that need data.
+        budget: accuracy budget for budgeted passes.
+        max_signatures: how many input signatures to keep compiled (LRU).
+        method: capture method (see :func:`attnopt.capture`).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pipeline: PassManager,
+        *,
+        backend: str = "auto",
+        calibration: Any = None,
+        budget: Any = None,
+        max_signatures: int = 8,
+        method: str = "auto",
+    ):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise BackendError(f"backend must be one of {BACKENDS}, not {backend!r}")
+        if not isinstance(max_signatures, int) or max_signatures < 1:
+            raise ValueError("max_signatures must be a positive int")
+        self.model = model
+        self.pipeline = pipeline
+        self.backend = backend
+        self.calibration = calibration
+        self.budget = budget
+        self.max_signatures = max_signatures
+        self.method = method
+        self._entries: OrderedDict[tuple, CompiledEntry] = OrderedDict()
+        self._last: CompiledEntry | None = None
+        self._structure: Any = None
+        self.stats: dict[str, Any] = {"compilations": 0, "cache_hits": 0, "evictions": 0}
+
+    # --- compilation ------------------------------------------------------------------------
+    def compile_for(self, args: tuple = (), kwargs: dict | None = None) -> CompiledEntry:
+        """Compile (or fetch) the program for this input signature.
+
+        Args:
+            args: positional inputs.
+            kwargs: keyword inputs.
+
+        Returns:
+            The compiled entry.
+        """
+        kwargs = kwargs or {}
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        key = _signature(flat, spec)
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            self.stats["cache_hits"] += 1
+            self._last = entry
+            return entry
+        entry = self._compile(args, kwargs, flat)
+        self._entries[key] = entry
+        self.stats["compilations"] += 1
+        if len(self._entries) > self.max_signatures:
+            self._entries.popitem(last=False)
+            self.stats["evictions"] += 1
+        self._last = entry
+        return entry
+
+    def _compile(self, args: tuple, kwargs: dict, flat: list[Any]) -> CompiledEntry:
+        start = time.perf_counter()
+        try:
+            captured = capture_program(self.model, args, kwargs, method=self.method)
+        except CaptureError as err:
+            if self._structure is not None:
+                raise SignatureError(
+                    f"these inputs do not fit {type(self.model).__name__}: the model could not "
+                    f"be run on them ({err})"
+                ) from err
+            raise
+        device = next((x.device for x in flat if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        backend = resolve_backend(self.backend, device)
+        graph = captured.graph
+        ctx = PassContext(
+            calibration=self.calibration,
+            budget=self.budget,
+            backend=backend,
+            model=self.model,
+            example=(args, kwargs),
+        )
+        self.pipeline.run(graph, ctx)
+        graph.dead_code_elimination()
+        verify(graph)
+        kernels = KernelNamespace(backend)
+        program = load_program(graph, kernels)
+        self._structure = captured.in_spec
+        return CompiledEntry(
+            captured=captured,
+            graph=graph,
+            program=program,
+            kernels=kernels,
+            sites=collect_sites(graph),
+            compile_seconds=time.perf_counter() - start,
+            pass_history=list(ctx.history),
+            explanations=list(ctx.explanations),
+        )
+
+    # --- calling ----------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the compiled program; same outputs and structure as ``model(*args, **kwargs)``."""
+        entry = self.compile_for(args, kwargs)
+        return self._run(entry, args, kwargs)
+
+    def _run(self, entry: CompiledEntry, args: tuple, kwargs: dict) -> Any:
+        flat, _ = pytree.tree_flatten((args, kwargs))
+        inputs = [flat[i] for i in entry.captured.input_positions]
+        outputs = entry.program.fn(*inputs)
+        return pytree.tree_unflatten(list(outputs), entry.captured.out_spec)
+
+    def run_with_taps(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[int, torch.Tensor]]:
+        """Run and also return every attention site's output, by site index.
+
+        Returns:
+            ``(outputs, {site_index: tensor})``.
+        """
+        entry = self.compile_for(args, kwargs)
+        entry.kernels.taps = {}
+        try:
+            outputs = self._run(entry, args, kwargs)
+            taps = entry.kernels.taps
+        finally:
+            entry.kernels.taps = None
+        return outputs, taps
+
+    # --- introspection ----------------------------------------------------------------------
+    def _latest(self) -> CompiledEntry:
+        if self._last is None:
+            raise RuntimeError(
+                "nothing compiled yet: call the module (or attnopt.compile with example inputs)"
+            )
+        return self._last
+
+    @property
+    def graph(self) -> Graph:
+        """The final IR of the most recently used signature."""
+        return self._latest().graph
+
+    @property
+    def sites(self) -> list[AttentionSite]:
+        """Attention sites of the most recently used signature."""
+        return self._latest().sites
+
+    @property
+    def source(self) -> str:
+        """Generated program text of the most recently used signature."""
+        return self._latest().program.source
+
+    @property
+    def kernels(self) -> dict[str, str]:
+        """Generated Triton kernel sources, by kernel name."""
+        from attnopt.runtime.triton_backend import kernel_sources_for
+
+        return kernel_sources_for(self._latest().graph)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Provenance of the passes that produced the current graph."""
+        return self._latest().pass_history
+
+    def explain(self) -> list[tuple[str, str]]:
+        """Near-misses of attention detection: ``(where, why it was not fused)``."""
+        return self._latest().explanations
+
+    def __repr__(self) -> str:
+        return (
+            f"CompiledModule({type(self.model).__name__}, passes={str(self.pipeline)!r}, "
+            f"backend={self.backend!r}, compilations={self.stats['compilations']})"
+        )

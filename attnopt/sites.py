@@ -1,0 +1,116 @@
+"""Attention sites: what detection found, and what each site now runs as.
+
+Entry points: :class:`AttentionSite`, :func:`collect_sites`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from attnopt.ir import Graph, TensorType
+
+
+@dataclass
+class AttentionSite:
+    """One attention computation in a model.
+
+    Attributes:
+        index: site number in graph order (stable across passes).
+        module: module path of the attention, when known.
+        layer: layer index parsed from the module path, when there is one.
+        kind: "self" or "cross" (keys/values from another sequence).
+        causal: bottom-right aligned causal rule.
+        num_heads: query heads.
+        num_kv_heads: key/value heads (GQA/MQA when fewer).
+        head_dim: query/key head dim.
+        q_len: query length at the compiled signature.
+        kv_len: key length.
+        has_mask: a mask input (padding or pattern) is applied.
+        has_bias: an additive bias (relative position, ALiBi) is applied.
+        scale: score scale.
+        softcap: tanh soft-capping, if any.
+        variant: what the site runs as now (dense, sliding_window, block_sparse, linear, ...).
+        heads_kept: query heads still computed (after head pruning).
+        tokens_kept: fraction of query tokens still computed (after token reduction).
+        kept_fraction: fraction of query-key pairs computed (after sparsification).
+        block: the surrounding block (q/k/v/out projections, residual), by value names.
+    """
+
+    index: int
+    module: str | None
+    layer: int | None
+    kind: str
+    causal: bool
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q_len: int
+    kv_len: int
+    has_mask: bool
+    has_bias: bool
+    scale: float
+    softcap: float | None
+    variant: str = "dense"
+    heads_kept: int | None = None
+    tokens_kept: float = 1.0
+    kept_fraction: float = 1.0
+    block: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (for JSON)."""
+        return asdict(self)
+
+
+def _layer_of(path: str | None) -> int | None:
+    if not path:
+        return None
+    for part in reversed(path.split(".")):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def collect_sites(graph: Graph) -> list[AttentionSite]:
+    """The sites of every ``attention`` node in ``graph``, ordered by site index.
+
+    Args:
+        graph: a graph after detection.
+
+    Returns:
+        One :class:`AttentionSite` per attention node.
+    """
+    from attnopt.ir.attention import _kept_fraction
+
+    sites = []
+    for node in graph.find("attention"):
+        attrs = node.attrs
+        q, k, v = (value.type for value in node.inputs[:3])
+        assert isinstance(q, TensorType) and isinstance(k, TensorType)
+        module = node.meta.get("module")
+        info = node.meta.get("site", {})
+        q_len, kv_len = int(q.shape[2]), int(k.shape[2])
+        sites.append(
+            AttentionSite(
+                index=attrs.site,
+                module=module,
+                layer=_layer_of(module),
+                kind=info.get("kind", "self" if q_len == kv_len else "cross"),
+                causal=attrs.causal,
+                num_heads=int(q.shape[1]),
+                num_kv_heads=int(k.shape[1]),
+                head_dim=int(q.shape[3]),
+                q_len=q_len,
+                kv_len=kv_len,
+                has_mask=len(node.inputs) > 3 and node.inputs[3] is not None,
+                has_bias=len(node.inputs) > 4 and node.inputs[4] is not None,
+                scale=attrs.scale,
+                softcap=attrs.softcap,
+                variant=attrs.variant,
+                heads_kept=info.get("heads_kept"),
+                tokens_kept=info.get("tokens_kept", 1.0),
+                kept_fraction=node.meta.get("kept_fraction", _kept_fraction(attrs, q_len, kv_len)),
+                block=dict(info.get("block", {})),
+            )
+        )
+    return sorted(sites, key=lambda s: s.index)
