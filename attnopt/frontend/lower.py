@@ -85,9 +85,7 @@ class _Lowering:
     def emit(self, op: str, inputs: list[Value | None], attrs: Any, fx_node: torch.fx.Node) -> Any:
         val = fx_node.meta.get("val")
         types = [_type_of(val)]
-        node = self.graph.make_node(
-            op, inputs, attrs, types=types, names=[fx_node.name]
-        )
+        node = self.graph.make_node(op, inputs, attrs, types=types, names=[fx_node.name])
         self._annotate(node, fx_node)
         self.graph.append(node)
         return node.output
@@ -177,11 +175,17 @@ def _lower_softmax(op: str) -> Callable[[_Lowering, torch.fx.Node], Any]:
         x = lw.value(n.args[0])
         dim = int(n.args[1])
         if n.target in (aten._softmax.default, aten._log_softmax.default):
-            half_to_float = bool(n.args[2])
-            if half_to_float:
-                return lw.opaque(n)
-        elif len(n.args) > 2 and n.args[2] is not None or n.kwargs.get("dtype") is not None:
+            dtype = torch.float32 if n.args[2] else None
+        else:
+            dtype = n.args[2] if len(n.args) > 2 else n.kwargs.get("dtype")
+        if not isinstance(x, Value):
             return lw.opaque(n)
+        if dtype is not None and dtype != x.dtype:
+            # softmax(x, dtype=d) is softmax(x.to(d)): make the cast explicit.
+            cast = lw.graph.make_node("cast", [x], CastAttrs(dtype=dtype), names=[f"{n.name}_in"])
+            lw._annotate(cast, n)
+            lw.graph.append(cast)
+            x = cast.output
         return lw.emit(op, [x], DimAttrs(dim=dim), n)
 
     return lower
@@ -276,12 +280,14 @@ _LOWERINGS: dict[Any, Callable[[_Lowering, torch.fx.Node], Any]] = {
     aten.sum.dim_IntList: _lower_simple("sum", _sum),
     aten.amax.default: _lower_simple(
         "amax",
-        lambda n: ReduceAttrs(
-            dims=_ints(n.args[1]) if len(n.args) > 1 else (),
-            keepdim=bool(n.args[2]) if len(n.args) > 2 else False,
-        )
-        if len(n.args) > 1 and n.args[1]
-        else None,
+        lambda n: (
+            ReduceAttrs(
+                dims=_ints(n.args[1]) if len(n.args) > 1 else (),
+                keepdim=bool(n.args[2]) if len(n.args) > 2 else False,
+            )
+            if len(n.args) > 1 and n.args[1]
+            else None
+        ),
     ),
     aten.transpose.int: _lower_simple(
         "transpose", lambda n: TransposeAttrs(dim0=int(n.args[1]), dim1=int(n.args[2]))
@@ -294,9 +300,11 @@ _LOWERINGS: dict[Any, Callable[[_Lowering, torch.fx.Node], Any]] = {
     ),
     aten.expand.default: _lower_simple(
         "expand",
-        lambda n: ShapeAttrs(shape=_ints(n.args[1]))
-        if not n.kwargs.get("implicit") and len(n.args) == 2
-        else None,
+        lambda n: (
+            ShapeAttrs(shape=_ints(n.args[1]))
+            if not n.kwargs.get("implicit") and len(n.args) == 2
+            else None
+        ),
     ),
     aten.unsqueeze.default: _lower_simple("unsqueeze", lambda n: DimAttrs(dim=int(n.args[1]))),
     aten.contiguous.default: _lower_simple(
@@ -331,6 +339,9 @@ def lower_exported_program(ep: ExportedProgram, *, model_name: str = "model") ->
     specs = {spec.arg.name: spec for spec in ep.graph_signature.input_specs}
     input_tensors = {**ep.state_dict, **ep.constants}
     graph.meta["user_inputs"] = []
+    graph.meta["parameters"] = sorted(
+        spec.target for spec in ep.graph_signature.input_specs if spec.kind == InputKind.PARAMETER
+    )
     for fx_node in ep.graph.nodes:
         if fx_node.op == "placeholder":
             spec = specs[fx_node.name]

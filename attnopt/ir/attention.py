@@ -115,7 +115,7 @@ def _kept_fraction(attrs: AttentionAttrs, q_len: int, kv_len: int) -> float:
 
 
 def _impl(inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor:
-    q, k, v = inputs[0], inputs[1], inputs[2]
+    q, v = inputs[0], inputs[2]
     if q.device.type == "meta":
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
     from attnopt.runtime.kernels import attention_torch

@@ -317,8 +317,8 @@ class Graph:
 
 
 def _is_pure(node: Node) -> bool:
-    from attnopt.ir.ops import get_op
+    from attnopt.ir.ops import get_op, is_inplace_target
 
     if node.op == "aten":
-        return not node.attrs.target.split(".")[1].endswith("_")
+        return not is_inplace_target(node.attrs.target)
     return get_op(node.op).pure

@@ -331,6 +331,12 @@ def aten_call_args(node: Any) -> tuple[list[Any], dict[str, Any]]:
     return args, kwargs
 
 
+def is_inplace_target(target: str) -> bool:
+    """Whether an ATen overload name (``"aten.add_.Tensor"``) mutates its input."""
+    name = target.split(".")[1]
+    return name.endswith("_") and not name.startswith("__")
+
+
 def _aten_impl(inputs: Sequence[Any], attrs: AtenAttrs) -> Any:
     args, kwargs = decode_template(json.loads(attrs.args), inputs)
     return resolve_target(attrs.target)(*args, **kwargs)
@@ -462,9 +468,11 @@ register_op(
         lambda inputs, attrs: inputs[0].permute(*attrs.dims),
         emit=lambda n, a: f"{n[0]}.permute({', '.join(map(str, a.dims))})",
         cost=lambda i, o, a: Cost(0.0, 0.0),
-        verify=lambda node: None
-        if sorted(node.attrs.dims) == list(range(len(node.attrs.dims)))
-        else f"permute dims {node.attrs.dims} are not a permutation",
+        verify=lambda node: (
+            None
+            if sorted(node.attrs.dims) == list(range(len(node.attrs.dims)))
+            else f"permute dims {node.attrs.dims} are not a permutation"
+        ),
     )
 )
 register_op(

@@ -125,7 +125,7 @@ def _coerce(value: Any, annotation: str) -> Any:
 
 def _build_attrs(op: str, raw: dict[str, Any], line_no: int) -> Any:
     attrs_type = get_op(op).attrs
-    hints = typing.get_type_hints(attrs_type, globalns={"torch": torch}) if raw else {}
+    hints = typing.get_type_hints(attrs_type, localns={"torch": torch}) if raw else {}
     known = {f.name for f in fields(attrs_type)}
     unknown = set(raw) - known
     if unknown:

@@ -134,7 +134,7 @@ def _format_option(value: Any) -> str:
 def _hints(cls: type) -> dict[str, Any]:
     import torch
 
-    return typing.get_type_hints(cls, globalns={"torch": torch})
+    return typing.get_type_hints(cls, localns={"torch": torch})
 
 
 def _check_value(name: str, value: Any, hint: Any, owner: str) -> None:

@@ -60,7 +60,9 @@ def dense_attention_cpu(
         ``[B, Hq, Sq, Dv]``.
     """
     if softcap is not None:
-        return _chunked_exact(q, k, v, mask=mask, bias=bias, scale=scale, causal=causal, cap=softcap)
+        return _chunked_exact(
+            q, k, v, mask=mask, bias=bias, scale=scale, causal=causal, cap=softcap
+        )
     q_len, kv_len = q.shape[2], k.shape[2]
     attn_mask = _combine_additive(mask, bias, q.dtype)
     is_causal = False
@@ -90,8 +92,10 @@ def _chunked_exact(q, k, v, *, mask, bias, scale, causal, cap, chunk: int = 256)
     for start in range(0, q_len, chunk):
         stop = min(start + chunk, q_len)
 
-        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None or t.shape[-2] == 1:
+        def rows(
+            t: torch.Tensor | None, start: int = start, stop: int = stop
+        ) -> torch.Tensor | None:
+            if t is None or t.dim() < 2 or t.shape[-2] == 1:
                 return t
             return t[..., start:stop, :]
 
@@ -132,7 +136,13 @@ def attention_torch(inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor:
         variant = "dense"
     if variant == "dense":
         return dense_attention_cpu(
-            q, k, v, mask=mask, bias=bias, scale=attrs.scale, causal=attrs.causal,
+            q,
+            k,
+            v,
+            mask=mask,
+            bias=bias,
+            scale=attrs.scale,
+            causal=attrs.causal,
             softcap=attrs.softcap,
         )
     runner = _VARIANT_RUNNERS.get(variant)
@@ -189,8 +199,10 @@ class KernelNamespace:
             inputs, attrs, interpret=self.backend == "triton-interpret"
         )
         if result is None:
-            self._warn_once(reason or "?", f"Triton kernel cannot serve this call: {reason}; "
-                            "using torch kernels")
+            self._warn_once(
+                reason or "?",
+                f"Triton kernel cannot serve this call: {reason}; using torch kernels",
+            )
         return result
 
     def _warn_once(self, key: str, message: str) -> None:

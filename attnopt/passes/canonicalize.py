@@ -1,0 +1,320 @@
+"""``canonicalize``: fold constants and normalise the forms attention is written in.
+
+Entry point: :class:`Canonicalize`.
+
+After this pass attention detection needs one pattern: softmax written as exp/sum (with or without
+max subtraction) or exp(log_softmax) becomes ``softmax``; ``baddbmm`` becomes matmul, mul and add;
+two-operand ``einsum`` batched matmuls become ``matmul`` with explicit permutes; scales held in
+constant tensors become scalar attributes; transposes of transposes and permutes of permutes
+compose (an identity disappears). Subgraphs that depend on no input and no trainable parameter
+(mask construction from shapes, aranges, ``sqrt(head_dim)``) are computed once at compile time.
+Every rule is exact: it rewrites to the same computation, never an approximation.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from attnopt.ir import Graph, Node, Value, aten_call_args, get_op
+from attnopt.ir.ops import DimAttrs, NoAttrs, PermuteAttrs, ScalarOperandAttrs, is_inplace_target
+from attnopt.passes.base import Pass, PassContext, PassResult
+from attnopt.passes.helpers import constant_scalar, emit_before
+from attnopt.passes.pattern import Rule, apply_rules, p
+
+#: Folded constants larger than this many elements stay computed at run time.
+FOLD_LIMIT = 1 << 27
+_NONDETERMINISTIC = re.compile(r"rand|bernoulli|normal|uniform|dropout|empty|multinomial|poisson")
+
+
+def fold_constants(graph: Graph, limit: int = FOLD_LIMIT) -> int:
+    """Compute, once, every pure node that depends on no graph input and no trainable parameter.
+
+    Args:
+        graph: the graph, edited in place.
+        limit: largest folded result, in elements.
+
+    Returns:
+        How many values were replaced by constants.
+    """
+    parameters = set(graph.meta.get("parameters", ()))
+    known: dict[int, Any] = {}
+    folded_nodes: list[Node] = []
+    for node in graph.nodes:
+        if node.op == "param":
+            if node.attrs.name not in parameters and node.attrs.name in graph.tensors:
+                known[id(node.output)] = graph.tensors[node.attrs.name]
+            continue
+        if not _foldable(node):
+            continue
+        if not all(v is None or id(v) in known for v in node.inputs):
+            continue
+        if any(getattr(v.type, "is_static", True) is False for v in node.outputs):
+            continue
+        values = [None if v is None else known[id(v)] for v in node.inputs]
+        try:
+            with torch.no_grad():
+                result = get_op(node.op).impl(values, node.attrs)
+        except Exception:  # noqa: BLE001 - an op that cannot run now simply stays in the graph
+            continue
+        results = list(result) if isinstance(result, (tuple, list)) else [result]
+        if not all(isinstance(r, torch.Tensor) and r.numel() <= limit for r in results):
+            continue
+        for value, tensor in zip(node.outputs, results):
+            known[id(value)] = tensor
+        folded_nodes.append(node)
+    if not folded_nodes:
+        return 0
+    folded_ids = {id(n) for n in folded_nodes}
+    readers_outside = set()
+    for node in graph.nodes:
+        if id(node) in folded_ids:
+            continue
+        for value in node.inputs:
+            if value is not None:
+                readers_outside.add(id(value))
+    readers_outside |= {id(v) for v in graph.outputs if v is not None}
+    count = 0
+    for node in folded_nodes:
+        for value in node.outputs:
+            if id(value) not in readers_outside:
+                continue
+            tensor = known[id(value)]
+            if tensor.dim() and tensor.stride() and 0 in tensor.stride():
+                tensor = tensor.contiguous()
+            new = graph.add_tensor(f"folded.{value.name}", tensor)
+            graph.replace_all_uses(value, new)
+            count += 1
+    graph.dead_code_elimination()
+    return count
+
+
+def _foldable(node: Node) -> bool:
+    if node.op == "aten":
+        target = node.attrs.target
+        return not is_inplace_target(target) and not _NONDETERMINISTIC.search(target)
+    return node.op not in ("attention",) and get_op(node.op).pure
+
+
+# --- rules ------------------------------------------------------------------------------------
+def _last_dim(value: Value, dim: int) -> bool:
+    rank = value.tensor_type.rank
+    return dim % rank == rank - 1 if rank else False
+
+
+def _softmax_of(graph: Graph, node: Node, x: Value, dim: Any) -> Value | None:
+    dims = dim if isinstance(dim, tuple) else (dim,)
+    if len(dims) != 1:
+        return None
+    return emit_before(graph, node, "softmax", [x], DimAttrs(dim=int(dims[0])))
+
+
+def _exp_sum_softmax(
+    graph: Graph, node: Node, x: Value, e: Value, dim: Any, **_: Any
+) -> Value | None:
+    sum_node = node.inputs[1].producer  # type: ignore[union-attr]
+    if sum_node is None or not sum_node.attrs.keepdim:
+        return None
+    return _softmax_of(graph, node, x, dim)
+
+
+def _shifted_softmax(graph: Graph, node: Node, x: Value, e: Value, dim: Any, mdim: Any, **_: Any):  # noqa: ANN202
+    if tuple(dim if isinstance(dim, tuple) else (dim,)) != tuple(
+        mdim if isinstance(mdim, tuple) else (mdim,)
+    ):
+        return None
+    amax = node.inputs[0].producer.inputs[0].producer.inputs[1].producer  # type: ignore[union-attr]
+    sum_node = node.inputs[1].producer  # type: ignore[union-attr]
+    if not (amax.attrs.keepdim and sum_node.attrs.keepdim):  # type: ignore[union-attr]
+        return None
+    return _softmax_of(graph, node, x, dim)
+
+
+def _scalar_operand(graph: Graph, node: Node, x: Value, c: Value) -> Value | None:
+    value = constant_scalar(graph, c)
+    if value is None or node.attrs.alpha != 1.0:
+        return None
+    if c.tensor_type.rank > x.tensor_type.rank or not x.dtype.is_floating_point:
+        return None
+    promoted = torch.promote_types(x.dtype, c.dtype)
+    if promoted != x.dtype:
+        return None
+    return emit_before(graph, node, node.op, [x], ScalarOperandAttrs(scalar=value))
+
+
+def _compose_transposes(graph: Graph, node: Node, x: Value) -> Value | None:
+    inner = node.inputs[0].producer  # type: ignore[union-attr]
+    rank = x.tensor_type.rank
+    outer_pair = {node.attrs.dim0 % rank, node.attrs.dim1 % rank}
+    inner_pair = {inner.attrs.dim0 % rank, inner.attrs.dim1 % rank}  # type: ignore[union-attr]
+    return x if outer_pair == inner_pair else None
+
+
+def _as_perm(node: Node, rank: int) -> list[int]:
+    if node.op == "permute":
+        return [d % rank for d in node.attrs.dims]
+    perm = list(range(rank))
+    a, b = node.attrs.dim0 % rank, node.attrs.dim1 % rank
+    perm[a], perm[b] = perm[b], perm[a]
+    return perm
+
+
+def _compose_permutes(graph: Graph, node: Node, x: Value) -> Value | None:
+    inner = node.inputs[0].producer
+    if inner is None or inner.op not in ("permute", "transpose"):
+        return None
+    rank = x.tensor_type.rank
+    outer_perm, inner_perm = _as_perm(node, rank), _as_perm(inner, rank)
+    composed = [inner_perm[d] for d in outer_perm]
+    if composed == list(range(rank)):
+        return x
+    return emit_before(graph, node, "permute", [x], PermuteAttrs(dims=tuple(composed)))
+
+
+def _baddbmm(graph: Graph, node: Node, **_: Any) -> Value | None:
+    args, kwargs = aten_call_args(node)
+    base, left, right = args[0], args[1], args[2]
+    beta = kwargs.get("beta", args[3] if len(args) > 3 else 1)
+    alpha = kwargs.get("alpha", args[4] if len(args) > 4 else 1)
+    if not all(isinstance(v, Value) for v in (base, left, right)):
+        return None
+    product = emit_before(graph, node, "matmul", [left, right], NoAttrs())
+    if alpha != 1:
+        product = emit_before(
+            graph, node, "mul", [product], ScalarOperandAttrs(scalar=float(alpha))
+        )
+    if beta == 0:
+        if product.type != node.output.type:
+            return None
+        return product
+    if beta != 1:
+        base = emit_before(graph, node, "mul", [base], ScalarOperandAttrs(scalar=float(beta)))
+    result = emit_before(graph, node, "add", [product, base], ScalarOperandAttrs())
+    return result if result.type == node.output.type else None
+
+
+def _einsum(graph: Graph, node: Node, **_: Any) -> Value | None:
+    args, _kwargs = aten_call_args(node)
+    equation, operands = args[0], args[1]
+    if not isinstance(equation, str) or len(operands) != 2 or "..." in equation:
+        return None
+    lhs, out = equation.replace(" ", "").split("->")
+    left, right = lhs.split(",")
+    if len(set(left)) != len(left) or len(set(right)) != len(right) or len(set(out)) != len(out):
+        return None
+    batch = [c for c in out if c in left and c in right]
+    contracted = [c for c in left if c in right and c not in out]
+    free_left = [c for c in left if c not in right]
+    free_right = [c for c in right if c not in left]
+    if len(contracted) != 1 or len(free_left) != 1 or len(free_right) != 1:
+        return None
+    if set(out) != set(batch) | set(free_left) | set(free_right):
+        return None
+    a_order = batch + free_left + contracted
+    b_order = batch + contracted + free_right
+    a = _permute_to(graph, node, operands[0], left, a_order)
+    b = _permute_to(graph, node, operands[1], right, b_order)
+    product = emit_before(graph, node, "matmul", [a, b], NoAttrs())
+    produced = batch + free_left + free_right
+    result = _permute_to(graph, node, product, "".join(produced), list(out))
+    return result if result.type == node.output.type else None
+
+
+def _permute_to(graph: Graph, node: Node, value: Value, have: str, want: list[str]) -> Value:
+    perm = [have.index(c) for c in want]
+    if perm == list(range(len(perm))):
+        return value
+    return emit_before(graph, node, "permute", [value], PermuteAttrs(dims=tuple(perm)))
+
+
+def _exp_log_softmax(graph: Graph, node: Node, x: Value, dim: int) -> Value | None:
+    return emit_before(graph, node, "softmax", [x], DimAttrs(dim=dim))
+
+
+def _full_slice(graph: Graph, node: Node) -> Value | None:
+    args, kwargs = aten_call_args(node)
+    names = ["self", "dim", "start", "end", "step"]
+    bound = {"dim": 0, "start": None, "end": None, "step": 1}
+    bound.update(dict(zip(names, args)))
+    bound.update(kwargs)
+    source = bound["self"]
+    if not isinstance(source, Value) or bound["step"] != 1:
+        return None
+    size = source.shape[bound["dim"]]
+    start, end = bound["start"], bound["end"]
+    if start not in (None, 0) or not (end is None or (isinstance(end, int) and end >= size)):
+        return None
+    return source if node.output.type == source.type else None
+
+
+def _contiguous_of_contiguous(graph: Graph, node: Node, x: Value) -> Value | None:
+    return node.inputs[0]
+
+
+VIEW_RULES = [
+    Rule("transpose-of-transpose", p.transpose(p.transpose(p.var("x"))), _compose_transposes),
+    Rule("permute-of-permute", p.permute(p.permute(p.var("x"))), _compose_permutes),
+    Rule("permute-of-transpose", p.permute(p.transpose(p.var("x"))), _compose_permutes),
+    Rule("transpose-of-permute", p.transpose(p.permute(p.var("x"))), _compose_permutes),
+    Rule(
+        "contiguous-of-contiguous",
+        p.contiguous(p.contiguous(p.var("x"))),
+        _contiguous_of_contiguous,
+    ),
+    Rule("full-slice", p.aten("aten.slice.Tensor"), _full_slice),
+    Rule(
+        "identity-cast",
+        p.cast(p.var("x")),
+        lambda graph, node, x: x if x.type == node.output.type else None,
+    ),
+]
+
+RULES = [
+    *VIEW_RULES,
+    Rule(
+        "exp-of-log-softmax", p.exp(p.log_softmax(p.var("x"), dim=p.var("dim"))), _exp_log_softmax
+    ),
+    Rule(
+        "exp-sum-softmax-shifted",
+        p.div(
+            p.exp(p.sub(p.var("x"), p.amax(p.var("x"), dims=p.var("mdim")), scalar=None)),
+            p.sum(
+                p.exp(p.sub(p.var("x"), p.amax(p.var("x"), dims=p.var("mdim2")))), dims=p.var("dim")
+            ),
+            scalar=None,
+        ),
+        lambda graph, node, x, dim, mdim, mdim2, **kw: (
+            _shifted_softmax(graph, node, x, None, dim, mdim) if mdim == mdim2 else None
+        ),
+    ),
+    Rule(
+        "exp-sum-softmax",
+        p.div(p.exp(p.var("x")), p.sum(p.exp(p.var("x")), dims=p.var("dim")), scalar=None),
+        lambda graph, node, x, dim, **kw: _exp_sum_softmax(graph, node, x, None, dim),
+    ),
+    Rule("mul-by-constant", p.mul(p.var("x"), p.var("c"), scalar=None), _scalar_operand),
+    Rule("div-by-constant", p.div(p.var("x"), p.var("c"), scalar=None), _scalar_operand),
+    Rule("baddbmm", p.aten("aten.baddbmm.default"), _baddbmm),
+    Rule("einsum", p.aten("aten.einsum.default"), _einsum),
+]
+
+
+@dataclass(frozen=True)
+class Canonicalize(Pass):
+    """Fold constants and normalise attention's many written forms (exact)."""
+
+    name: ClassVar[str] = "canonicalize"
+    exact: ClassVar[bool] = True
+    fold: bool = True
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        """Fold constants, then apply the canonical-form rules to a fixpoint."""
+        folded = fold_constants(graph) if self.fold else 0
+        stats = apply_rules(graph, RULES)
+        notes = [f"{name}: {count}" for name, count in sorted(stats.fired.items())]
+        if folded:
+            notes.append(f"folded {folded} constant values")
+        return PassResult(changed=bool(folded or stats.total), rewrites=stats.total, notes=notes)

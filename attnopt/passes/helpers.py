@@ -1,0 +1,96 @@
+"""Small graph-building helpers shared by passes.
+
+Entry points: :func:`emit_before`, :func:`emit_aten_before`, :func:`constant_scalar`,
+:func:`view_chain_source`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from attnopt.ir import Graph, Node, Value
+from attnopt.ir.ops import AtenAttrs, encode_template
+
+#: Ops that only re-index their input (no arithmetic): walked through to find projections.
+VIEW_OPS = ("reshape", "transpose", "permute", "contiguous", "unsqueeze", "expand")
+
+
+def emit_before(
+    graph: Graph, anchor: Node, op: str, inputs: list[Value | None], attrs: Any = None, **meta: Any
+) -> Value:
+    """Create an ``op`` node right before ``anchor`` and return its (single) output.
+
+    Args:
+        graph: the graph.
+        anchor: the node the new one must precede.
+        op: op name.
+        inputs: input values.
+        attrs: attributes (op defaults when None).
+        **meta: metadata to attach (``module`` is copied from the anchor when not given).
+
+    Returns:
+        The new node's output value.
+    """
+    node = graph.make_node(op, inputs, attrs)
+    node.meta.update(meta)
+    if "module" not in node.meta and "module" in anchor.meta:
+        node.meta["module"] = anchor.meta["module"]
+    graph.insert_before(anchor, node)
+    return node.output
+
+
+def emit_aten_before(
+    graph: Graph, anchor: Node, target: str, args: list[Any], kwargs: dict | None = None
+) -> Value:
+    """Create an opaque ATen node ``target(*args, **kwargs)`` before ``anchor``.
+
+    Args:
+        graph: the graph.
+        anchor: the node the new one must precede.
+        target: overload name such as ``"aten.logical_not.default"``.
+        args: positional arguments; Values become inputs.
+        kwargs: keyword arguments.
+
+    Returns:
+        The output value.
+    """
+    inputs: list[Value] = []
+
+    def index(obj: Any) -> int | None:
+        if isinstance(obj, Value):
+            inputs.append(obj)
+            return len(inputs) - 1
+        return None
+
+    template = json.dumps(encode_template([list(args), dict(kwargs or {})], index))
+    return emit_before(graph, anchor, "aten", inputs, AtenAttrs(target=target, args=template))
+
+
+def constant_tensor(graph: Graph, value: Value | None) -> torch.Tensor | None:
+    """The tensor behind ``value`` when it is a ``param`` of a known constant (not a parameter)."""
+    if value is None or value.producer is None or value.producer.op != "param":
+        return None
+    name = value.producer.attrs.name
+    if name in graph.meta.get("parameters", ()):
+        return None
+    return graph.tensors.get(name)
+
+
+def constant_scalar(graph: Graph, value: Value | None) -> float | None:
+    """The Python number behind a one-element constant tensor, else None."""
+    tensor = constant_tensor(graph, value)
+    if tensor is None or tensor.numel() != 1 or tensor.dtype == torch.bool:
+        return None
+    return float(tensor.reshape(()).item())
+
+
+def view_chain_source(value: Value) -> tuple[Value, list[Node]]:
+    """Walk back through view-like ops; returns the first non-view value and the views passed."""
+    chain: list[Node] = []
+    while value.producer is not None and value.producer.op in VIEW_OPS:
+        chain.append(value.producer)
+        value = value.producer.inputs[0]  # type: ignore[assignment]
+    return value, chain
