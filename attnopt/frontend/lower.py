@@ -207,6 +207,13 @@ def _lower_cast(lw: _Lowering, n: torch.fx.Node) -> Any:
     return lw.emit("cast", [x], CastAttrs(dtype=val.dtype), n)
 
 
+def _type_as(lw: _Lowering, n: torch.fx.Node) -> Any:
+    x, other = lw.value(n.args[0]), lw.value(n.args[1])
+    if not isinstance(x, Value) or not isinstance(other, Value):
+        return lw.opaque(n)
+    return lw.emit("cast", [x], CastAttrs(dtype=other.dtype), n)
+
+
 def _lower_simple(op: str, make_attrs: Callable[[torch.fx.Node], Any], arity: int = 1):
     def lower(lw: _Lowering, n: torch.fx.Node) -> Any:
         inputs = [lw.value(a) for a in n.args[:arity]]
@@ -314,6 +321,7 @@ _LOWERINGS: dict[Any, Callable[[_Lowering, torch.fx.Node], Any]] = {
     aten.to.dtype_layout: _lower_cast,
     aten.to.device: _lower_cast,
     aten._to_copy.default: _lower_cast,
+    aten.type_as.default: _type_as,
     aten.masked_fill.Scalar: _lower_simple("masked_fill", _masked_fill, 2),
     aten.where.self: _lower_simple("where", lambda n: NoAttrs(), 3),
     aten.dropout.default: _dropout,

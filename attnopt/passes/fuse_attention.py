@@ -195,6 +195,11 @@ def _step_back(graph: Graph, node: Node, steps: list[tuple[str, Any]]) -> Value:
                 return cap
         steps.append(("scale", c))
         return inner  # type: ignore[return-value]
+    if op in ("mul", "div"):
+        raise NoMatch(
+            f"scores {'multiplied' if op == 'mul' else 'divided'} by the tensor "
+            f"%{node.inputs[1].name}: a scale that varies per element"  # type: ignore[union-attr]
+        )
     if op in ("add", "sub") and node.attrs.scalar is not None:
         return node.inputs[0]  # type: ignore[return-value]  # softmax ignores a constant shift
     if op == "add":

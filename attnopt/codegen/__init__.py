@@ -1,0 +1,1 @@
+"""Code generation: Triton kernels and the generated program that calls them."""

@@ -1,0 +1,633 @@
+"""Linear and hybrid (local softmax + linear) attention kernels in torch, for CPU (issue 6).
+
+Entry points: :func:`make_feature_map` (and the :class:`FeatureMap` family), :func:`linear_attention`,
+:func:`linear_attention_naive`, :func:`hybrid_attention`, :func:`hybrid_attention_naive`.
+
+Linear attention replaces ``exp(s_ij)`` by a kernel ``k(q_i, k_j) = phi(q_i) . phi(k_j)``:
+``out_i = phi(q_i) (sum_j phi(k_j) v_j^T) / phi(q_i) (sum_j phi(k_j))``. Every feature map returns
+its features plus an optional log-scale so that ``k(q_i, k_j) = exp(lq_i + lk) phi(q_i) . phi(k_j)``
+(FAVOR+ keeps its features in [0, 1] by max subtraction and reports the subtracted maxima there).
+The key log-scale ``lk`` is one number per (batch, kv head), so it cancels in linear attention and
+only matters when the linear part is added to an exact softmax part (hybrid attention).
+
+Key padding masks (bool, True = keep, or additive float) become per-key log weights ``lw_j``
+(``0``/``-inf`` for bool): the softmax part adds them to the scores and the linear part multiplies
+``phi(k_j)`` by ``exp(lw_j)``, so a masked key contributes nothing to either.
+
+Positions follow the op's bottom-right alignment: query ``i`` sits at ``i + Sk - Sq``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from attnopt.runtime.reference import causal_mask, visible_keys_mask
+
+__all__ = [
+    "CosformerFeatureMap",
+    "EluFeatureMap",
+    "FavorFeatureMap",
+    "FeatureMap",
+    "Features",
+    "ReluFeatureMap",
+    "hybrid_attention",
+    "hybrid_attention_naive",
+    "linear_attention",
+    "linear_attention_naive",
+    "make_feature_map",
+]
+
+
+class Features(NamedTuple):
+    """Feature-mapped rows: ``values`` ``[..., S, F]`` and ``log_scale`` (None = 0)."""
+
+    values: torch.Tensor
+    log_scale: torch.Tensor | None
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureMap:
+    """A positive-kernel feature map ``phi``; subclasses set ``name`` and implement ``_features``.
+
+    ``estimates_exp`` is True when ``exp(lq + lk) phi(q) . phi(k)`` estimates ``exp(scale q . k)``.
+    """
+
+    head_dim: int
+    name: ClassVar[str] = ""
+    estimates_exp: ClassVar[bool] = False
+
+    @property
+    def feature_dim(self) -> int:
+        """Number of features per row."""
+        return self.head_dim
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        *,
+        is_query: bool,
+        positions: torch.Tensor | None = None,
+        max_len: int | None = None,
+        log_weight: torch.Tensor | None = None,
+    ) -> Features:
+        """Map rows of ``x`` to features.
+
+        Args:
+            x: ``[..., S, D]`` queries or keys (float32/float64).
+            is_query: whether ``x`` holds queries (FAVOR+ stabilises queries and keys differently).
+            positions: ``[S]`` positions of the rows (used by position-aware maps).
+            max_len: the ``M`` of position re-weighting, ``max(Sq, Sk)``.
+            log_weight: per-row log weights broadcastable to ``[..., S, 1]``, folded into the result.
+
+        Returns:
+            :class:`Features` with values ``[..., S, feature_dim]``.
+        """
+        values = self._features(x, positions, max_len)
+        if log_weight is not None:
+            values = values * log_weight.exp()
+        return Features(values, None)
+
+    def _features(
+        self, x: torch.Tensor, positions: torch.Tensor | None, max_len: int | None
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, eq=False)
+class EluFeatureMap(FeatureMap):
+    """``phi(x) = elu(x) + 1`` (Katharopoulos et al., 2020)."""
+
+    name: ClassVar[str] = "elu"
+
+    def _features(self, x, positions, max_len):
+        return F.elu(x).add_(1.0)
+
+
+@dataclass(frozen=True, eq=False)
+class ReluFeatureMap(FeatureMap):
+    """``phi(x) = relu(x)``."""
+
+    name: ClassVar[str] = "relu"
+
+    def _features(self, x, positions, max_len):
+        return torch.relu(x)
+
+
+@dataclass(frozen=True, eq=False)
+class CosformerFeatureMap(FeatureMap):
+    """cosFormer: ``phi(x_i) = [relu(x_i) cos(pi i / 2M), relu(x_i) sin(pi i / 2M)]``.
+
+    ``phi(q_i) . phi(k_j) = relu(q_i) . relu(k_j) cos(pi (i - j) / 2M)``, positive for ``|i-j| < M``.
+    """
+
+    name: ClassVar[str] = "cosformer"
+
+    @property
+    def feature_dim(self) -> int:
+        """Number of features per row (cos and sin halves)."""
+        return 2 * self.head_dim
+
+    def _features(self, x, positions, max_len):
+        if positions is None or max_len is None:
+            raise ValueError("cosformer features need positions and max_len")
+        angle = positions.to(x.dtype).unsqueeze(-1) * (math.pi / (2 * max_len))
+        rectified = torch.relu(x)
+        return torch.cat([rectified * angle.cos(), rectified * angle.sin()], dim=-1)
+
+
+def _orthogonal_gaussian(num_features: int, dim: int, seed: int) -> torch.Tensor:
+    """Rows orthogonal in blocks of ``dim`` (Haar via sign-fixed QR), norms chi(dim) distributed."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks = []
+    for _ in range(math.ceil(num_features / dim)):
+        gaussian = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+        q_mat, r_mat = torch.linalg.qr(gaussian)
+        blocks.append((q_mat * torch.sign(torch.diagonal(r_mat))).T)
+    directions = torch.cat(blocks)[:num_features]
+    norms = torch.randn(num_features, dim, generator=generator, dtype=torch.float64).norm(dim=1)
+    return directions * norms.unsqueeze(1)
+
+
+@dataclass(frozen=True, eq=False)
+class FavorFeatureMap(FeatureMap):
+    """Performer FAVOR+: positive orthogonal random features for ``exp(scale q . k)``.
+
+    ``phi(x) = exp(w x' - |x'|^2 / 2 - stab) `` with ``x' = x sqrt(scale)``; ``stab`` is the row max
+    (queries) or the max over all keys of one head (keys), returned as log-scale together with the
+    ``-log(m) / 2`` normalisation, so ``E[exp(lq + lk) phi(q) . phi(k)] = exp(scale q . k)``.
+    """
+
+    num_features: int = 256
+    seed: int = 0
+    scale: float = 1.0
+    projection: torch.Tensor = field(init=False, repr=False)
+    name: ClassVar[str] = "favor"
+    estimates_exp: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        weights = _orthogonal_gaussian(self.num_features, self.head_dim, self.seed)
+        object.__setattr__(self, "projection", weights.to(torch.float32))
+
+    @property
+    def feature_dim(self) -> int:
+        """Number of random features."""
+        return self.num_features
+
+    def __call__(self, x, *, is_query, positions=None, max_len=None, log_weight=None):
+        """See :meth:`FeatureMap.__call__`; the log-scale holds the stabilisers."""
+        x = x * math.sqrt(self.scale)
+        logits = torch.matmul(x, self.projection.to(x.dtype).T)
+        logits -= x.pow(2).sum(-1, keepdim=True).mul_(0.5)
+        if log_weight is not None:
+            logits += log_weight
+        dims = -1 if is_query else (-1, -2)
+        stab = logits.amax(dim=dims, keepdim=True)
+        stab = torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab))
+        values = logits.sub_(stab).exp_()
+        return Features(values, stab - 0.5 * math.log(self.num_features))
+
+
+_FEATURE_MAPS: dict[str, type[FeatureMap]] = {
+    cls.name: cls for cls in (EluFeatureMap, ReluFeatureMap, FavorFeatureMap, CosformerFeatureMap)
+}
+
+
+def make_feature_map(
+    name: str,
+    head_dim: int,
+    *,
+    num_features: int | None = None,
+    seed: int = 0,
+    scale: float | None = None,
+) -> FeatureMap:
+    """Build a feature map by name.
+
+    Args:
+        name: ``"elu"``, ``"relu"``, ``"favor"`` or ``"cosformer"``.
+        head_dim: query/key head dimension ``D``.
+        num_features: FAVOR+ random features (default ``D * round(ln D)``, Performer's choice).
+        seed: FAVOR+ projection seed.
+        scale: FAVOR+ score scale (default ``D ** -0.5``); other maps are scale-free.
+
+    Returns:
+        The :class:`FeatureMap`.
+    """
+    if name not in _FEATURE_MAPS:
+        raise ValueError(f"unknown feature map {name!r}; known: {sorted(_FEATURE_MAPS)}")
+    if name != "favor":
+        return _FEATURE_MAPS[name](head_dim)
+    if num_features is None:
+        num_features = head_dim * max(1, round(math.log(head_dim)))
+    scale = head_dim**-0.5 if scale is None else scale
+    return FavorFeatureMap(head_dim, num_features=num_features, seed=seed, scale=scale)
+
+
+class _Prepared(NamedTuple):
+    phi_q: torch.Tensor  # [B, Hkv, G, Sq, F]
+    log_q: torch.Tensor | None  # query + key log-scale, broadcastable to [B, Hkv, G, Sq, 1]
+    phi_k: torch.Tensor  # [B, Hkv, Sk, F], masked keys zeroed
+    value: torch.Tensor  # [B, Hkv, Sk, Dv]
+    key_log_weight: torch.Tensor | None  # [B|1, Hkv|1, 1, Sk]
+
+
+def _key_log_weight(mask: torch.Tensor | None, q_heads: int, kv_heads: int, dtype) -> torch.Tensor:
+    """A key padding mask as log weights ``[B|1, Hkv|1, 1, Sk]`` (None stays None)."""
+    if mask is None:
+        return None
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if mask.shape[-2] != 1:
+        raise ValueError("linear attention supports key padding masks only ([B, 1, 1, Sk])")
+    heads = mask.shape[1]
+    if heads not in (1, kv_heads) or (heads != 1 and q_heads != kv_heads):
+        raise ValueError(f"mask head dimension {heads} must be 1 (or Hq when Hq == Hkv)")
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+            ~mask, float("-inf")
+        )
+    return mask.to(dtype)
+
+
+def _prepare(q, k, v, feature_map: FeatureMap, mask) -> _Prepared:
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    if q_heads % kv_heads != 0:
+        raise ValueError(f"query heads {q_heads} are not a multiple of key/value heads {kv_heads}")
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    log_weight = _key_log_weight(mask, q_heads, kv_heads, compute)
+    max_len = max(q_len, kv_len)
+    q_pos = torch.arange(q_len, device=q.device) + (kv_len - q_len)
+    k_pos = torch.arange(kv_len, device=q.device)
+    fq = feature_map(q.to(compute), is_query=True, positions=q_pos, max_len=max_len)
+    lw_rows = None if log_weight is None else log_weight.transpose(-1, -2)
+    fk = feature_map(
+        k.to(compute), is_query=False, positions=k_pos, max_len=max_len, log_weight=lw_rows
+    )
+    shape5 = (batch, kv_heads, q_heads // kv_heads, q_len, -1)
+    phi_q = fq.values.reshape(shape5)
+    log_q = None
+    if fq.log_scale is not None or fk.log_scale is not None:
+        log_q = torch.zeros((), dtype=compute, device=q.device)
+        if fq.log_scale is not None:
+            log_q = log_q + fq.log_scale.reshape(*shape5[:3], *fq.log_scale.shape[-2:])
+        if fk.log_scale is not None:
+            if fk.log_scale.shape[-2] != 1:
+                raise ValueError("a key log-scale must be constant over keys")
+            log_q = log_q + fk.log_scale.unsqueeze(2)
+    return _Prepared(phi_q, log_q, fk.values, v.to(compute), log_weight)
+
+
+def _normalise(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tensor:
+    return num / (den + eps)
+
+
+def _noncausal(prep: _Prepared, eps: float) -> torch.Tensor:
+    """O(N F Dv): one key/value state per kv head, shared by the query heads of its group."""
+    batch, kv_heads, group, q_len, features = prep.phi_q.shape
+    phi_q = prep.phi_q.reshape(batch, kv_heads, group * q_len, features)
+    state = torch.matmul(prep.phi_k.transpose(-1, -2), prep.value)  # [B, Hkv, F, Dv]
+    normaliser = prep.phi_k.sum(-2).unsqueeze(-1)  # [B, Hkv, F, 1]
+    out = _normalise(torch.matmul(phi_q, state), torch.matmul(phi_q, normaliser), eps)
+    return out.reshape(batch, kv_heads * group, q_len, -1)
+
+
+def _causal_chunked(prep: _Prepared, chunk: int, eps: float) -> torch.Tensor:
+    """Chunk form: quadratic inside a chunk, exclusive prefix state across chunks."""
+    batch, kv_heads, group, q_len, features = prep.phi_q.shape
+    phi_k, value = prep.phi_k, prep.value
+    offset = phi_k.shape[2] - q_len
+    dv = value.shape[-1]
+    # Keys before the aligned diagonal are visible to every query: an initial state.
+    init_state = torch.zeros(
+        batch, kv_heads, features, dv + 1, dtype=value.dtype, device=value.device
+    )
+    value = torch.cat([value, torch.ones_like(value[..., :1])], dim=-1)  # last column: normaliser
+    if offset > 0:
+        init_state = init_state + phi_k[:, :, :offset].transpose(-1, -2) @ value[:, :, :offset]
+        phi_k, value = phi_k[:, :, offset:], value[:, :, offset:]
+    elif offset < 0:
+        phi_k = F.pad(phi_k, (0, 0, -offset, 0))
+        value = F.pad(value, (0, 0, -offset, 0))
+    num_chunks = -(-q_len // chunk)
+    pad = num_chunks * chunk - q_len
+    phi_q = F.pad(prep.phi_q, (0, 0, 0, pad)) if pad else prep.phi_q
+    if pad:
+        phi_k, value = F.pad(phi_k, (0, 0, 0, pad)), F.pad(value, (0, 0, 0, pad))
+    # Rows of one chunk for every query head of the group: [B, Hkv, n, G * C, F].
+    phi_q = phi_q.reshape(batch, kv_heads, group, num_chunks, chunk, features)
+    phi_q = phi_q.transpose(2, 3).reshape(batch, kv_heads, num_chunks, group * chunk, features)
+    phi_k = phi_k.reshape(batch, kv_heads, num_chunks, chunk, features)
+    value = value.reshape(batch, kv_heads, num_chunks, chunk, dv + 1)
+    states = torch.matmul(phi_k.transpose(-1, -2), value)  # [B, Hkv, n, F, Dv + 1]
+    prefix = torch.cumsum(states, dim=2)
+    prefix = torch.cat([init_state.unsqueeze(2), prefix[:, :, :-1] + init_state.unsqueeze(2)], 2)
+    scores = torch.matmul(phi_q, phi_k.transpose(-1, -2))  # [B, Hkv, n, G * C, C]
+    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=scores.device).tril()
+    scores = scores.masked_fill_(~lower.repeat(group, 1), 0.0)
+    out = torch.matmul(phi_q, prefix).add_(torch.matmul(scores, value))
+    out = _normalise(out[..., :dv], out[..., dv:], eps)
+    out = out.reshape(batch, kv_heads, num_chunks, group, chunk, dv).transpose(2, 3)
+    return out.reshape(batch, kv_heads * group, num_chunks * chunk, dv)[:, :, :q_len]
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: FeatureMap,
+    *,
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
+    chunk: int = 64,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Kernelised linear attention ``phi(Q)(phi(K)^T V) / phi(Q)(phi(K)^T 1)``.
+
+    Non-causal: O(N F Dv) time and no ``N x N`` tensor. Causal (bottom-right aligned): chunk form
+    (quadratic within ``chunk`` keys, prefix state across chunks), memory O(N (C + F Dv / C)).
+
+    Args:
+        q: ``[B, Hq, Sq, D]``.
+        k: ``[B, Hkv, Sk, D]`` with ``Hq % Hkv == 0`` (GQA/MQA).
+        v: ``[B, Hkv, Sk, Dv]``.
+        feature_map: the kernel's feature map (:func:`make_feature_map`).
+        causal: bottom-right aligned causal rule (query ``i`` sees ``j <= i + Sk - Sq``).
+        mask: key padding mask broadcastable to ``[B, 1, 1, Sk]``: bool (True = keep) or additive
+            float (key weights ``exp(mask)``, so large negative values drop the key).
+        chunk: chunk length of the causal form.
+        eps: added to the denominator (rows that see no key give zeros).
+
+    Returns:
+        ``[B, Hq, Sq, Dv]`` in q's dtype.
+    """
+    prep = _prepare(q, k, v, feature_map, mask)
+    out = _causal_chunked(prep, chunk, eps) if causal else _noncausal(prep, eps)
+    return out.to(q.dtype)
+
+
+def linear_attention_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: FeatureMap,
+    *,
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Quadratic-form reference of :func:`linear_attention` (materialises ``phi(Q) phi(K)^T``).
+
+    Args:
+        q: ``[B, Hq, Sq, D]``.
+        k: ``[B, Hkv, Sk, D]``.
+        v: ``[B, Hkv, Sk, Dv]``.
+        feature_map: the feature map.
+        causal: bottom-right aligned causal rule.
+        mask: key padding mask, as in :func:`linear_attention`.
+        eps: added to the denominator.
+
+    Returns:
+        ``[B, Hq, Sq, Dv]`` in q's dtype.
+    """
+    prep = _prepare(q, k, v, feature_map, mask)
+    batch, kv_heads, group, q_len, _ = prep.phi_q.shape
+    kernel = torch.matmul(prep.phi_q, prep.phi_k.unsqueeze(2).transpose(-1, -2))
+    if causal:
+        kernel = kernel * causal_mask(q_len, k.shape[2], q.device)
+    out = _normalise(
+        torch.matmul(kernel, prep.value.unsqueeze(2)), kernel.sum(-1, keepdim=True), eps
+    )
+    return out.reshape(batch, kv_heads * group, q_len, -1).to(q.dtype)
+
+
+class _Band(NamedTuple):
+    """Everything a query block needs; ``value`` carries a ones column (the normaliser)."""
+
+    prep: _Prepared
+    q: torch.Tensor  # [B, Hkv, G, Sq, D]
+    k: torch.Tensor  # [B, Hkv, Sk, D]
+    value: torch.Tensor  # [B, Hkv, Sk, Dv + 1]
+    scale: float
+    window: int
+    causal: bool
+    chunk: int
+
+
+def _hybrid_block(band: _Band, rows: slice, lo: int, hi: int, outside_state: torch.Tensor):
+    """Hybrid output of query rows ``rows``: keys ``[lo, hi)`` scored, the rest in ``outside_state``."""
+    prep, window, causal = band.prep, band.window, band.causal
+    batch, kv_heads, group, q_len, features = prep.phi_q.shape
+    n_rows, kv_len, dv = rows.stop - rows.start, band.k.shape[2], prep.value.shape[-1]
+    first, last = rows.start + kv_len - q_len, rows.stop - 1 + kv_len - q_len  # aligned positions
+    pos = torch.arange(first, last + 1, device=band.k.device).unsqueeze(1)
+    keys = torch.arange(lo, hi, device=band.k.device).unsqueeze(0)
+    inside = (keys >= pos - window) & (keys <= (pos if causal else pos + window))
+    linear = (~inside & (keys <= pos) if causal else ~inside).repeat(group, 1)
+    phi_q = prep.phi_q[:, :, :, rows].reshape(batch, kv_heads, group * n_rows, features)
+    # Linear part: beyond the band from the state; inside the band only keys before
+    # last - w and (non-causal) after first + w can be outside a row's window.
+    lin = torch.matmul(phi_q, outside_state)  # [B, Hkv, R, Dv + 1]: numerator | denominator
+    left_end = min(hi, max(lo, last - window))
+    right_start = hi if causal else min(hi, max(left_end, first + window + 1))
+    for start, end in ((lo, left_end), (right_start, hi)):
+        if end > start:
+            kernel = torch.matmul(phi_q, prep.phi_k[:, :, start:end].transpose(-1, -2))
+            kernel.masked_fill_(~linear[:, start - lo : end - lo], 0.0)
+            lin.add_(torch.matmul(kernel, band.value[:, :, start:end]))
+    # Softmax part over the band with the window as an additive mask (CPU flash kernel + lse).
+    log_soft = torch.full_like(lin[..., :1], float("-inf"))
+    soft = torch.zeros_like(lin[..., :dv])
+    if hi > lo:
+        bias = torch.zeros(inside.shape, dtype=lin.dtype, device=lin.device)
+        bias = bias.masked_fill_(~inside, float("-inf")).repeat(group, 1)
+        if prep.key_log_weight is not None:
+            bias = bias + prep.key_log_weight[..., lo:hi]
+        bias = bias.expand(batch, kv_heads, group * n_rows, hi - lo)
+        q_blk = band.q[:, :, :, rows].reshape(batch, kv_heads, group * n_rows, -1)
+        soft, lse = _softmax_lse(
+            q_blk, band.k[:, :, lo:hi], prep.value[:, :, lo:hi], bias, band.scale
+        )
+        # The kernel reports lse = 0 for a row with no key in its window: make that -inf.
+        has_key = (bias > float("-inf")).any(-1, keepdim=True)
+        log_soft = torch.where(has_key, lse.unsqueeze(-1), float("-inf"))
+    # One normalisation: both parts rescaled by exp(-m), m = max(lse_i, lq_i + lk).
+    log_lin = torch.zeros((), dtype=lin.dtype, device=lin.device)
+    if prep.log_q is not None:
+        log_lin = prep.log_q.expand(batch, kv_heads, group, q_len, 1)[:, :, :, rows]
+        log_lin = log_lin.reshape(batch, kv_heads, group * n_rows, 1)
+    row_max = torch.maximum(log_soft, log_lin)
+    soft_weight, lin_weight = torch.exp(log_soft - row_max), torch.exp(log_lin - row_max)
+    num = soft.mul_(soft_weight).add_(lin[..., :dv] * lin_weight)
+    den = soft_weight + lin[..., dv:] * lin_weight
+    out = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+    return out.view(batch, kv_heads, group, n_rows, -1)
+
+
+def _softmax_lse(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention and its log-sum-exp (the CPU flash kernel when head sizes agree)."""
+    if q.device.type == "cpu" and q.shape[-1] == v.shape[-1]:
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        return flash(q, k, v, attn_mask=bias, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(bias)
+    lse = torch.logsumexp(scores, dim=-1)
+    finite = torch.isfinite(lse)
+    weights = scores.sub_(torch.where(finite, lse, 0.0).unsqueeze(-1)).exp_()
+    return torch.matmul(weights, v), torch.where(finite, lse, 0.0)
+
+
+def _band_limits(first: int, last: int, kv_len: int, window: int, causal: bool, chunk: int):
+    """Keys ``[lo, hi)`` a query block scores exactly; ``lo`` (and non-causal ``hi``) chunk aligned."""
+    lo = max(0, (first - window) // chunk * chunk)
+    hi = min(kv_len, last + 1 if causal else -(-(last + window + 1) // chunk) * chunk)
+    return lo, max(lo, hi)
+
+
+def hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: FeatureMap,
+    *,
+    window: int,
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    chunk: int = 128,
+) -> torch.Tensor:
+    """Exact softmax inside a local window plus linear attention outside it, one normalisation.
+
+    With ``p_i = i + Sk - Sq`` the window ``W_i`` is ``|j - p_i| <= window`` (causal:
+    ``p_i - window <= j <= p_i``); the linear part covers the other visible keys ``O_i``. The
+    linear kernel is ``exp(lq_i + lk) phi(q_i) . phi(k_j)`` (:class:`Features`); with
+    ``b_i = lq_i + lk`` and ``m_i = max(max_{j in W_i} s_ij, b_i)``::
+
+        out_i = (sum_{W_i} e^{s_ij - m_i} v_j + e^{b_i - m_i} phi(q_i) S_i)
+              / (sum_{W_i} e^{s_ij - m_i}     + e^{b_i - m_i} phi(q_i) z_i),
+        S_i = sum_{O_i} phi(k_j) v_j^T,  z_i = sum_{O_i} phi(k_j),
+
+    i.e. numerators and denominators of both parts summed, all scaled by the same ``e^{-m_i}``
+    (no overflow: every exponent is <= 0). For FAVOR+ the linear kernel estimates ``e^{s_ij}`` and
+    this approximates softmax; for elu/relu/cosformer ``b_i = 0`` and kernel values are mixed with
+    ``e^{s_ij}`` as they are. Queries run in blocks of ``chunk`` rows; a block scores a key band
+    ``[lo, hi)`` (``lo`` chunk aligned, length about ``chunk + 2 window``) exactly, applies the
+    window mask and the linear kernel only on the band's two edges, and takes keys beyond the band
+    from chunk prefix (and, non-causal, suffix) sums of ``phi(K_c)^T V_c``: sums of the terms
+    that are wanted, never a total minus a window, so nothing cancels. O(N (chunk + 2 window) D)
+    time, O(N D + chunk (chunk + 2 window)) memory plus the suffix sums when not causal.
+
+    Args:
+        q: ``[B, Hq, Sq, D]``.
+        k: ``[B, Hkv, Sk, D]``.
+        v: ``[B, Hkv, Sk, Dv]``.
+        feature_map: the linear part's feature map (FAVOR+ must use the same ``scale``).
+        window: local window radius ``w >= 0``.
+        causal: bottom-right aligned causal rule.
+        mask: key padding mask, as in :func:`linear_attention`.
+        scale: score scale (default: the feature map's ``scale`` if it has one, else ``D ** -0.5``).
+        chunk: query block and key chunk length.
+
+    Returns:
+        ``[B, Hq, Sq, Dv]`` in q's dtype; rows that see no key are zeros.
+    """
+    scale = _hybrid_scale(feature_map, q.shape[-1], scale)
+    prep = _prepare(q, k, v, feature_map, mask)
+    batch, kv_heads, group, q_len, features = prep.phi_q.shape
+    kv_len, compute = k.shape[2], prep.value.dtype
+    value = torch.cat([prep.value, torch.ones_like(prep.value[..., :1])], dim=-1)
+    band = _Band(prep, q.to(compute).reshape(batch, kv_heads, group, q_len, -1),
+                 k.to(compute), value, scale, window, causal, chunk)  # fmt: skip
+    prefix = torch.zeros(batch, kv_heads, features, value.shape[-1], dtype=compute, device=q.device)
+    suffix = None if causal else _suffix_states(prep.phi_k, value, chunk)
+    prefix_chunks = 0
+    out = torch.empty(batch, kv_heads, group, q_len, v.shape[-1], dtype=compute, device=q.device)
+    for start in range(0, q_len, chunk):
+        rows = slice(start, min(q_len, start + chunk))
+        first, last = start + kv_len - q_len, rows.stop - 1 + kv_len - q_len
+        lo, hi = _band_limits(first, last, kv_len, window, causal, chunk)
+        for _ in range(prefix_chunks, lo // chunk):
+            keys = slice(prefix_chunks * chunk, (prefix_chunks + 1) * chunk)
+            prefix += prep.phi_k[:, :, keys].transpose(-1, -2) @ value[:, :, keys]
+            prefix_chunks += 1
+        outside = prefix if suffix is None else prefix + suffix[:, :, -(-hi // chunk)]
+        out[:, :, :, rows] = _hybrid_block(band, rows, lo, hi, outside)
+    return out.reshape(batch, kv_heads * group, q_len, -1).to(q.dtype)
+
+
+def _suffix_states(phi_k: torch.Tensor, value: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``suffix[:, :, c] = sum over key chunks c' >= c of phi(K_c')^T V_c'``, ``c = 0..n``."""
+    batch, kv_heads, kv_len, features = phi_k.shape
+    num_chunks = -(-kv_len // chunk)
+    suffix = phi_k.new_zeros(batch, kv_heads, num_chunks + 1, features, value.shape[-1])
+    for index in reversed(range(num_chunks)):
+        keys = slice(index * chunk, (index + 1) * chunk)
+        state = phi_k[:, :, keys].transpose(-1, -2) @ value[:, :, keys]
+        torch.add(suffix[:, :, index + 1], state, out=suffix[:, :, index])
+    return suffix
+
+
+def _hybrid_scale(feature_map: FeatureMap, head_dim: int, scale: float | None) -> float:
+    map_scale = getattr(feature_map, "scale", None)
+    if scale is None:
+        return map_scale if map_scale is not None else head_dim**-0.5
+    if feature_map.estimates_exp and map_scale is not None and not math.isclose(scale, map_scale):
+        raise ValueError(f"scale {scale} differs from the feature map's scale {map_scale}")
+    return scale
+
+
+def hybrid_attention_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: FeatureMap,
+    *,
+    window: int,
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Quadratic-form reference of :func:`hybrid_attention` (full ``Sq x Sk`` matrices).
+
+    Args:
+        q: ``[B, Hq, Sq, D]``.
+        k: ``[B, Hkv, Sk, D]``.
+        v: ``[B, Hkv, Sk, Dv]``.
+        feature_map: the linear part's feature map.
+        window: local window radius.
+        causal: bottom-right aligned causal rule.
+        mask: key padding mask, as in :func:`linear_attention`.
+        scale: score scale, as in :func:`hybrid_attention`.
+
+    Returns:
+        ``[B, Hq, Sq, Dv]`` in q's dtype.
+    """
+    scale = _hybrid_scale(feature_map, q.shape[-1], scale)
+    prep = _prepare(q, k, v, feature_map, mask)
+    batch, kv_heads, group, q_len, _ = prep.phi_q.shape
+    kv_len = k.shape[2]
+    keys = k.to(prep.value.dtype).unsqueeze(2)
+    scores = torch.matmul(
+        q.to(keys.dtype).reshape(prep.phi_q.shape[:4] + (-1,)), keys.transpose(-1, -2)
+    )
+    scores = scores * scale
+    if prep.key_log_weight is not None:
+        scores = scores + prep.key_log_weight.unsqueeze(2)
+    right = 0 if causal else window
+    inside = visible_keys_mask(
+        q_len, kv_len, window_left=window, window_right=right, device=q.device
+    )
+    visible = causal_mask(q_len, kv_len, q.device) if causal else torch.ones_like(inside)
+    scores = scores.masked_fill(~inside, float("-inf"))
+    log_lin = prep.log_q if prep.log_q is not None else torch.zeros((), dtype=scores.dtype)
+    row_max = torch.maximum(scores.amax(-1, keepdim=True), log_lin)
+    kernel = torch.matmul(prep.phi_q, prep.phi_k.unsqueeze(2).transpose(-1, -2))
+    kernel = kernel * torch.exp(log_lin - row_max) * (visible & ~inside)
+    weights = torch.exp(scores - row_max) + kernel
+    num = torch.matmul(weights, prep.value.unsqueeze(2))
+    den = weights.sum(-1, keepdim=True)
+    out = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+    return out.reshape(batch, kv_heads * group, q_len, -1).to(q.dtype)

@@ -1,0 +1,240 @@
+"""Neighbourhood attention on 2-D and 3-D token grids for CPU (issue 5), NATTEN semantics.
+
+Entry points: :func:`neighborhood_attention`, :func:`neighborhood_visible`.
+
+Tokens are ``num_global`` leading tokens (CLS, registers) followed by a row-major grid ``(H, W)`` or
+``(T, H, W)``. Along each axis of length ``L`` with kernel ``K`` and dilation ``d``, position ``i``
+belongs to the dilation class ``r = i % d`` (the ``ceil((L - r) / d)`` positions ``r, r + d, ...``);
+inside its class, at class index ``c = i // d``, its window starts at
+``clamp(c - K // 2, 0, len_r - K)`` and holds ``K`` consecutive class members: the window is shifted
+inward at the borders, so every token has exactly ``K`` neighbours per axis (NATTEN's rule; it
+needs ``K * d <= L``). A grid token sees the product of its per-axis windows plus every global
+token; global tokens see every token.
+
+The kernel is tiled like GNA: queries are grouped into tiles of ``tile`` consecutive class members
+per axis; the union of a tile's windows is a box of at most ``tile + K - 1`` members per axis. Each
+tile's keys are gathered once (memory linear in the grid size) and all tiles run in one fused flash
+call with a per-tile visibility mask. Global queries run as one small dense call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+
+from attnopt.runtime.cpu_sparse_common import (
+    additive_mask,
+    chunked_flash,
+    dense_attention,
+    flash_attend,
+    gather_pairs,
+    mask_to_4d,
+    record_computed,
+)
+
+__all__ = ["neighborhood_attention", "neighborhood_visible"]
+
+
+def _per_axis(value: int | Sequence[int], dims: int, name: str) -> tuple[int, ...]:
+    values = (value,) * dims if isinstance(value, int) else tuple(int(x) for x in value)
+    if len(values) != dims or any(x < 1 for x in values):
+        raise ValueError(f"{name} must be a positive int or {dims} positive ints, got {value}")
+    return values
+
+
+def _axis_starts(length: int, kernel: int, dilation: int) -> torch.Tensor:
+    """First neighbour of every position along one axis, ``[length]`` (neighbours step by d)."""
+    if kernel * dilation > length:
+        raise ValueError(f"kernel {kernel} * dilation {dilation} exceeds the axis length {length}")
+    pos = torch.arange(length)
+    residue, index = pos % dilation, pos // dilation
+    class_len = (length - residue + dilation - 1) // dilation
+    start = torch.minimum(torch.clamp(index - kernel // 2, min=0), class_len - kernel)
+    return residue + dilation * start
+
+
+def _axis_visible(length: int, kernel: int, dilation: int) -> torch.Tensor:
+    """Bool ``[length, length]``: query position sees key position along one axis."""
+    start = _axis_starts(length, kernel, dilation).unsqueeze(1)
+    keys = torch.arange(length).unsqueeze(0)
+    offset = keys - start
+    return (offset >= 0) & (offset < kernel * dilation) & (offset % dilation == 0)
+
+
+@lru_cache(maxsize=64)
+def _axis_tiles(length: int, kernel: int, dilation: int, tile: int):
+    """Tiles along one axis: query coords ``[n, T]``, key coords ``[n, U]`` and visibility ``[n, T, U]``.
+
+    Tiles hold up to ``tile`` consecutive members of one dilation class; short tiles repeat their
+    last query (a duplicate computes the same row) and pad keys with masked duplicates.
+    """
+    starts = _axis_starts(length, kernel, dilation)
+    visible = _axis_visible(length, kernel, dilation)
+    queries, keys = [], []
+    for residue in range(dilation):
+        members = torch.arange(residue, length, dilation)
+        for first in range(0, members.numel(), tile):
+            run = members[first : first + tile]
+            lo, hi = int(starts[run[0]]), int(starts[run[-1]]) + dilation * (kernel - 1)
+            queries.append(run)
+            keys.append(torch.arange(lo, hi + 1, dilation))
+    width = max(k.numel() for k in keys)
+    q_coords = torch.stack([torch.cat([r, r[-1:].expand(tile - r.numel())]) for r in queries])
+    k_coords = torch.stack([torch.cat([k, k[-1:].expand(width - k.numel())]) for k in keys])
+    k_real = torch.stack([torch.arange(width) < k.numel() for k in keys])
+    tile_visible = visible[q_coords.unsqueeze(-1), k_coords.unsqueeze(1)] & k_real.unsqueeze(1)
+    return q_coords, k_coords, tile_visible
+
+
+def _combine_axes(per_axis: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                  grid: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Cartesian product of per-axis tiles: flat query ``[nT, Qt]``, key ``[nT, Ut]`` tokens, mask."""
+    dims = len(grid)
+    strides = [math.prod(grid[a + 1 :]) for a in range(dims)]
+    q_tok = k_tok = torch.zeros((), dtype=torch.long)
+    vis = torch.ones((), dtype=torch.bool)
+    for axis, (q_coords, k_coords, tile_visible) in enumerate(per_axis):
+        # layout: [n_0 .. n_{dims-1}, T_0 .. T_{dims-1}, U_0 .. U_{dims-1}]
+        def place(t: torch.Tensor, slots: tuple[int, ...], axis: int = axis) -> torch.Tensor:
+            shape = [1] * (3 * dims)
+            for slot, size in zip(slots, t.shape):
+                shape[slot] = size
+            return t.reshape(shape)
+
+        q_tok = q_tok + place(q_coords * strides[axis], (axis, dims + axis))
+        k_tok = k_tok + place(k_coords * strides[axis], (axis, 2 * dims + axis))
+        vis = vis & place(tile_visible, (axis, dims + axis, 2 * dims + axis))
+    num_tiles = math.prod(p[0].shape[0] for p in per_axis)
+    q_tok = q_tok.reshape(num_tiles, -1)
+    k_tok = k_tok.reshape(num_tiles, -1)
+    vis = vis.reshape(num_tiles, q_tok.shape[1], k_tok.shape[1])
+    return q_tok, k_tok, vis
+
+
+def neighborhood_visible(
+    grid: Sequence[int],
+    kernel: int | Sequence[int],
+    dilation: int | Sequence[int] = 1,
+    num_global: int = 0,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Dense bool visibility of neighbourhood attention (for tests and the reference path only).
+
+    Args:
+        grid: ``(H, W)`` or ``(T, H, W)``.
+        kernel: window size per axis (int or one per axis).
+        dilation: dilation per axis (int or one per axis).
+        num_global: leading global tokens.
+        device: device of the result.
+
+    Returns:
+        Bool ``[S, S]`` with ``S = num_global + prod(grid)``, True where query may see key.
+    """
+    grid = tuple(int(g) for g in grid)
+    kernels = _per_axis(kernel, len(grid), "kernel")
+    dilations = _per_axis(dilation, len(grid), "dilation")
+    vis = torch.ones(1, 1, dtype=torch.bool)
+    for length, k, d in zip(grid, kernels, dilations):
+        axis = _axis_visible(length, k, d)
+        size = vis.shape[0] * length
+        vis = (vis[:, None, :, None] & axis[None, :, None, :]).reshape(size, size)
+    total = num_global + math.prod(grid)
+    out = torch.ones(total, total, dtype=torch.bool)
+    out[num_global:, num_global:] = vis
+    return out.to(device)
+
+
+def _default_tile(grid: tuple[int, ...], kernels, dilations) -> tuple[int, ...]:
+    side = 8 if len(grid) == 2 else 4
+    return tuple(max(1, min(side, length // d)) for length, d in zip(grid, dilations))
+
+
+def neighborhood_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    grid: Sequence[int],
+    kernel: int | Sequence[int],
+    dilation: int | Sequence[int] = 1,
+    num_global: int = 0,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    tile: int | Sequence[int] | None = None,
+    stats: dict | None = None,
+) -> torch.Tensor:
+    """2-D / 3-D neighbourhood self-attention with global tokens, skipping out-of-window keys.
+
+    Args:
+        q: ``[B, Hq, S, D]`` with ``S = num_global + prod(grid)``.
+        k: ``[B, Hkv, S, D]``.
+        v: ``[B, Hkv, S, Dv]``.
+        grid: ``(H, W)`` or ``(T, H, W)``, row-major after the global tokens.
+        kernel: window size per axis (int or one per axis); needs ``kernel * dilation <= size``.
+        dilation: dilation per axis.
+        num_global: leading tokens that see and are seen by every token.
+        scale: score scale (default ``D ** -0.5``).
+        mask: bool or additive mask broadcastable to ``[B, Hq, S, S]``.
+        bias: additive bias broadcastable to ``[B, Hq, S, S]``.
+        tile: query tile per axis, in class members (default 8x8 in 2-D, 4x4x4 in 3-D).
+        stats: optional dict filled with ``computed_fraction``.
+
+    Returns:
+        ``[B, Hq, S, Dv]`` in q's dtype.
+    """
+    grid = tuple(int(g) for g in grid)
+    if len(grid) not in (2, 3):
+        raise ValueError(f"grid must be (H, W) or (T, H, W), got {grid}")
+    batch, q_heads, seq, head_dim = q.shape
+    if seq != num_global + math.prod(grid) or k.shape[2] != seq or v.shape[2] != seq:
+        raise ValueError(f"sequence {seq} is not num_global {num_global} + grid {grid}")
+    group, value_dim = q_heads // k.shape[1], v.shape[3]
+    scale = head_dim**-0.5 if scale is None else scale
+    kernels = _per_axis(kernel, len(grid), "kernel")
+    dilations = _per_axis(dilation, len(grid), "dilation")
+    tiles = _default_tile(grid, kernels, dilations) if tile is None else _per_axis(
+        tile, len(grid), "tile")  # fmt: skip
+    mask4, bias4 = mask_to_4d(mask, "mask"), mask_to_4d(bias, "bias")
+    if all(kn >= g for kn, g in zip(kernels, grid)):  # every window is the whole grid
+        record_computed(stats, seq * seq, seq * seq)
+        return dense_attention(q, k, v, scale=scale, causal=False, mask=mask, bias=bias)
+    per_axis = [
+        _axis_tiles(g, kn, d, min(t, g)) for g, kn, d, t in zip(grid, kernels, dilations, tiles)
+    ]
+    q_tok, k_tok, vis = (t.to(q.device) for t in _combine_axes(per_axis, grid))
+    num_tiles, tile_q = q_tok.shape
+    globals_ = torch.arange(num_global, device=q.device).expand(num_tiles, num_global)
+    k_tok = torch.cat([globals_, k_tok + num_global], dim=1)
+    vis = torch.cat([vis.new_ones(num_tiles, tile_q, num_global), vis], dim=2)
+    q_tok = q_tok + num_global
+    k_full, v_full = (x.repeat_interleave(group, dim=1) if group > 1 else x for x in (k, v))
+    q_flat = q.reshape(batch * q_heads, seq, head_dim)
+    k_flat = k_full.reshape(batch * q_heads, seq, head_dim)
+    v_flat = v_full.reshape(batch * q_heads, seq, value_dim)
+    width = k_tok.shape[1]
+    q_tiles = q_flat[:, q_tok.reshape(-1)].view(batch * q_heads, num_tiles, tile_q, head_dim)
+    k_tiles = k_flat[:, k_tok.reshape(-1)].view(batch * q_heads, num_tiles, width, head_dim)
+    v_tiles = v_flat[:, k_tok.reshape(-1)].view(batch * q_heads, num_tiles, width, value_dim)
+    q_pos, k_pos = q_tok.unsqueeze(-1), k_tok.unsqueeze(1)
+    user = [None if t is None else gather_pairs(t, q_pos, k_pos) for t in (mask4, bias4)]
+    tile_out, _ = chunked_flash(q_tiles, k_tiles, v_tiles, vis, user, scale, batch=batch)
+    # each grid token reads its row from one tile slot (padding slots are exact duplicates)
+    slot = torch.empty(seq, dtype=torch.long, device=q.device)
+    slot[q_tok.reshape(-1)] = torch.arange(q_tok.numel(), device=q.device)
+    out = q.new_empty(batch * q_heads, seq, value_dim)
+    out[:, num_global:] = tile_out.reshape(batch * q_heads, -1, value_dim)[:, slot[num_global:]]
+    computed = num_tiles * tile_q * width
+    if num_global > 0:
+        rows = torch.arange(num_global, device=q.device).unsqueeze(1)
+        cols = torch.arange(seq, device=q.device).unsqueeze(0)
+        glob_user = [None if t is None else gather_pairs(t, rows, cols) for t in (mask4, bias4)]
+        addend = additive_mask(None, *glob_user, q.dtype)
+        glob_out, _ = flash_attend(q[:, :, :num_global], k_full, v_full, addend, scale)
+        out[:, :num_global] = glob_out.reshape(batch * q_heads, num_global, value_dim)
+        computed += num_global * seq
+    record_computed(stats, computed * batch * q_heads, batch * q_heads * seq * seq)
+    return out.view(batch, q_heads, seq, value_dim)

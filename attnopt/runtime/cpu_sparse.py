@@ -1,0 +1,420 @@
+"""Fast CPU sparse attention (issue 5): sliding windows with sinks, block-sparse, routing.
+
+Entry points: :func:`sliding_window_attention`, :func:`block_sparse_attention`, :class:`BlockMeta`,
+:func:`block_meta_visible`, and (re-exported) :func:`route_blocks`,
+:func:`calibration_block_scores`, :func:`static_block_pattern`, :func:`permute_for_sparsity`,
+:func:`apply_permutation`, :func:`neighborhood_attention`, :func:`neighborhood_visible`.
+
+Semantics are those of docs/attention-op.md (bottom-right alignment, GQA, bool or additive masks,
+bias, fully masked rows give zeros). Nothing here forms the ``Sq x Sk`` score matrix:
+
+* sliding windows cut the queries into chunks of ``C`` rows; the chunks whose window lies inside
+  the sequence (all but a few at the edges) read their ``C + window`` keys through one strided view
+  of the key tensor (no copy) and run in a single fused flash-attention call with a ``[C, C + window]``
+  band mask shared by every chunk; the few edge chunks run one by one on exact key ranges. Sinks
+  are a second tiny flash call over the first ``sinks`` keys, merged through the log-sum-exp.
+* block-sparse attention sorts query blocks by their number of key blocks, gathers the listed key
+  blocks into reused buffers (a bounded workspace, so memory stays linear in the sequence) and runs
+  one flash call per slice of query blocks; the mask is built only where a slice needs one.
+
+Every function takes ``stats``: a dict it fills with ``computed_fraction``, the share of the dense
+score entries actually computed (including padding waste), for passes to report.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnopt.runtime.cpu_block_routing import (
+    apply_permutation,
+    calibration_block_scores,
+    permute_for_sparsity,
+    route_blocks,
+    static_block_pattern,
+)
+from attnopt.runtime.cpu_neighborhood import neighborhood_attention, neighborhood_visible
+from attnopt.runtime.cpu_sparse_common import (
+    BlockMeta,
+    additive_mask,
+    chunked_flash,
+    dense_attention,
+    flash_attend,
+    gather_pairs,
+    mask_empty_rows,
+    mask_to_4d,
+    merge_partials,
+    record_computed,
+)
+
+__all__ = [
+    "BlockMeta",
+    "apply_permutation",
+    "block_meta_visible",
+    "block_sparse_attention",
+    "calibration_block_scores",
+    "neighborhood_attention",
+    "neighborhood_visible",
+    "permute_for_sparsity",
+    "route_blocks",
+    "sliding_window_attention",
+    "static_block_pattern",
+]
+
+#: Elements of gathered keys per block-sparse slice (the reused workspace is twice this).
+GATHER_BUDGET = 1 << 23
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be [B, H, S, D]")
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"incompatible q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads {q.shape[1]} not a multiple of kv heads {k.shape[1]}")
+    return q.shape[1] // k.shape[1]
+
+
+def _heads_flat(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``[B, Hkv, S, D]`` -> contiguous ``[B * Hq, S, D]`` (kv heads repeated for GQA)."""
+    if group > 1:
+        x = x.repeat_interleave(group, dim=1)
+    return x.contiguous().reshape(-1, x.shape[2], x.shape[3])
+
+
+def _window_extent(
+    window_left: int | None, window_right: int | None, causal: bool, q_len: int, kv_len: int
+) -> tuple[int, int, bool]:
+    """Finite (left, right) extents covering the band, and whether the band covers everything."""
+    for name, size in (("window_left", window_left), ("window_right", window_right)):
+        if size is not None and size < 0:
+            raise ValueError(f"{name} must be >= 0 or None, got {size}")
+    left_full = window_left is None or window_left >= kv_len - 1
+    right_full = causal or window_right is None or window_right >= q_len - 1
+    left = max(kv_len - 1, 0) if left_full else window_left
+    right = 0 if causal else (max(q_len - 1, 0) if right_full else window_right)
+    return left, right, left_full and right_full
+
+
+def _pick_chunk(window: int, q_len: int, query_chunk: int | None) -> int:
+    if query_chunk is None:
+        query_chunk = 1 << max(6, min(8, (max(window // 2, 1) - 1).bit_length()))
+    return max(1, min(query_chunk, q_len))
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window_left: int | None,
+    window_right: int | None,
+    sinks: int = 0,
+    scale: float | None = None,
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    query_chunk: int | None = None,
+    stats: dict | None = None,
+) -> torch.Tensor:
+    """Sliding-window attention with sinks, computing only the keys inside each window.
+
+    Query ``i`` sees key ``j`` iff ``i + off - window_left <= j <= i + off + window_right`` or
+    ``j < sinks`` (``off = Sk - Sq``), and also passes ``mask``, ``bias`` and the causal rule.
+
+    Args:
+        q: ``[B, Hq, Sq, D]``.
+        k: ``[B, Hkv, Sk, D]`` (``Hq % Hkv == 0``).
+        v: ``[B, Hkv, Sk, Dv]``.
+        window_left: keys visible before the aligned position (None: unlimited).
+        window_right: keys visible after it (None: unlimited; forced to 0 by ``causal``).
+        sinks: the first ``sinks`` keys are visible to every query.
+        scale: score scale (default ``D ** -0.5``).
+        causal: bottom-right aligned causal rule.
+        mask: bool (True = visible) or additive mask broadcastable to ``[B, Hq, Sq, Sk]``.
+        bias: additive bias broadcastable to ``[B, Hq, Sq, Sk]``.
+        query_chunk: queries per chunk (default from the window size).
+        stats: optional dict filled with ``computed_fraction``.
+
+    Returns:
+        ``[B, Hq, Sq, Dv]`` in q's dtype.
+    """
+    group = _check_qkv(q, k, v)
+    if sinks < 0:
+        raise ValueError(f"sinks must be >= 0, got {sinks}")
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_len, value_dim = k.shape[2], v.shape[3]
+    scale = head_dim**-0.5 if scale is None else scale
+    left, right, covers_all = _window_extent(window_left, window_right, causal, q_len, kv_len)
+    if covers_all or q_len == 0 or kv_len == 0:
+        record_computed(stats, q_len * kv_len, q_len * kv_len)
+        return dense_attention(q, k, v, scale=scale, causal=causal, mask=mask, bias=bias)
+    offset, sinks = kv_len - q_len, min(sinks, kv_len)
+    chunk = _pick_chunk(left + right, q_len, query_chunk)
+    num_chunks = -(-q_len // chunk)
+    first = max(0, -(-(sinks - offset + left) // chunk))
+    last = min(q_len // chunk - 1, (kv_len - chunk - offset - right) // chunk)
+    mask4, bias4 = mask_to_4d(mask, "mask"), mask_to_4d(bias, "bias")
+    k_flat, v_flat = _heads_flat(k, group), _heads_flat(v, group)
+    out = q.new_empty(batch, q_heads, q_len, value_dim)
+    computed = 0
+    if first <= last:
+        interior = _window_interior(q, k_flat, v_flat, first, last, chunk, left, right, sinks)
+        computed += interior.run(out, mask4, bias4, scale)
+    edges = [c for c in range(num_chunks) if not first <= c <= last]
+    for index in edges:
+        start, stop = index * chunk, min(q_len, (index + 1) * chunk)
+        computed += _window_edge(q, k_flat, v_flat, out, start, stop, left, right, sinks, causal,
+                                 mask4, bias4, scale)  # fmt: skip
+    record_computed(stats, computed * batch * q_heads, batch * q_heads * q_len * kv_len)
+    return out
+
+
+class _window_interior:
+    """The chunks whose window lies inside ``[sinks, Sk)``: one strided, batched flash call."""
+
+    def __init__(self, q, k_flat, v_flat, first, last, chunk, left, right, sinks) -> None:
+        self.q, self.first, self.chunk, self.sinks = q, first, chunk, sinks
+        self.num = last - first + 1
+        self.width = chunk + left + right
+        self.key_start = first * chunk + (k_flat.shape[1] - q.shape[2]) - left
+        self.k_win = self._windows(k_flat)
+        self.v_win = self._windows(v_flat)
+        self.k_flat, self.v_flat = k_flat, v_flat
+        local = torch.arange(self.width, device=q.device)
+        rows = torch.arange(chunk, device=q.device).unsqueeze(1)
+        self.band = (local >= rows) & (local <= rows + left + right)
+
+    def _windows(self, x_flat: torch.Tensor) -> torch.Tensor:
+        rows, length, dim = x_flat.shape
+        return x_flat.as_strided(
+            (rows, self.num, self.width, dim),
+            (length * dim, self.chunk * dim, dim, 1),
+            x_flat.storage_offset() + self.key_start * dim,
+        )
+
+    def run(self, out: torch.Tensor, mask4, bias4, scale: float) -> int:
+        batch, heads, _, head_dim = self.q.shape
+        lo, hi = self.first * self.chunk, (self.first + self.num) * self.chunk
+        q_win = self.q[:, :, lo:hi].reshape(batch * heads, self.num, self.chunk, head_dim)
+        device = self.q.device
+        q_pos = torch.arange(lo, hi, device=device).view(self.num, self.chunk, 1)
+        k_pos = (self.key_start + self.chunk * torch.arange(self.num, device=device)).view(-1, 1, 1)
+        k_pos = k_pos + torch.arange(self.width, device=device)
+        user = [None if t is None else gather_pairs(t, q_pos, k_pos) for t in (mask4, bias4)]
+        win_out, win_lse = chunked_flash(q_win, self.k_win, self.v_win, self.band, user, scale,
+                                         batch=batch)  # fmt: skip
+        computed = self.num * self.chunk * self.width
+        if self.sinks > 0:
+            win_out = self._merge_sinks(q_win, win_out, win_lse, q_pos, mask4, bias4, scale)
+            computed += self.num * self.chunk * self.sinks
+        out[:, :, lo:hi] = win_out.reshape(batch, heads, hi - lo, -1)
+        return computed
+
+    def _merge_sinks(self, q_win, win_out, win_lse, q_pos, mask4, bias4, scale) -> torch.Tensor:
+        batch, heads = self.q.shape[:2]
+        rows = self.num * self.chunk
+        q_rows = q_win.reshape(batch, heads, rows, -1)
+        k_pos = torch.arange(self.sinks, device=q_win.device).view(1, -1)
+        user = [
+            None if t is None else gather_pairs(t, q_pos.view(-1, 1), k_pos) for t in (mask4, bias4)
+        ]
+        addend = additive_mask(None, *user, self.q.dtype)
+        k_sink = self.k_flat[:, : self.sinks].reshape(batch, heads, self.sinks, -1)
+        v_sink = self.v_flat[:, : self.sinks].reshape(batch, heads, self.sinks, -1)
+        sink_out, sink_lse = flash_attend(q_rows, k_sink, v_sink, addend, scale)
+        sink_lse = mask_empty_rows(sink_lse, addend)
+        shape = win_out.shape
+        merged = merge_partials(
+            win_out.reshape(batch, heads, rows, -1), win_lse.reshape(batch, heads, rows),
+            sink_out, sink_lse,
+        )  # fmt: skip
+        return merged.reshape(shape)
+
+
+def _window_edge(q, k_flat, v_flat, out, start, stop, left, right, sinks, causal, mask4, bias4,
+                 scale) -> int:  # fmt: skip
+    """One edge chunk of queries ``[start, stop)`` on its exact key range plus the sinks."""
+    batch, heads, q_len, _ = q.shape
+    kv_len, device = k_flat.shape[1], q.device
+    offset = kv_len - q_len
+    lo = max(0, start + offset - left)
+    hi = min(kv_len, stop - 1 + offset + right + 1)
+    if sinks > 0 and lo <= sinks:
+        k_pos = torch.arange(0, max(hi, sinks), device=device)
+    elif sinks > 0:
+        k_pos = torch.cat([torch.arange(sinks, device=device), torch.arange(lo, hi, device=device)])
+    else:
+        k_pos = torch.arange(lo, max(lo, hi), device=device)
+    if k_pos.numel() == 0:
+        out[:, :, start:stop] = 0
+        return 0
+    contiguous = sinks == 0 or lo <= sinks
+    pick = slice(int(k_pos[0]), int(k_pos[-1]) + 1) if contiguous else k_pos
+    k_sel = k_flat[:, pick].reshape(batch, heads, k_pos.numel(), -1)
+    v_sel = v_flat[:, pick].reshape(batch, heads, k_pos.numel(), -1)
+    aligned = torch.arange(start, stop, device=device).unsqueeze(1) + offset
+    keys = k_pos.unsqueeze(0)
+    allowed = ((keys >= aligned - left) & (keys <= aligned + right)) | (keys < sinks)
+    if causal:
+        allowed &= keys <= aligned
+    q_pos = aligned - offset
+    user = [None if t is None else gather_pairs(t, q_pos, keys) for t in (mask4, bias4)]
+    addend = additive_mask(allowed, *user, q.dtype)
+    chunk_out, _ = flash_attend(q[:, :, start:stop], k_sel, v_sel, addend, scale)
+    out[:, :, start:stop] = chunk_out
+    return (stop - start) * k_pos.numel()
+
+
+def block_meta_visible(meta: BlockMeta, q_len: int, kv_len: int) -> torch.Tensor:
+    """Dense bool visibility of block metadata (for tests and the reference path only).
+
+    Args:
+        meta: the block metadata.
+        q_len: number of queries.
+        kv_len: number of keys.
+
+    Returns:
+        Bool ``[Bm, Hm, q_len, kv_len]``: True where the key's block is listed for the query's block.
+    """
+    counts, indices = meta.kv_counts.long(), meta.kv_indices.long()
+    num_kv_blocks = -(-kv_len // meta.block_k)
+    slots = torch.arange(indices.shape[-1], device=indices.device)
+    valid = slots < counts.unsqueeze(-1)
+    listed = torch.zeros(*counts.shape, num_kv_blocks + 1, dtype=torch.bool, device=indices.device)
+    target = torch.where(valid, indices.clamp(0, num_kv_blocks - 1), num_kv_blocks)
+    listed.scatter_(-1, target, True)
+    listed = listed[..., :num_kv_blocks]
+    rows = torch.arange(q_len, device=indices.device) // meta.block_q
+    cols = torch.arange(kv_len, device=indices.device) // meta.block_k
+    return listed[:, :, rows][..., cols]
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: BlockMeta,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    stats: dict | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention: each query block attends only to the keys of its listed key blocks.
+
+    Args:
+        q: ``[B, Hq, Sq, D]``.
+        k: ``[B, Hkv, Sk, D]`` (``Hq % Hkv == 0``).
+        v: ``[B, Hkv, Sk, Dv]``.
+        meta: block metadata (``Bm`` in ``{1, B}``, ``Hm`` in ``{1, Hq}``, ``ceil(Sq / block_q)``
+            query blocks).
+        scale: score scale (default ``D ** -0.5``).
+        causal: bottom-right aligned causal rule, applied inside the kept blocks.
+        mask: bool (True = visible) or additive mask broadcastable to ``[B, Hq, Sq, Sk]``.
+        bias: additive bias broadcastable to ``[B, Hq, Sq, Sk]``.
+        stats: optional dict filled with ``computed_fraction``.
+
+    Returns:
+        ``[B, Hq, Sq, Dv]`` in q's dtype; query blocks with no key block give zeros.
+    """
+    group = _check_qkv(q, k, v)
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, kv_len, value_dim = k.shape[1], k.shape[2], v.shape[3]
+    block_q, block_k = meta.block_q, meta.block_k
+    num_q_blocks, num_kv_blocks = -(-q_len // block_q), -(-kv_len // block_k)
+    if (
+        meta.num_q_blocks != num_q_blocks
+        or meta.kv_counts.shape[0] not in (1, batch)
+        or (meta.kv_counts.shape[1] not in (1, q_heads))
+    ):
+        raise ValueError(f"metadata {tuple(meta.kv_counts.shape)} does not fit q {tuple(q.shape)}")
+    scale = head_dim**-0.5 if scale is None else scale
+    counts = meta.kv_counts.long().expand(batch, q_heads, num_q_blocks).reshape(-1)
+    if bool((counts >= num_kv_blocks).all()):
+        record_computed(stats, q_len * kv_len, q_len * kv_len)
+        return dense_attention(q, k, v, scale=scale, causal=causal, mask=mask, bias=bias)
+    indices = meta.kv_indices.long().expand(batch, q_heads, num_q_blocks, -1)
+    indices = indices.reshape(counts.numel(), -1)
+    q_blocks = _pad_seq(q, num_q_blocks * block_q).reshape(-1, block_q, head_dim)
+    k_blocks = _pad_seq(k, num_kv_blocks * block_k).reshape(-1, block_k, head_dim)
+    v_blocks = _pad_seq(v, num_kv_blocks * block_k).reshape(-1, block_k, value_dim)
+    row_ids = torch.arange(counts.numel(), device=q.device)
+    head_of_row = (row_ids // num_q_blocks) % q_heads
+    batch_of_row = row_ids // (num_q_blocks * q_heads)
+    kv_base = (batch_of_row * kv_heads + head_of_row // group) * num_kv_blocks
+    plan = _BlockPlan(block_q, block_k, q_len, kv_len, causal, mask_to_4d(mask, "mask"),
+                      mask_to_4d(bias, "bias"), q.dtype)  # fmt: skip
+    out_blocks = q.new_zeros(counts.numel(), block_q, value_dim)
+    order = torch.argsort(counts, stable=True)
+    order = order[counts[order] > 0]
+    widest = int(counts.max()) if order.numel() else 0
+    per_slice = max(1, GATHER_BUDGET // max(1, widest * block_k * max(head_dim, value_dim)))
+    k_buffer = q.new_empty(min(per_slice, order.numel()) * widest * block_k * head_dim)
+    v_buffer = q.new_empty(min(per_slice, order.numel()) * widest * block_k * value_dim)
+    computed = 0
+    for start in range(0, order.numel(), per_slice):
+        rows = order[start : start + per_slice]
+        width = int(counts[rows[-1]])
+        slots = indices[rows, :width]
+        valid = torch.arange(width, device=q.device) < counts[rows].unsqueeze(1)
+        slots = torch.where(valid, slots, slots[:, :1])
+        flat = (kv_base[rows].unsqueeze(1) + slots).reshape(-1)
+        count, keys = rows.numel(), width * block_k
+        k_sel = torch.index_select(k_blocks, 0, flat, out=k_buffer[: flat.numel() * block_k *
+                                   head_dim].view(-1, block_k, head_dim))  # fmt: skip
+        v_sel = torch.index_select(v_blocks, 0, flat, out=v_buffer[: flat.numel() * block_k *
+                                   value_dim].view(-1, block_k, value_dim))  # fmt: skip
+        addend = plan.addend(
+            rows % num_q_blocks, slots, valid, batch_of_row[rows], head_of_row[rows]
+        )
+        q_sel = q_blocks.index_select(0, rows).unsqueeze(1)
+        res, _ = flash_attend(q_sel, k_sel.view(count, 1, keys, head_dim),
+                              v_sel.view(count, 1, keys, value_dim), addend, scale)  # fmt: skip
+        out_blocks.index_copy_(0, rows, res.squeeze(1))
+        computed += count * block_q * keys
+    out = out_blocks.view(batch, q_heads, num_q_blocks * block_q, value_dim)[:, :, :q_len]
+    record_computed(stats, computed, batch * q_heads * q_len * kv_len)
+    return out
+
+
+def _pad_seq(x: torch.Tensor, length: int) -> torch.Tensor:
+    if x.shape[2] == length:
+        return x.contiguous()
+    pad = x.new_zeros(x.shape[0], x.shape[1], length - x.shape[2], x.shape[3])
+    return torch.cat([x, pad], dim=2)
+
+
+class _BlockPlan:
+    """Builds the additive mask of one slice of query blocks, or None when nothing is masked."""
+
+    def __init__(self, block_q, block_k, q_len, kv_len, causal, mask4, bias4, dtype) -> None:
+        self.block_q, self.block_k = block_q, block_k
+        self.q_len, self.kv_len, self.causal = q_len, kv_len, causal
+        self.mask4, self.bias4, self.dtype = mask4, bias4, dtype
+
+    def addend(self, q_block, slots, valid, batch_idx, head_idx) -> torch.Tensor | None:
+        device = slots.device
+        k_pos = slots.unsqueeze(-1) * self.block_k + torch.arange(self.block_k, device=device)
+        k_pos = k_pos.reshape(slots.shape[0], 1, -1)
+        key_ok = (valid.unsqueeze(-1).expand(-1, -1, self.block_k).reshape(k_pos.shape)) & (
+            k_pos < self.kv_len
+        )
+        q_pos = q_block.view(-1, 1, 1) * self.block_q + torch.arange(self.block_q, device=device)
+        q_pos = q_pos.view(-1, self.block_q, 1)
+        allowed = None if bool(key_ok.all()) else key_ok
+        if self.causal:
+            last_key = slots.max(dim=1).values * self.block_k + self.block_k - 1
+            first_query = q_block * self.block_q + (self.kv_len - self.q_len)
+            if bool((last_key > first_query).any()):
+                past = k_pos <= q_pos + (self.kv_len - self.q_len)
+                allowed = past if allowed is None else allowed & past
+        user = []
+        for t in (self.mask4, self.bias4):
+            if t is not None:
+                rows_b, rows_h = batch_idx.view(-1, 1, 1), head_idx.view(-1, 1, 1)
+                t = gather_pairs(t, q_pos.clamp(max=self.q_len - 1), k_pos.clamp(max=self.kv_len - 1),
+                                 batch_idx=rows_b, head_idx=rows_h)  # fmt: skip
+            user.append(t)
+        addend = additive_mask(allowed, *user, self.dtype)
+        return None if addend is None else addend.unsqueeze(1)

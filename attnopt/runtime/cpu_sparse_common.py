@@ -1,0 +1,346 @@
+"""Shared pieces of the CPU sparse-attention kernels (issue 5): flash calls, masks, metadata.
+
+Entry points: :class:`BlockMeta`, :func:`flash_attend`, :func:`chunked_flash`,
+:func:`dense_attention`, :func:`merge_partials`, :func:`additive_mask`, :func:`mask_to_4d`, :func:`gather_pairs`, :func:`record_computed`.
+
+Every sparse kernel in :mod:`attnopt.runtime.cpu_sparse` and :mod:`attnopt.runtime.cpu_neighborhood`
+reduces to calls of :func:`flash_attend` on gathered or strided key chunks: PyTorch's CPU flash kernel
+(``aten._scaled_dot_product_flash_attention_for_cpu``) also returns the log-sum-exp of each row,
+which lets two partial results over disjoint key sets be merged exactly (:func:`merge_partials`).
+Masks handed to it are additive, in the query dtype, 2-D or 4-D with every dim 1 or full (the only
+layouts the fused kernel accepts; anything else silently falls back to the slow math path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "BlockMeta",
+    "additive_mask",
+    "chunked_flash",
+    "dense_attention",
+    "flash_attend",
+    "gather_pairs",
+    "mask_empty_rows",
+    "mask_to_4d",
+    "merge_partials",
+    "record_computed",
+]
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockMeta:
+    """Block-sparse metadata: which key blocks each query block attends to.
+
+    ``kv_counts`` is int32 ``[Bm, Hm, num_q_blocks]`` and ``kv_indices`` int32
+    ``[Bm, Hm, num_q_blocks, max_kv_blocks]`` (first ``kv_counts`` entries valid, ascending), with
+    ``Bm`` in ``{1, B}`` and ``Hm`` in ``{1, Hq}``. Query block ``m`` covers queries
+    ``[m * block_q, (m + 1) * block_q)`` and key block ``n`` keys ``[n * block_k, (n + 1) * block_k)``.
+    """
+
+    block_q: int
+    block_k: int
+    kv_counts: torch.Tensor
+    kv_indices: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.block_q <= 0 or self.block_k <= 0:
+            raise ValueError(f"block sizes must be positive, got {self.block_q}, {self.block_k}")
+        if self.kv_counts.dim() != 3 or self.kv_indices.dim() != 4:
+            raise ValueError("kv_counts must be [Bm, Hm, nQB] and kv_indices [Bm, Hm, nQB, max_kv]")
+        if self.kv_indices.shape[:3] != self.kv_counts.shape:
+            raise ValueError(
+                f"kv_indices {tuple(self.kv_indices.shape)} does not match kv_counts "
+                f"{tuple(self.kv_counts.shape)}"
+            )
+
+    @property
+    def num_q_blocks(self) -> int:
+        """Number of query blocks."""
+        return self.kv_counts.shape[-1]
+
+    @property
+    def max_kv_blocks(self) -> int:
+        """Width of ``kv_indices`` (the largest possible count)."""
+        return self.kv_indices.shape[-1]
+
+    def kept_fraction(self, num_kv_blocks: int) -> float:
+        """Mean fraction of key blocks kept per query block.
+
+        Args:
+            num_kv_blocks: number of key blocks of the sequence.
+
+        Returns:
+            ``mean(kv_counts) / num_kv_blocks``.
+        """
+        return float(self.kv_counts.float().mean()) / max(num_kv_blocks, 1)
+
+
+def mask_to_4d(t: torch.Tensor | None, name: str) -> torch.Tensor | None:
+    """View a mask or bias broadcastable to ``[B, H, Sq, Sk]`` as exactly 4-D.
+
+    Args:
+        t: the tensor (or None).
+        name: its name for error messages.
+
+    Returns:
+        A 4-D view (leading dims of size 1 added), or None.
+    """
+    if t is None:
+        return None
+    if t.dim() > 4:
+        raise ValueError(f"{name} must have at most 4 dims, got shape {tuple(t.shape)}")
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+
+
+def gather_pairs(
+    t4: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    *,
+    batch_idx: torch.Tensor | None = None,
+    head_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Read a broadcast ``[Bm, Hm, Qm, Km]`` mask or bias at chosen (query, key) positions.
+
+    Dims of size 1 are broadcast instead of indexed, so a key-padding mask ``[B, 1, 1, Sk]`` costs
+    only one value per key. Only the requested pairs are read: memory is linear in the positions.
+
+    Args:
+        t4: 4-D mask or bias.
+        q_pos: int64 query positions, broadcastable against ``k_pos``.
+        k_pos: int64 key positions.
+        batch_idx: with ``head_idx``, per-row batch indices broadcastable against the positions
+            (row-wise layout); None keeps the batch and head dims in front.
+        head_idx: per-row (query) head indices.
+
+    Returns:
+        ``t4[:, :, q_pos, k_pos]`` (``[Bm, Hm, *P]``) or ``t4[batch_idx, head_idx, q_pos, k_pos]``.
+    """
+
+    def pick(index: torch.Tensor, size: int) -> torch.Tensor:
+        # a broadcast dim reads entry 0 through an all-ones index, which keeps the result's rank
+        if size > 1:
+            return index
+        return torch.zeros((1,) * index.dim(), dtype=torch.long, device=t4.device)
+
+    qi, ki = pick(q_pos, t4.shape[2]), pick(k_pos, t4.shape[3])
+    if batch_idx is None:
+        return t4[:, :, qi, ki]
+    return t4[pick(batch_idx, t4.shape[0]), pick(head_idx, t4.shape[1]), qi, ki]
+
+
+def additive_mask(
+    allowed: torch.Tensor | None,
+    user_mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """Combine structural visibility, a gathered user mask and a gathered bias into one addend.
+
+    Args:
+        allowed: bool, True = visible (or None).
+        user_mask: gathered user mask, bool or additive float (or None).
+        bias: gathered additive bias (or None).
+        dtype: dtype of the result (the query dtype, as the flash kernel requires).
+
+    Returns:
+        Broadcast additive float tensor (0 / -inf plus bias), or None when nothing is masked.
+    """
+    addend: torch.Tensor | None = None
+    if bias is not None:
+        addend = bias.to(torch.float32)
+    if user_mask is not None:
+        if user_mask.dtype == torch.bool:
+            allowed = user_mask if allowed is None else allowed & user_mask
+        else:
+            addend = user_mask.to(torch.float32) if addend is None else addend + user_mask
+    if allowed is not None:
+        if addend is None:
+            addend = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+        addend = addend.masked_fill(~allowed, float("-inf"))
+    return None if addend is None else addend.to(dtype)
+
+
+def flash_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    addend: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused softmax attention on 4-D chunks, returning the output and each row's log-sum-exp.
+
+    Args:
+        q: ``[N1, N2, Lq, D]`` (any strides with a contiguous last dim).
+        k: ``[N1, N2, Lk, D]``.
+        v: ``[N1, N2, Lk, Dv]``.
+        addend: additive float mask in q's dtype, 2-D ``[Lq, Lk]`` or 4-D with each dim 1 or full.
+        scale: score scale.
+
+    Returns:
+        ``(out [N1, N2, Lq, Dv] in q's dtype, lse [N1, N2, Lq] float32, float64 for float64)``. Rows whose every key is
+        masked give zeros; their ``lse`` is unspecified (callers overwrite it with ``-inf``).
+    """
+    head_dim, value_dim = q.shape[-1], v.shape[-1]
+    if head_dim != value_dim:  # the fused kernel wants one head size; zero columns change nothing
+        width = max(head_dim, value_dim)
+        q = F.pad(q, (0, width - head_dim))
+        k = F.pad(k, (0, width - head_dim))
+        v = F.pad(v, (0, width - value_dim))
+    if _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in _FLASH_DTYPES:
+        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=addend, scale=scale)
+    else:
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        scores = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
+        if addend is not None:
+            scores = scores + addend.to(compute)
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))
+        out = torch.matmul(probs, v.to(compute)).to(q.dtype)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return out[..., :value_dim], lse.to(lse_dtype)
+
+
+def mask_empty_rows(lse: torch.Tensor, addend: torch.Tensor | None) -> torch.Tensor:
+    """Set the log-sum-exp of rows whose every key is masked to ``-inf``.
+
+    Args:
+        lse: ``[..., Lq]`` from :func:`flash_attend`.
+        addend: the additive mask used for it (broadcastable to ``[..., Lq, Lk]``), or None.
+
+    Returns:
+        ``lse`` with empty rows at ``-inf``.
+    """
+    if addend is None:
+        return lse
+    return lse.masked_fill(~(addend > float("-inf")).any(dim=-1), float("-inf"))
+
+
+def chunked_flash(
+    q_chunks: torch.Tensor,
+    k_chunks: torch.Tensor,
+    v_chunks: torch.Tensor,
+    allowed: torch.Tensor | None,
+    user: Sequence[torch.Tensor | None],
+    scale: float,
+    *,
+    batch: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of many query chunks, each on its own key chunk, in one or a few flash calls.
+
+    Args:
+        q_chunks: ``[B * H, nC, C, D]``.
+        k_chunks: ``[B * H, nC, L, D]`` (strided views welcome).
+        v_chunks: ``[B * H, nC, L, Dv]``.
+        allowed: structural visibility shared by batch and heads, bool ``[C, L]`` or
+            ``[nC, C, L]`` (or None).
+        user: gathered user mask and bias, each ``[Bm, Hm, nC, C or 1, L]`` or None.
+        scale: score scale.
+        batch: ``B`` (masks that differ per batch element or head run one batch element per call).
+
+    Returns:
+        ``(out [B * H, nC, C, Dv], lse [B * H, nC, C])`` with ``-inf`` lse on rows with no key.
+    """
+    heads = q_chunks.shape[0] // batch
+    dtype = q_chunks.dtype
+    if all(t is None or t.shape[:2] == (1, 1) for t in user):
+        addend = additive_mask(allowed, *[None if t is None else t[0, 0] for t in user], dtype)
+        mask = addend if addend is None or addend.dim() == 2 else mask_to_4d(addend, "mask")
+        out, lse = flash_attend(q_chunks, k_chunks, v_chunks, mask, scale)
+        return out, mask_empty_rows(lse, addend)
+    outs, lses = [], []
+    for b in range(batch):
+        rows = slice(b * heads, (b + 1) * heads)
+        sub = [None if t is None else t[b if t.shape[0] > 1 else 0] for t in user]
+        addend = additive_mask(allowed, *sub, dtype)
+        out, lse = flash_attend(q_chunks[rows], k_chunks[rows], v_chunks[rows], addend, scale)
+        outs.append(out)
+        lses.append(mask_empty_rows(lse, addend))
+    return torch.cat(outs), torch.cat(lses)
+
+
+def merge_partials(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:
+    """Exactly combine two softmax attentions over disjoint key sets.
+
+    Args:
+        out_a: ``[..., Lq, Dv]`` normalised output over key set A.
+        lse_a: ``[..., Lq]`` log-sum-exp over A (``-inf`` for rows that saw no key).
+        out_b: output over key set B.
+        lse_b: log-sum-exp over B.
+
+    Returns:
+        The output over ``A | B``, in ``out_a``'s dtype; zeros where neither saw a key.
+    """
+    top = torch.maximum(lse_a, lse_b)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weight_a = torch.exp(lse_a - top).unsqueeze(-1)
+    weight_b = torch.exp(lse_b - top).unsqueeze(-1)
+    total = (weight_a + weight_b).clamp_min(torch.finfo(top.dtype).tiny)
+    merged = (out_a.to(top.dtype) * weight_a + out_b.to(top.dtype) * weight_b) / total
+    return merged.to(out_a.dtype)
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The plain `attention` op through SDPA (the degenerate, fully visible sparse settings).
+
+    Args:
+        q: ``[B, Hq, Sq, D]``.
+        k: ``[B, Hkv, Sk, D]``.
+        v: ``[B, Hkv, Sk, Dv]``.
+        scale: score scale.
+        causal: bottom-right aligned causal rule.
+        mask: bool or additive mask broadcastable to ``[B, Hq, Sq, Sk]``.
+        bias: additive bias broadcastable to ``[B, Hq, Sq, Sk]``.
+
+    Returns:
+        ``[B, Hq, Sq, Dv]`` in q's dtype.
+    """
+    q_len, kv_len = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    mask4, bias4 = mask_to_4d(mask, "mask"), mask_to_4d(bias, "bias")
+    if mask4 is None and bias4 is None:
+        if not causal or q_len == kv_len:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    allowed = None
+    if causal:
+        rows = torch.arange(q_len, device=q.device).unsqueeze(1) + (kv_len - q_len)
+        allowed = torch.arange(kv_len, device=q.device).unsqueeze(0) <= rows
+    addend = additive_mask(allowed, mask4, bias4, q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=addend, scale=scale)
+
+
+def record_computed(stats: dict | None, computed_pairs: float, total_pairs: float) -> None:
+    """Fill ``stats['computed_fraction']`` (score entries actually computed / all entries).
+
+    Args:
+        stats: the caller's dict, or None (nothing recorded).
+        computed_pairs: (query, key) score entries the kernel computed, over all batch and heads.
+        total_pairs: entries dense attention would compute.
+    """
+    if stats is None:
+        return
+    stats["computed_pairs"] = int(computed_pairs)
+    stats["computed_fraction"] = float(computed_pairs) / max(float(total_pairs), 1.0)

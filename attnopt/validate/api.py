@@ -1,0 +1,218 @@
+"""Run a reference and a candidate on the same inputs and report how their outputs differ.
+
+Entry point: :func:`run_and_compare` (``attnopt.validate`` is built on it).
+
+Several input batches aggregate into one report: each output's leaves are concatenated across
+batches (flattened, or as rows of classes for logits) and the metrics are computed over the
+union, so ``max_abs`` is the worst over all batches and ``rel_l2``/``cosine``/``sqnr_db`` weigh
+every element once.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from attnopt.validate.compare import (
+    _check_same_structure,
+    build_report,
+    flatten_outputs,
+    is_logits_name,
+)
+from attnopt.validate.errors import ValidationError
+from attnopt.validate.report import Budget, NumericsReport
+
+Batch = tuple[tuple, dict]
+
+
+def _normalise_batch(item: object, position: int | None) -> Batch:
+    where = "" if position is None else f" (inputs item {position})"
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        raise ValidationError(
+            f"inputs must be (args, kwargs) pairs, got {type(item).__name__}{where}"
+        )
+    args, kwargs = item
+    if isinstance(args, torch.Tensor):
+        args = (args,)
+    if not isinstance(args, (tuple, list)):
+        raise ValidationError(f"args must be a tuple, got {type(args).__name__}{where}")
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, Mapping):
+        raise ValidationError(f"kwargs must be a dict or None, got {type(kwargs).__name__}{where}")
+    return tuple(args), dict(kwargs)
+
+
+def _batches(args: tuple, kwargs: dict | None, inputs: Iterable | None) -> list[Batch]:
+    if inputs is None:
+        return [_normalise_batch((args, kwargs), None)]
+    if args or kwargs:
+        raise ValidationError("pass either inputs=[(args, kwargs), ...] or args/kwargs, not both")
+    batches = [_normalise_batch(item, position) for position, item in enumerate(inputs)]
+    if not batches:
+        raise ValidationError("inputs is empty: nothing to run the models on")
+    return batches
+
+
+def _to_float64(obj: Any) -> Any:
+    """Floating tensors (nested in tuples, lists, dicts) as float64, the rest unchanged."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point():
+            return obj.to(torch.float64)
+        return obj.to(torch.complex128) if obj.is_complex() else obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_to_float64(item) for item in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_float64(item) for item in obj)
+    if isinstance(obj, dict):
+        return {key: _to_float64(value) for key, value in obj.items()}
+    return obj
+
+
+def _call(model: Callable, batch: Batch) -> Any:
+    args, kwargs = batch
+    with torch.no_grad():
+        return model(*args, **kwargs)
+
+
+def _float64_copy(reference: Callable) -> Callable:
+    model = copy.deepcopy(reference)
+    if isinstance(model, torch.nn.Module):
+        model = model.to(torch.float64)
+    return model
+
+
+def _concat(per_batch: list[dict[str, torch.Tensor]], logits: set[str]) -> dict[str, torch.Tensor]:
+    """One tensor per output name over all batches (see the module docstring)."""
+    names = list(per_batch[0])
+    for position, outputs in enumerate(per_batch[1:], start=1):
+        if list(outputs) != names:
+            raise ValidationError(
+                f"batch {position} returns outputs {list(outputs)}, batch 0 returns {names}"
+            )
+    merged = {}
+    for name in names:
+        tensors = [outputs[name].detach().cpu() for outputs in per_batch]
+        if name in logits:
+            num_classes = tensors[0].shape[-1]
+            if any(tensor.shape[-1] != num_classes for tensor in tensors):
+                raise ValidationError(f"logits {name!r} change class count across batches")
+            merged[name] = torch.cat([tensor.reshape(-1, num_classes) for tensor in tensors])
+        else:
+            merged[name] = torch.cat([tensor.reshape(-1) for tensor in tensors])
+    return merged
+
+
+def _run_oracle(reference: Callable, batches: list[Batch], warnings: list[str]) -> list | None:
+    try:
+        model = _float64_copy(reference)
+        return [_call(model, _to_float64(batch)) for batch in batches]
+    except Exception as error:  # the oracle is advisory: judge without it
+        warnings.append(
+            f"the fp64 oracle could not run ({type(error).__name__}: {error}); judged without it"
+        )
+        return None
+
+
+def run_and_compare(
+    reference: Callable,
+    candidate: Callable,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    *,
+    inputs: Iterable[tuple[tuple, dict | None]] | None = None,
+    tolerance: str | Budget = "exact",
+    oracle: bool = False,
+    logits_keys: Iterable[str] = ("logits",),
+) -> NumericsReport:
+    """Run ``reference`` and ``candidate`` on the same inputs and compare their outputs.
+
+    Both run under ``torch.no_grad()``; neither is put in eval mode (a reference in training
+    mode gets a warning, since dropout makes runs disagree). NaN/inf in the reference's outputs
+    are reported in the returned report, not raised.
+
+    Args:
+        reference: the model (or any callable) taken as correct.
+        candidate: the model under test, with the same call signature and output structure.
+        args: positional inputs of a single batch.
+        kwargs: keyword inputs of a single batch.
+        inputs: instead of args/kwargs, an iterable of ``(args, kwargs)`` pairs; the report
+            aggregates over all of them.
+        tolerance: ``"exact"``, ``"none"``, a lossy preset name, or a :class:`Budget`.
+        oracle: also run a deep copy of the reference converted to float64 on float64 copies
+            of the floating inputs, and judge "exact" against that fp64 oracle as described in
+            :mod:`attnopt.validate.report`. If the copy cannot run, a warning says so.
+        logits_keys: output names judged as logits (top-1 agreement, KL divergence).
+
+    Returns:
+        The :class:`NumericsReport`.
+
+    Raises:
+        ValidationError: when the reference cannot take the inputs, the inputs are malformed,
+            or the outputs' structures or shapes differ. An exception raised by the candidate
+            itself propagates unchanged (it is a bug in the candidate, not in the inputs).
+    """
+    batches = _batches(args, kwargs, inputs)
+    warnings: list[str] = []
+    if isinstance(reference, torch.nn.Module) and reference.training:
+        warnings.append("the reference is in training mode (dropout?); call .eval() first")
+    ref_outputs = []
+    for batch in batches:
+        try:
+            ref_outputs.append(_call(reference, batch))
+        except Exception as error:
+            raise ValidationError(
+                f"the reference model cannot take these inputs: {type(error).__name__}: {error}"
+            ) from error
+    cand_outputs = [_call(candidate, batch) for batch in batches]
+    oracle_outputs = _run_oracle(reference, batches, warnings) if oracle else None
+    if len(batches) == 1:
+        report = build_report(
+            ref_outputs[0],
+            cand_outputs[0],
+            tolerance=tolerance,
+            oracle_outputs=oracle_outputs[0] if oracle_outputs else None,
+            logits_keys=logits_keys,
+        )
+    else:
+        report = _aggregate(ref_outputs, cand_outputs, oracle_outputs, tolerance, logits_keys)
+    report.warnings[:0] = warnings
+    report.batches = len(batches)
+    return report
+
+
+def _aggregate(
+    ref_outputs: list, cand_outputs: list, oracle_outputs: list | None, tolerance, logits_keys
+) -> NumericsReport:
+    """One report over several batches: outputs concatenated per name, then compared."""
+    logits_keys = tuple(logits_keys)
+    skipped: list[str] = []
+    flat_refs = [flatten_outputs(outputs, skipped=skipped) for outputs in ref_outputs]
+    flat_cands = [flatten_outputs(outputs) for outputs in cand_outputs]
+    for position, (flat_ref, flat_cand) in enumerate(zip(flat_refs, flat_cands)):
+        try:
+            _check_same_structure(flat_ref, flat_cand, "candidate")
+        except ValidationError as error:
+            raise ValidationError(f"batch {position}: {error}") from error
+    logits = {
+        name
+        for name, tensor in flat_refs[0].items()
+        if is_logits_name(name, logits_keys) and tensor.is_floating_point() and tensor.ndim >= 1
+    }
+    oracle = None
+    if oracle_outputs:
+        oracle = _concat([flatten_outputs(outputs) for outputs in oracle_outputs], logits)
+    report = build_report(
+        _concat(flat_refs, logits),
+        _concat(flat_cands, logits),
+        tolerance=tolerance,
+        oracle_outputs=oracle,
+        logits_keys=logits_keys,
+    )
+    report.warnings += [
+        f"output {item} is not a tensor and was not compared" for item in sorted(set(skipped))
+    ]
+    return report
