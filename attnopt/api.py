@@ -50,7 +50,10 @@ def compile(  # noqa: A001 - the public name is fixed by the design
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"attnopt.compile takes a torch.nn.Module, not {type(model).__name__}")
-    if model.training:
+    if model.training and any(
+        isinstance(m, (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._BatchNorm))
+        for m in model.modules()
+    ):
         warnings.warn(
             f"{type(model).__name__} is in training mode: dropout stays active in the compiled "
             "graph; call model.eval() for inference",

@@ -1,0 +1,105 @@
+"""Capture: every zoo model captures, prints, parses back and runs with passes="none"."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import attnopt
+from attnopt.ir import parse, verify
+from attnopt.tolerances import NO_REWRITE
+from tests import zoo
+from tests.helpers import assert_matches_eager, zoo_cases, zoo_model
+
+
+@pytest.mark.parametrize("name, impl", zoo_cases())
+def test_capture_print_parse_round_trip(name, impl):
+    model = zoo_model(name, impl)
+    args, kwargs = zoo.get(name).example(2, 8)
+    graph = attnopt.capture(model, args, kwargs)
+    verify(graph)
+    text = str(graph)
+    assert parse(text) == graph
+    assert str(parse(text)) == text
+
+
+@pytest.mark.parametrize("name, impl", zoo_cases())
+def test_compile_none_matches_eager_at_two_signatures(name, impl):
+    model = zoo_model(name, impl)
+    entry = zoo.get(name)
+    args, kwargs = entry.example(2, 8)
+    cm = attnopt.compile(model, args, kwargs, passes="none")
+    for batch, seq in ((2, 8), (3, 13)):
+        a, k = entry.example(batch, seq)
+        assert_matches_eager(model, cm, a, k, table=NO_REWRITE)
+    assert cm.stats["compilations"] == 2 and cm.stats["cache_hits"] >= 1
+
+
+def test_output_structure_is_preserved():
+    model = zoo_model("bert", "eager")
+    args, kwargs = zoo.get("bert").example(2, 8)
+    cm = attnopt.compile(model, args, kwargs, passes="none")
+    out = cm(*args, **kwargs)
+    ref = model(*args, **kwargs)
+    assert type(out) is type(ref)
+    assert list(out.keys()) == list(ref.keys())
+
+
+class _Tuple(nn.Module):
+    def forward(self, x, y):
+        return {"sum": x + y, "pair": (x * 2, [y - 1])}
+
+
+def test_nested_python_outputs_are_rebuilt():
+    x, y = torch.randn(3), torch.randn(3)
+    cm = attnopt.compile(_Tuple(), (x, y), passes="none")
+    out = cm(x, y)
+    assert set(out) == {"sum", "pair"} and isinstance(out["pair"], tuple)
+    assert torch.equal(out["pair"][1][0], y - 1)
+
+
+class _DataDependent(nn.Module):
+    def forward(self, x):
+        return x[x > 0].sum() if x.sum() > 0 else x.sum()  # python branch on data
+
+
+def test_capture_error_names_model_and_methods():
+    with pytest.raises(attnopt.CaptureError) as info:
+        attnopt.capture(_DataDependent(), (torch.randn(4),), method="export")
+    message = str(info.value)
+    assert "_DataDependent" in message and "export" in message and "Next:" in message
+
+
+def test_capture_rejects_non_modules():
+    with pytest.raises(attnopt.CaptureError, match="nn.Module"):
+        attnopt.capture(lambda x: x, (torch.randn(2),))
+    with pytest.raises(TypeError, match="nn.Module"):
+        attnopt.compile(lambda x: x)
+
+
+def test_unknown_ops_become_opaque_and_still_run():
+    class Odd(nn.Module):
+        def forward(self, x):
+            return torch.special.erfcx(x).cumsum(0).flip(0)
+
+    x = torch.randn(5)
+    cm = attnopt.compile(Odd(), (x,), passes="none")
+    targets = {n.attrs.target for n in cm.graph.nodes if n.op == "aten"}
+    assert "aten.special_erfcx.default" in targets
+    torch.testing.assert_close(cm(x), Odd()(x))
+
+
+def test_mismatched_inputs_give_a_signature_error():
+    model = zoo_model("bert", "eager")
+    args, kwargs = zoo.get("bert").example(2, 8)
+    cm = attnopt.compile(model, args, kwargs, passes="none")
+    with pytest.raises(attnopt.SignatureError, match="do not fit"):
+        cm(input_ids=torch.zeros(2, 8, 3, dtype=torch.long))
+
+
+def test_decoder_with_kv_cache_captures_without_cache():
+    model = zoo_model("llama", "sdpa")
+    args, kwargs = zoo.get("llama").example(1, 6)
+    graph = attnopt.capture(model, args, kwargs)
+    assert graph.outputs and all(v is not None for v in graph.outputs)
