@@ -18,11 +18,17 @@ from attnopt.ir import attention as _attention_op  # noqa: F401 - registers the 
 from attnopt.passes.base import Pass, PassContext, PassManager, PassResult
 from attnopt.runtime.module import CompiledModule
 from attnopt.sites import AttentionSite
+from attnopt.validate import Budget, NumericsReport, ValidationError
+from attnopt.validate.sites import sensitivity
+from attnopt.validate.sites import validate as _validate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionSite",
+    "Budget",
+    "NumericsReport",
+    "ValidationError",
     "AttnoptError",
     "BackendError",
     "CaptureError",
@@ -38,6 +44,11 @@ __all__ = [
     "compile",
     "ir",
     "passes",
+    "sensitivity",
+    "validate",
 ]
 
 from attnopt import passes  # noqa: E402 - registers the built-in passes
+
+# ``attnopt.validate`` is the function; the subpackage stays importable as attnopt.validate.*.
+validate = _validate

@@ -427,7 +427,9 @@ def _hybrid_block(band: _Band, rows: slice, lo: int, hi: int, outside_state: tor
     pos = torch.arange(first, last + 1, device=band.k.device).unsqueeze(1)
     keys = torch.arange(lo, hi, device=band.k.device).unsqueeze(0)
     inside = (keys >= pos - window) & (keys <= (pos if causal else pos + window))
-    linear = (~inside & (keys <= pos) if causal else ~inside).repeat(group, 1)
+    linear = ~inside & (keys <= pos) if causal else ~inside
+    if group > 1:
+        inside, linear = inside.repeat(group, 1), linear.repeat(group, 1)
     phi_q = prep.phi_q[:, :, :, rows].reshape(batch, kv_heads, group * n_rows, features)
     # Linear part: beyond the band from the state; inside the band only keys before
     # last - w and (non-causal) after first + w can be outside a row's window.
@@ -444,16 +446,16 @@ def _hybrid_block(band: _Band, rows: slice, lo: int, hi: int, outside_state: tor
     soft = torch.zeros_like(lin[..., :dv])
     if hi > lo:
         bias = torch.zeros(inside.shape, dtype=lin.dtype, device=lin.device)
-        bias = bias.masked_fill_(~inside, float("-inf")).repeat(group, 1)
+        bias = bias.masked_fill_(~inside, float("-inf"))
         if prep.key_log_weight is not None:
             bias = bias + prep.key_log_weight[..., lo:hi]
+        # The kernel reports lse = 0 for a row with no key in its window: make that -inf.
+        has_key = (bias > float("-inf")).any(-1, keepdim=True)
         bias = bias.expand(batch, kv_heads, group * n_rows, hi - lo)
         q_blk = band.q[:, :, :, rows].reshape(batch, kv_heads, group * n_rows, -1)
         soft, lse = _softmax_lse(
             q_blk, band.k[:, :, lo:hi], prep.value[:, :, lo:hi], bias, band.scale
         )
-        # The kernel reports lse = 0 for a row with no key in its window: make that -inf.
-        has_key = (bias > float("-inf")).any(-1, keepdim=True)
         log_soft = torch.where(has_key, lse.unsqueeze(-1), float("-inf"))
     # One normalisation: both parts rescaled by exp(-m), m = max(lse_i, lq_i + lk).
     log_lin = torch.zeros((), dtype=lin.dtype, device=lin.device)
@@ -541,32 +543,37 @@ def hybrid_attention(
     value = torch.cat([prep.value, torch.ones_like(prep.value[..., :1])], dim=-1)
     band = _Band(prep, q.to(compute).reshape(batch, kv_heads, group, q_len, -1),
                  k.to(compute), value, scale, window, causal, chunk)  # fmt: skip
-    prefix = torch.zeros(batch, kv_heads, features, value.shape[-1], dtype=compute, device=q.device)
-    suffix = None if causal else _suffix_states(prep.phi_k, value, chunk)
-    prefix_chunks = 0
+    states = _chunk_states(prep.phi_k, value, chunk)  # [B, Hkv, n, F, Dv + 1]
+    suffix = None if causal else _suffix_sums(states)
+    prefix, prefix_chunks = torch.zeros_like(states[:, :, 0]), 0
     out = torch.empty(batch, kv_heads, group, q_len, v.shape[-1], dtype=compute, device=q.device)
     for start in range(0, q_len, chunk):
         rows = slice(start, min(q_len, start + chunk))
         first, last = start + kv_len - q_len, rows.stop - 1 + kv_len - q_len
         lo, hi = _band_limits(first, last, kv_len, window, causal, chunk)
-        for _ in range(prefix_chunks, lo // chunk):
-            keys = slice(prefix_chunks * chunk, (prefix_chunks + 1) * chunk)
-            prefix += prep.phi_k[:, :, keys].transpose(-1, -2) @ value[:, :, keys]
-            prefix_chunks += 1
+        for index in range(prefix_chunks, lo // chunk):
+            prefix += states[:, :, index]
+        prefix_chunks = max(prefix_chunks, lo // chunk)
         outside = prefix if suffix is None else prefix + suffix[:, :, -(-hi // chunk)]
         out[:, :, :, rows] = _hybrid_block(band, rows, lo, hi, outside)
     return out.reshape(batch, kv_heads * group, q_len, -1).to(q.dtype)
 
 
-def _suffix_states(phi_k: torch.Tensor, value: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``suffix[:, :, c] = sum over key chunks c' >= c of phi(K_c')^T V_c'``, ``c = 0..n``."""
+def _chunk_states(phi_k: torch.Tensor, value: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Per key chunk ``phi(K_c)^T V_c``: ``[B, Hkv, n, F, Dv']`` (keys zero padded to ``n chunk``)."""
     batch, kv_heads, kv_len, features = phi_k.shape
-    num_chunks = -(-kv_len // chunk)
-    suffix = phi_k.new_zeros(batch, kv_heads, num_chunks + 1, features, value.shape[-1])
+    pad = -kv_len % chunk
+    phi_k = F.pad(phi_k, (0, 0, 0, pad)).view(batch, kv_heads, -1, chunk, features)
+    value = F.pad(value, (0, 0, 0, pad)).view(batch, kv_heads, -1, chunk, value.shape[-1])
+    return torch.matmul(phi_k.transpose(-1, -2), value)
+
+
+def _suffix_sums(states: torch.Tensor) -> torch.Tensor:
+    """``suffix[:, :, c] = sum_{c' >= c} states[:, :, c']`` for ``c = 0..n`` (exact zeros at n)."""
+    batch, kv_heads, num_chunks = states.shape[:3]
+    suffix = states.new_zeros(batch, kv_heads, num_chunks + 1, *states.shape[3:])
     for index in reversed(range(num_chunks)):
-        keys = slice(index * chunk, (index + 1) * chunk)
-        state = phi_k[:, :, keys].transpose(-1, -2) @ value[:, :, keys]
-        torch.add(suffix[:, :, index + 1], state, out=suffix[:, :, index])
+        torch.add(suffix[:, :, index + 1], states[:, :, index], out=suffix[:, :, index])
     return suffix
 
 

@@ -76,12 +76,14 @@ def _axis_tiles(length: int, kernel: int, dilation: int, tile: int):
     queries, keys = [], []
     for residue in range(dilation):
         members = torch.arange(residue, length, dilation)
-        for first in range(0, members.numel(), tile):
-            run = members[first : first + tile]
+        runs = -(-members.numel() // tile)
+        size = -(-members.numel() // runs)  # balanced runs: 9 members, tile 8 -> 5 + 4
+        for first in range(0, members.numel(), size):
+            run = members[first : first + size]
             lo, hi = int(starts[run[0]]), int(starts[run[-1]]) + dilation * (kernel - 1)
             queries.append(run)
             keys.append(torch.arange(lo, hi + 1, dilation))
-    width = max(k.numel() for k in keys)
+    width, tile = max(k.numel() for k in keys), max(r.numel() for r in queries)
     q_coords = torch.stack([torch.cat([r, r[-1:].expand(tile - r.numel())]) for r in queries])
     k_coords = torch.stack([torch.cat([k, k[-1:].expand(width - k.numel())]) for k in keys])
     k_real = torch.stack([torch.arange(width) < k.numel() for k in keys])

@@ -368,10 +368,15 @@ def block_sparse_attention(
         addend = plan.addend(
             rows % num_q_blocks, slots, valid, batch_of_row[rows], head_of_row[rows]
         )
-        q_sel = q_blocks.index_select(0, rows).unsqueeze(1)
-        res, _ = flash_attend(q_sel, k_sel.view(count, 1, keys, head_dim),
+        first = int(rows[0])
+        in_order = int(rows[-1]) - first + 1 == count and bool((rows.diff() == 1).all())
+        q_sel = q_blocks[first : first + count] if in_order else q_blocks.index_select(0, rows)
+        res, _ = flash_attend(q_sel.unsqueeze(1), k_sel.view(count, 1, keys, head_dim),
                               v_sel.view(count, 1, keys, value_dim), addend, scale)  # fmt: skip
-        out_blocks.index_copy_(0, rows, res.squeeze(1))
+        if in_order:
+            out_blocks[first : first + count] = res.squeeze(1)
+        else:
+            out_blocks.index_copy_(0, rows, res.squeeze(1))
         computed += count * block_q * keys
     out = out_blocks.view(batch, q_heads, num_q_blocks * block_q, value_dim)[:, :, :q_len]
     record_computed(stats, computed, batch * q_heads * q_len * kv_len)
@@ -394,21 +399,33 @@ class _BlockPlan:
         self.mask4, self.bias4, self.dtype = mask4, bias4, dtype
 
     def addend(self, q_block, slots, valid, batch_idx, head_idx) -> torch.Tensor | None:
+        # decide on the small [rows, slots] tensors first: most slices need no mask at all
+        offset = self.kv_len - self.q_len
+        ragged = not bool(valid.all())
+        tail = self.kv_len % self.block_k != 0 and bool(
+            (slots == (self.kv_len - 1) // self.block_k).any()
+        )
+        crossing = self.causal and bool(
+            (
+                slots.amax(dim=1) * self.block_k + self.block_k - 1
+                > q_block * self.block_q + offset
+            ).any()
+        )
+        if not (ragged or tail or crossing) and self.mask4 is None and self.bias4 is None:
+            return None
         device = slots.device
         k_pos = slots.unsqueeze(-1) * self.block_k + torch.arange(self.block_k, device=device)
         k_pos = k_pos.reshape(slots.shape[0], 1, -1)
-        key_ok = (valid.unsqueeze(-1).expand(-1, -1, self.block_k).reshape(k_pos.shape)) & (
-            k_pos < self.kv_len
-        )
         q_pos = q_block.view(-1, 1, 1) * self.block_q + torch.arange(self.block_q, device=device)
         q_pos = q_pos.view(-1, self.block_q, 1)
-        allowed = None if bool(key_ok.all()) else key_ok
-        if self.causal:
-            last_key = slots.max(dim=1).values * self.block_k + self.block_k - 1
-            first_query = q_block * self.block_q + (self.kv_len - self.q_len)
-            if bool((last_key > first_query).any()):
-                past = k_pos <= q_pos + (self.kv_len - self.q_len)
-                allowed = past if allowed is None else allowed & past
+        allowed = None
+        if ragged or tail:
+            allowed = valid.repeat_interleave(self.block_k, dim=1).unsqueeze(1) & (
+                k_pos < self.kv_len
+            )
+        if crossing:
+            past = k_pos <= q_pos + offset
+            allowed = past if allowed is None else allowed & past
         user = []
         for t in (self.mask4, self.bias4):
             if t is not None:

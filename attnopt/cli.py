@@ -1,0 +1,261 @@
+"""Command line: ``attnopt inspect | compile | validate | bench | demo``.
+
+Entry point: :func:`main`. MODEL is a zoo name (``attnopt inspect bert``) or ``module:factory``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        help="zoo name (bert, gpt2, llama, t5, vit, swin, mha, "
+        "encoder_layer, minilm) or module.path:factory",
+    )
+    parser.add_argument(
+        "--impl",
+        default="eager",
+        choices=["eager", "sdpa"],
+        help="attention implementation of HF zoo models",
+    )
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=16)
+    parser.add_argument("--passes", default="exact", help='"exact", "none" or pipeline text')
+    parser.add_argument(
+        "--backend", default="auto", choices=["auto", "torch", "triton", "triton-interpret"]
+    )
+
+
+def _load(ns: argparse.Namespace) -> Any:
+    from attnopt.models import load_model
+
+    return load_model(ns.model, impl=ns.impl, batch=ns.batch, seq=ns.seq)
+
+
+def _compile(ns: argparse.Namespace, loaded: Any) -> Any:
+    import attnopt
+
+    return attnopt.compile(
+        loaded.model, loaded.args, loaded.kwargs, passes=ns.passes, backend=ns.backend
+    )
+
+
+def cmd_inspect(ns: argparse.Namespace) -> int:
+    """Print the IR, a per-op summary, the attention sites, and optionally near-misses/costs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from attnopt.ir.printer import op_summary
+
+    console = Console()
+    loaded = _load(ns)
+    cm = _compile(ns, loaded)
+    if ns.ir:
+        console.print(str(cm.graph), markup=False, highlight=False)
+    table = Table(title=f"ops of {loaded.name} ({len(cm.graph.nodes)} nodes)")
+    for column in ("op", "count", "GFLOP", "MB moved"):
+        table.add_column(column, justify="left" if column == "op" else "right")
+    for op, count, flops, moved in op_summary(cm.graph)[: ns.top]:
+        table.add_row(op, str(count), f"{flops / 1e9:.3f}", f"{moved / 1e6:.2f}")
+    console.print(table)
+    sites = Table(title="attention sites")
+    for column in (
+        "#",
+        "module",
+        "kind",
+        "causal",
+        "heads",
+        "kv heads",
+        "q_len",
+        "kv_len",
+        "mask",
+        "bias",
+        "variant",
+    ):
+        sites.add_column(column)
+    for s in cm.sites:
+        sites.add_row(
+            str(s.index),
+            s.module or "-",
+            s.kind,
+            str(s.causal),
+            str(s.num_heads),
+            str(s.num_kv_heads),
+            str(s.q_len),
+            str(s.kv_len),
+            str(s.has_mask),
+            str(s.has_bias),
+            s.variant,
+        )
+    console.print(sites)
+    if ns.explain:
+        misses = cm.explain()
+        console.print(f"[bold]near-misses ({len(misses)})[/bold]")
+        for where, why in misses:
+            console.print(f"  {where}: {why}", markup=False)
+    if ns.cost:
+        from attnopt.runtime.roofline import site_costs
+
+        costs = Table(title=f"roofline estimate on {ns.gpu} (an estimate, not a measurement)")
+        for column in ("#", "GFLOP", "MB", "est. µs", "bound"):
+            costs.add_column(column, justify="right")
+        for row in site_costs(cm.graph, ns.gpu):
+            costs.add_row(
+                str(row["site"]),
+                f"{row['flops'] / 1e9:.3f}",
+                f"{row['bytes'] / 1e6:.2f}",
+                f"{row['seconds'] * 1e6:.1f}",
+                row["bound"],
+            )
+        console.print(costs)
+    return 0
+
+
+def cmd_compile(ns: argparse.Namespace) -> int:
+    """Compile and write IR, program, kernels and sites to a directory."""
+    loaded = _load(ns)
+    start = time.perf_counter()
+    cm = _compile(ns, loaded)
+    seconds = time.perf_counter() - start
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "graph.ir").write_text(str(cm.graph) + "\n")
+    (out / "program.py").write_text(cm.source)
+    (out / "sites.json").write_text(json.dumps([s.to_dict() for s in cm.sites], indent=2))
+    (out / "pipeline.txt").write_text(str(cm.pipeline) + "\n")
+    kernels = cm.kernels
+    if kernels:
+        (out / "kernels").mkdir(exist_ok=True)
+        for name, source in kernels.items():
+            (out / "kernels" / f"{name}.py").write_text(source)
+    print(
+        f"compiled {loaded.name} in {seconds:.2f} s: {len(cm.sites)} attention sites, "
+        f"{len(kernels)} kernels -> {out}"
+    )
+    return 0
+
+
+def cmd_validate(ns: argparse.Namespace) -> int:
+    """Compile with --passes, compare with the original, print and save the report."""
+    import attnopt
+    from attnopt.validate import Budget
+
+    loaded = _load(ns)
+    cm = _compile(ns, loaded)
+    tolerance: Any = ns.tolerance
+    if ns.cosine is not None:
+        tolerance = Budget(cosine=ns.cosine)
+    report = attnopt.validate(
+        loaded.model, cm, loaded.args, loaded.kwargs, tolerance=tolerance, oracle=ns.oracle
+    )
+    print(report)
+    if ns.out:
+        written = report.save(ns.out)
+        print("wrote " + ", ".join(str(p) for p in written))
+    return 0 if report.ok else 1
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    """Time eager against the compiled model (median of --repeats)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    loaded = _load(ns)
+    start = time.perf_counter()
+    cm = _compile(ns, loaded)
+    setup = time.perf_counter() - start
+
+    def timed(fn: Any) -> float:
+        with torch.no_grad():
+            fn()
+            samples = []
+            for _ in range(ns.repeats):
+                t0 = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - t0)
+        return sorted(samples)[len(samples) // 2]
+
+    eager = timed(lambda: loaded.model(*loaded.args, **loaded.kwargs))
+    ours = timed(lambda: cm(*loaded.args, **loaded.kwargs))
+    table = Table(title=f"{loaded.name}: passes={ns.passes}")
+    for column in ("", "ms", "speed-up"):
+        table.add_column(column, justify="right")
+    table.add_row("eager", f"{eager * 1e3:.2f}", "1.00x")
+    table.add_row("attnopt", f"{ours * 1e3:.2f}", f"{eager / ours:.2f}x")
+    Console().print(table)
+    print(f"capture+compile: {setup:.2f} s")
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    """Run the MiniLM demo."""
+    from attnopt.demo import run_demo
+
+    result = run_demo(batch_size=ns.batch_size, repeats=ns.repeats)
+    return 0 if result["ok"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(prog="attnopt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="print IR, op summary and attention sites")
+    _add_model_args(p)
+    p.add_argument("--ir", action="store_true", help="print the whole IR")
+    p.add_argument("--explain", action="store_true", help="list attention near-misses and why")
+    p.add_argument("--cost", action="store_true", help="roofline estimate per site")
+    p.add_argument("--gpu", default="h100", help="GPU for --cost (h100, a100)")
+    p.add_argument("--top", type=int, default=15, help="rows of the op summary")
+    p.set_defaults(fn=cmd_inspect)
+    p = sub.add_parser("compile", help="compile and write IR, program and kernels")
+    _add_model_args(p)
+    p.add_argument("--out", default="attnopt-out")
+    p.set_defaults(fn=cmd_compile)
+    p = sub.add_parser("validate", help="numerics report of --passes against the original")
+    _add_model_args(p)
+    p.add_argument("--tolerance", default="exact")
+    p.add_argument("--cosine", type=float, default=None, help="lossy budget: minimum cosine")
+    p.add_argument("--oracle", action="store_true", help="judge against a float64 run")
+    p.add_argument("--out", default=None, help="directory for report.json and PNG plots")
+    p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("bench", help="time eager vs compiled")
+    _add_model_args(p)
+    p.add_argument("--repeats", type=int, default=5)
+    p.set_defaults(fn=cmd_bench)
+    p = sub.add_parser("demo", help="compile the real MiniLM and compare with Hugging Face")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``attnopt`` command.
+
+    Args:
+        argv: arguments (``sys.argv[1:]`` when None).
+
+    Returns:
+        The exit code.
+    """
+    ns = build_parser().parse_args(argv)
+    from attnopt.errors import AttnoptError
+
+    try:
+        return ns.fn(ns)
+    except (AttnoptError, ValueError) as err:
+        print(f"attnopt {ns.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

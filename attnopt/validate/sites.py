@@ -1,0 +1,173 @@
+"""``attnopt.validate`` and ``attnopt.sensitivity``: whole-model numerics plus per-site outputs.
+
+Entry points: :func:`validate`, :func:`sensitivity`, :func:`site_outputs`.
+
+Per-site metrics compare the output of every attention site in the reference (compiled with the
+exact pipeline, whose sites compute exactly what eager computes) with the same site in the
+candidate, matched by site index, so the user sees where error enters and how it grows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from attnopt.validate.api import _batches, run_and_compare
+from attnopt.validate.compare import _site_reports
+from attnopt.validate.errors import ValidationError
+from attnopt.validate.report import Budget, NumericsReport, resolve_tolerance
+
+
+def _compiled(model: Any, args: tuple, kwargs: dict) -> Any:
+    from attnopt.api import compile as attnopt_compile
+    from attnopt.runtime.module import CompiledModule
+
+    if isinstance(model, CompiledModule):
+        return model
+    if not isinstance(model, torch.nn.Module):
+        return None
+    return attnopt_compile(model, args, kwargs, passes="exact")
+
+
+def site_outputs(
+    model: Any, args: tuple = (), kwargs: dict | None = None
+) -> dict[int, tuple[str, torch.Tensor]]:
+    """Every attention site's output for one call, by site index.
+
+    Args:
+        model: an ``nn.Module`` (compiled with the exact pipeline to find its sites) or a
+            :class:`attnopt.CompiledModule`.
+        args: positional inputs.
+        kwargs: keyword inputs.
+
+    Returns:
+        ``{index: (name, output)}`` where name is ``"site i (module.path)"``.
+    """
+    kwargs = kwargs or {}
+    compiled = _compiled(model, args, kwargs)
+    if compiled is None:
+        return {}
+    with torch.no_grad():
+        _, taps = compiled.run_with_taps(*args, **kwargs)
+    names = {site.index: f"site {site.index} ({site.module or 'model'})" for site in compiled.sites}
+    return {
+        index: (names.get(index, f"site {index}"), tensor) for index, tensor in sorted(taps.items())
+    }
+
+
+def validate(
+    reference: Any,
+    candidate: Any,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    *,
+    inputs: Iterable[tuple[tuple, dict | None]] | None = None,
+    tolerance: str | Budget = "exact",
+    oracle: bool = False,
+    sites: bool = True,
+    logits_keys: Iterable[str] = ("logits",),
+) -> NumericsReport:
+    """Compare a candidate (usually a compiled, rewritten model) with its reference.
+
+    Args:
+        reference: the original model.
+        candidate: the model under test (same call signature and output structure).
+        args: positional inputs of one batch.
+        kwargs: keyword inputs of one batch.
+        inputs: instead, an iterable of ``(args, kwargs)`` batches; metrics aggregate over all.
+        tolerance: ``"exact"`` (per-dtype tables), ``"none"``, a lossy preset name, or a
+            :class:`attnopt.Budget` such as ``Budget(cosine=0.99)``.
+        oracle: also run the reference in float64 and judge exactness against it.
+        sites: also compare every attention site's output (on the first batch).
+        logits_keys: output names treated as logits (top-1 agreement and KL divergence).
+
+    Returns:
+        The :class:`NumericsReport` (``ok``, ``metrics``, ``sites``, ``to_json()``, ``save()``).
+
+    Raises:
+        ValidationError: different output structures, inputs the reference cannot take.
+    """
+    report = run_and_compare(
+        reference,
+        candidate,
+        args,
+        kwargs,
+        inputs=inputs,
+        tolerance=tolerance,
+        oracle=oracle,
+        logits_keys=logits_keys,
+    )
+    if not sites:
+        return report
+    first_args, first_kwargs = _batches(args, kwargs, inputs)[0]
+    ref_sites = site_outputs(reference, first_args, first_kwargs)
+    cand_sites = site_outputs(candidate, first_args, first_kwargs)
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for index, (name, ref_out) in ref_sites.items():
+        if index not in cand_sites:
+            report.warnings.append(f"{name} has no counterpart in the candidate")
+            continue
+        cand_out = cand_sites[index][1]
+        if cand_out.shape != ref_out.shape:
+            report.warnings.append(
+                f"{name}: output shape {tuple(cand_out.shape)} vs {tuple(ref_out.shape)} in the "
+                "reference (tokens or heads were removed): not compared"
+            )
+            continue
+        pairs[name] = (ref_out, cand_out)
+    if pairs:
+        report.sites = _site_reports(pairs, resolve_tolerance(tolerance))
+    return report
+
+
+def sensitivity(
+    model: torch.nn.Module,
+    pass_: Any,
+    calibration: Iterable[tuple[tuple, dict | None]],
+    *,
+    tolerance: str | Budget = "exact",
+) -> list[dict[str, Any]]:
+    """Apply a lossy pass to one attention site at a time and measure the end-to-end error.
+
+    Args:
+        model: the model.
+        pass_: a lossy pass with a ``sites`` option (a tuple of site indices).
+        calibration: ``(args, kwargs)`` batches to measure on.
+        tolerance: passed to :func:`validate` (only the metrics are used).
+
+    Returns:
+        One row per site, in site order: ``{"site", "module", "cosine", "rel_l2", "sqnr_db",
+        "max_abs"}`` (worst output), sorted by site index. Least sensitive = highest cosine.
+    """
+    from attnopt.api import compile as attnopt_compile
+    from attnopt.passes.base import PassManager
+
+    if not any(f.name == "sites" for f in dataclasses.fields(pass_)):
+        raise ValidationError(f"pass {pass_.name} has no 'sites' option to restrict it to one site")
+    batches = [(tuple(a), dict(k or {})) for a, k in calibration]
+    if not batches:
+        raise ValidationError("calibration is empty: nothing to measure sensitivity on")
+    first_args, first_kwargs = batches[0]
+    exact = attnopt_compile(model, first_args, first_kwargs, passes="exact")
+    rows = []
+    for site in exact.sites:
+        single = dataclasses.replace(pass_, sites=(site.index,))
+        pipeline = PassManager.parse("canonicalize,fuse-attention")
+        pipeline.passes.append(single)
+        candidate = attnopt_compile(model, first_args, first_kwargs, passes=pipeline)
+        report = validate(model, candidate, inputs=batches, tolerance=tolerance, sites=False)
+        worst = min(report.metrics.values(), key=lambda m: m.get("cosine", 1.0))
+        rows.append(
+            {
+                "site": site.index,
+                "module": site.module,
+                "cosine": worst.get("cosine"),
+                "rel_l2": worst.get("rel_l2"),
+                "sqnr_db": worst.get("sqnr_db"),
+                "max_abs": worst.get("max_abs"),
+            }
+        )
+    return rows
