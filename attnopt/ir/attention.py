@@ -42,6 +42,7 @@ class AttentionAttrs:
         routing: block sparse: "topk", "threshold" (content routing at run time) or "static".
         keep_local: block sparse: always keep the diagonal block.
         min_len: dense below this key length (the dense/sparse switch).
+        permute_keys: block sparse: reorder keys/values by importance before routing (PBS-Attn).
         grid: neighbourhood: token grid (H, W) or (T, H, W).
         kernel: neighbourhood: window size per grid dim.
         dilation: neighbourhood dilation.
@@ -66,6 +67,7 @@ class AttentionAttrs:
     routing: str = "topk"
     keep_local: bool = True
     min_len: int = 0
+    permute_keys: bool = False
     grid: tuple[int, ...] = ()
     kernel: tuple[int, ...] = ()
     dilation: int = 1

@@ -5,12 +5,20 @@ Entry points: :class:`Canonicalize`, :class:`FuseAttention`, and the pass API re
 """
 
 from attnopt.passes.base import Pass, PassContext, PassManager, PassResult, registered_passes
+from attnopt.passes.block_sparse import BlockSparse
 from attnopt.passes.canonicalize import Canonicalize
 from attnopt.passes.fuse_attention import FuseAttention
+from attnopt.passes.linearize import Linearize
+from attnopt.passes.neighborhood import Neighborhood
+from attnopt.passes.sliding_window import SlidingWindow
 
 __all__ = [
+    "BlockSparse",
     "Canonicalize",
     "FuseAttention",
+    "Linearize",
+    "Neighborhood",
+    "SlidingWindow",
     "Pass",
     "PassContext",
     "PassManager",

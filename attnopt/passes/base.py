@@ -52,6 +52,10 @@ class PassContext:
         example: the example ``(args, kwargs)`` being compiled.
         explanations: near-misses recorded by detection, as ``(where, reason)``.
         history: provenance of every pass run so far.
+        executor: ``executor(graph, args, kwargs, record_inputs=False) -> (outputs, taps)`` runs a
+            graph of this compilation on model inputs (set by the runtime; passes that calibrate
+            use it). ``taps`` maps site index to its output, or with ``record_inputs`` to the list
+            of its input lists.
     """
 
     calibration: Any = None
@@ -61,6 +65,17 @@ class PassContext:
     example: Any = None
     explanations: list[tuple[str, str]] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    executor: Any = None
+
+    def calibration_batches(self) -> list[tuple[tuple, dict]]:
+        """Calibration ``(args, kwargs)`` batches, or the example being compiled when none."""
+        if self.calibration is not None:
+            batches = [(tuple(a), dict(k or {})) for a, k in self.calibration]
+            if batches:
+                return batches
+        if self.example is not None:
+            return [self.example]
+        return []
 
 
 @dataclass(frozen=True)

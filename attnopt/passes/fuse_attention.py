@@ -682,6 +682,33 @@ def absorb_kv_repeat(graph: Graph) -> int:
     return count
 
 
+def _broadcasts_to(shape: tuple, target: tuple) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+
+
+def strip_mask_broadcasts(graph: Graph) -> int:
+    """Let attention read masks and biases before ``expand`` (they broadcast anyway)."""
+    count = 0
+    for node in graph.find("attention"):
+        q, k = node.inputs[0], node.inputs[1]
+        target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])  # type: ignore[union-attr]
+        for position in (3, 4):
+            value = node.inputs[position] if len(node.inputs) > position else None
+            while (
+                value is not None and value.producer is not None and value.producer.op == "expand"
+            ):
+                source = value.producer.inputs[0]
+                if source is None or not _broadcasts_to(tuple(source.shape), target):
+                    break
+                value = source
+            if len(node.inputs) > position and value is not node.inputs[position]:
+                node.inputs[position] = value
+                count += 1
+    return count
+
+
 @dataclass(frozen=True)
 class FuseAttention(Pass):
     """Detect every attention site and fuse it into one ``attention`` op (exact).
@@ -723,7 +750,7 @@ class FuseAttention(Pass):
             graph.dead_code_elimination()
         apply_rules(graph, VIEW_RULES)
         repeats = absorb_kv_repeat(graph)
-        if repeats:
+        if strip_mask_broadcasts(graph) or repeats:
             graph.dead_code_elimination()
         _number_sites(graph)
         notes.append(

@@ -202,8 +202,16 @@ def route_blocks(
     k_pool = _pool(k, block, key_weight)
     k_pool = k_pool.repeat_interleave(q_heads // kv_heads, dim=1)
     logits = torch.matmul(q_pool, k_pool.transpose(-1, -2)) * scale
-    allowed, forced = _block_rules(q_len, kv_len, block_q, block, causal=causal,
-                                   keep_local=keep_local, sinks=sinks, device=q.device)  # fmt: skip
+    allowed, forced = _block_rules(
+        q_len,
+        kv_len,
+        block_q,
+        block,
+        causal=causal,
+        keep_local=keep_local,
+        sinks=sinks,
+        device=q.device,
+    )
     allowed = allowed.expand(batch, q_heads, -1, -1)
     if mask4 is not None:
         allowed = allowed & _mask_blocks(mask4, block_q, block)
@@ -316,13 +324,22 @@ def static_block_pattern(
     num_q_blocks, num_kv_blocks = -(-q_len // block_q), -(-kv_len // block_k)
     if scores.dim() != 3 or scores.shape[1:] != (num_q_blocks, num_kv_blocks):
         raise ValueError(f"block_scores {tuple(scores.shape)} do not fit {q_len}x{kv_len} blocks")
-    allowed, forced = _block_rules(q_len, kv_len, block_q, block_k, causal=causal,
-                                   keep_local=keep_local, sinks=sinks, device=scores.device)  # fmt: skip
+    allowed, forced = _block_rules(
+        q_len,
+        kv_len,
+        block_q,
+        block_k,
+        causal=causal,
+        keep_local=keep_local,
+        sinks=sinks,
+        device=scores.device,
+    )
     probs = torch.where(allowed, scores.clamp_min(0.0), 0.0)
     probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     allowed = allowed.expand_as(probs)
-    counts, indices = _select_blocks(probs, allowed, forced.expand_as(probs), density=density,
-                                     threshold=threshold)  # fmt: skip
+    counts, indices = _select_blocks(
+        probs, allowed, forced.expand_as(probs), density=density, threshold=threshold
+    )
     return BlockMeta(block_q, block_k, counts.unsqueeze(0), indices.unsqueeze(0))
 
 
@@ -370,8 +387,12 @@ def permute_for_sparsity(
     num_segments = -(-kv_len // segment)
     pad = num_segments * segment - kv_len
     importance = torch.nn.functional.pad(importance, (0, pad), value=float("-inf"))
-    local = torch.argsort(importance.view(batch, kv_heads, num_segments, segment), dim=-1,
-                          descending=True, stable=True)  # fmt: skip
+    local = torch.argsort(
+        importance.view(batch, kv_heads, num_segments, segment),
+        dim=-1,
+        descending=True,
+        stable=True,
+    )
     base = torch.arange(num_segments, device=k.device).view(1, 1, -1, 1) * segment
     perm = (local + base).reshape(batch, kv_heads, -1)[..., :kv_len]
     inverse = torch.empty_like(perm)

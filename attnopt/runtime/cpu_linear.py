@@ -405,71 +405,6 @@ def linear_attention_naive(
     return out.reshape(batch, kv_heads * group, q_len, -1).to(q.dtype)
 
 
-class _Band(NamedTuple):
-    """Everything a query block needs; ``value`` carries a ones column (the normaliser)."""
-
-    prep: _Prepared
-    q: torch.Tensor  # [B, Hkv, G, Sq, D]
-    k: torch.Tensor  # [B, Hkv, Sk, D]
-    value: torch.Tensor  # [B, Hkv, Sk, Dv + 1]
-    scale: float
-    window: int
-    causal: bool
-    chunk: int
-
-
-def _hybrid_block(band: _Band, rows: slice, lo: int, hi: int, outside_state: torch.Tensor):
-    """Hybrid output of query rows ``rows``: keys ``[lo, hi)`` scored, the rest in ``outside_state``."""
-    prep, window, causal = band.prep, band.window, band.causal
-    batch, kv_heads, group, q_len, features = prep.phi_q.shape
-    n_rows, kv_len, dv = rows.stop - rows.start, band.k.shape[2], prep.value.shape[-1]
-    first, last = rows.start + kv_len - q_len, rows.stop - 1 + kv_len - q_len  # aligned positions
-    pos = torch.arange(first, last + 1, device=band.k.device).unsqueeze(1)
-    keys = torch.arange(lo, hi, device=band.k.device).unsqueeze(0)
-    inside = (keys >= pos - window) & (keys <= (pos if causal else pos + window))
-    linear = ~inside & (keys <= pos) if causal else ~inside
-    if group > 1:
-        inside, linear = inside.repeat(group, 1), linear.repeat(group, 1)
-    phi_q = prep.phi_q[:, :, :, rows].reshape(batch, kv_heads, group * n_rows, features)
-    # Linear part: beyond the band from the state; inside the band only keys before
-    # last - w and (non-causal) after first + w can be outside a row's window.
-    lin = torch.matmul(phi_q, outside_state)  # [B, Hkv, R, Dv + 1]: numerator | denominator
-    left_end = min(hi, max(lo, last - window))
-    right_start = hi if causal else min(hi, max(left_end, first + window + 1))
-    for start, end in ((lo, left_end), (right_start, hi)):
-        if end > start:
-            kernel = torch.matmul(phi_q, prep.phi_k[:, :, start:end].transpose(-1, -2))
-            kernel.masked_fill_(~linear[:, start - lo : end - lo], 0.0)
-            lin.add_(torch.matmul(kernel, band.value[:, :, start:end]))
-    # Softmax part over the band with the window as an additive mask (CPU flash kernel + lse).
-    log_soft = torch.full_like(lin[..., :1], float("-inf"))
-    soft = torch.zeros_like(lin[..., :dv])
-    if hi > lo:
-        bias = torch.zeros(inside.shape, dtype=lin.dtype, device=lin.device)
-        bias = bias.masked_fill_(~inside, float("-inf"))
-        if prep.key_log_weight is not None:
-            bias = bias + prep.key_log_weight[..., lo:hi]
-        # The kernel reports lse = 0 for a row with no key in its window: make that -inf.
-        has_key = (bias > float("-inf")).any(-1, keepdim=True)
-        bias = bias.expand(batch, kv_heads, group * n_rows, hi - lo)
-        q_blk = band.q[:, :, :, rows].reshape(batch, kv_heads, group * n_rows, -1)
-        soft, lse = _softmax_lse(
-            q_blk, band.k[:, :, lo:hi], prep.value[:, :, lo:hi], bias, band.scale
-        )
-        log_soft = torch.where(has_key, lse.unsqueeze(-1), float("-inf"))
-    # One normalisation: both parts rescaled by exp(-m), m = max(lse_i, lq_i + lk).
-    log_lin = torch.zeros((), dtype=lin.dtype, device=lin.device)
-    if prep.log_q is not None:
-        log_lin = prep.log_q.expand(batch, kv_heads, group, q_len, 1)[:, :, :, rows]
-        log_lin = log_lin.reshape(batch, kv_heads, group * n_rows, 1)
-    row_max = torch.maximum(log_soft, log_lin)
-    soft_weight, lin_weight = torch.exp(log_soft - row_max), torch.exp(log_lin - row_max)
-    num = soft.mul_(soft_weight).add_(lin[..., :dv] * lin_weight)
-    den = soft_weight + lin[..., dv:] * lin_weight
-    out = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
-    return out.view(batch, kv_heads, group, n_rows, -1)
-
-
 def _softmax_lse(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention and its log-sum-exp (the CPU flash kernel when head sizes agree)."""
     if q.device.type == "cpu" and q.shape[-1] == v.shape[-1]:
@@ -482,11 +417,93 @@ def _softmax_lse(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tenso
     return torch.matmul(weights, v), torch.where(finite, lse, 0.0)
 
 
-def _band_limits(first: int, last: int, kv_len: int, window: int, causal: bool, chunk: int):
-    """Keys ``[lo, hi)`` a query block scores exactly; ``lo`` (and non-causal ``hi``) chunk aligned."""
-    lo = max(0, (first - window) // chunk * chunk)
-    hi = min(kv_len, last + 1 if causal else -(-(last + window + 1) // chunk) * chunk)
-    return lo, max(lo, hi)
+#: Query rows per batch of blocks in the hybrid form (bounds its temporaries).
+_HYBRID_ROWS_PER_STEP = 2048
+
+
+class _Layout(NamedTuple):
+    """Geometry of the hybrid form in padded key coordinates, where every query block looks alike.
+
+    Keys are padded by ``left_pad`` so that query block ``c`` (rows ``[c C, c C + C)``, C =
+    ``chunk``) starts at key ``first + c C``, a chunk multiple, and scores the key band
+    ``[first - reach + c C, first - reach + c C + band)``; ``reach`` is the window rounded up to
+    whole chunks; ``edge`` is the width, at each end of the band, where some rows are outside their
+    window (the only place the linear part meets the band).
+    """
+
+    chunk: int
+    reach: int
+    left_pad: int
+    num_blocks: int
+    key_len: int
+    band: int
+    edge: int
+    first: int
+
+
+def _hybrid_layout(q_len: int, kv_len: int, window: int, causal: bool, chunk: int) -> _Layout:
+    offset = kv_len - q_len
+    reach = -(-window // chunk) * chunk
+    left_pad = max(0, reach - offset)
+    left_pad += -(offset + left_pad) % chunk
+    first = offset + left_pad
+    num_blocks = -(-q_len // chunk)
+    band = chunk + reach * (1 if causal else 2)
+    last_band_end = first - reach + (num_blocks - 1) * chunk + band
+    key_len = max(-(-(kv_len + left_pad) // chunk) * chunk, last_band_end)
+    edge = min(band, reach - window + chunk - 1)
+    return _Layout(chunk, reach, left_pad, num_blocks, key_len, band, edge, first)
+
+
+def _band_masks(layout: _Layout, window: int, causal: bool, group: int, device):
+    """Row x band masks: ``inside`` the window, and ``linear`` (visible but outside it)."""
+    rows = torch.arange(layout.chunk, device=device).unsqueeze(1)
+    diff = torch.arange(layout.band, device=device).unsqueeze(0) - layout.reach - rows
+    inside = (diff >= -window) & (diff <= (0 if causal else window))
+    linear = diff < -window if causal else ~inside
+    return inside.repeat(group, 1), linear.repeat(group, 1)
+
+
+def _blocks(x: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    """``[B, Hkv, G, S, X]`` rows -> ``[B, Hkv, n, G C, X]`` query blocks (zero padded)."""
+    batch, kv_heads, group, length, width = x.shape
+    x = F.pad(x, (0, 0, 0, layout.num_blocks * layout.chunk - length))
+    x = x.view(batch, kv_heads, group, layout.num_blocks, layout.chunk, width).transpose(2, 3)
+    return x.reshape(batch, kv_heads, layout.num_blocks, group * layout.chunk, width)
+
+
+def _windows(x: torch.Tensor, start: int, size: int, chunk: int, count: int) -> torch.Tensor:
+    """Views ``x[..., start + c chunk : ... + size, :]`` for ``c < count``, stacked (no copy)."""
+    return x[..., start:, :].unfold(-2, size, chunk)[..., :count, :, :].transpose(-1, -2)
+
+
+def _outside_states(phi_k, value, layout: _Layout, causal: bool) -> torch.Tensor:
+    """Per block, ``phi(K)^T [V, 1]`` over the keys before (non-causal: and after) its band."""
+    batch, kv_heads, _, features = phi_k.shape
+    chunk, count = layout.chunk, layout.num_blocks
+    states = torch.matmul(
+        phi_k.view(batch, kv_heads, -1, chunk, features).transpose(-1, -2),
+        value.view(batch, kv_heads, -1, chunk, value.shape[-1]),
+    )  # [B, Hkv, key_len / C, F, Dv + 1]
+    # Sums of exactly the wanted chunks (a total minus the band would cancel badly).
+    zero = torch.zeros_like(states[:, :, :1])
+    start = (layout.first - layout.reach) // chunk
+    outside = torch.cat([zero, states.cumsum(2)], dim=2)[:, :, start : start + count]
+    if not causal:
+        stop = start + layout.band // chunk
+        suffix = torch.cat([states.flip(2).cumsum(2).flip(2), zero], dim=2)
+        outside = outside + suffix[:, :, stop : stop + count]
+    return outside
+
+
+def _merge(soft, log_soft, lin, log_lin) -> torch.Tensor:
+    """``(e^{a-m} soft + e^{b-m} lin_num) / (e^{a-m} + e^{b-m} lin_den)``, ``m = max(a, b)``."""
+    row_max = torch.maximum(log_soft, log_lin)
+    soft_weight, lin_weight = torch.exp(log_soft - row_max), torch.exp(log_lin - row_max)
+    dv = soft.shape[-1]
+    num = soft.mul_(soft_weight).add_(lin[..., :dv] * lin_weight)
+    den = lin[..., dv:].mul(lin_weight).add_(soft_weight)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
 
 
 def hybrid_attention(
@@ -505,22 +522,26 @@ def hybrid_attention(
 
     With ``p_i = i + Sk - Sq`` the window ``W_i`` is ``|j - p_i| <= window`` (causal:
     ``p_i - window <= j <= p_i``); the linear part covers the other visible keys ``O_i``. The
-    linear kernel is ``exp(lq_i + lk) phi(q_i) . phi(k_j)`` (:class:`Features`); with
-    ``b_i = lq_i + lk`` and ``m_i = max(max_{j in W_i} s_ij, b_i)``::
+    linear kernel is ``exp(lq_i + lk) phi(q_i) . phi(k_j)`` (see :class:`Features`); with
+    ``b_i = lq_i + lk``, ``a_i = log sum_{W_i} e^{s_ij}`` and ``m_i = max(a_i, b_i)``::
 
         out_i = (sum_{W_i} e^{s_ij - m_i} v_j + e^{b_i - m_i} phi(q_i) S_i)
               / (sum_{W_i} e^{s_ij - m_i}     + e^{b_i - m_i} phi(q_i) z_i),
-        S_i = sum_{O_i} phi(k_j) v_j^T,  z_i = sum_{O_i} phi(k_j),
+        S_i = sum_{O_i} phi(k_j) v_j^T,  z_i = sum_{O_i} phi(k_j):
 
-    i.e. numerators and denominators of both parts summed, all scaled by the same ``e^{-m_i}``
-    (no overflow: every exponent is <= 0). For FAVOR+ the linear kernel estimates ``e^{s_ij}`` and
-    this approximates softmax; for elu/relu/cosformer ``b_i = 0`` and kernel values are mixed with
-    ``e^{s_ij}`` as they are. Queries run in blocks of ``chunk`` rows; a block scores a key band
-    ``[lo, hi)`` (``lo`` chunk aligned, length about ``chunk + 2 window``) exactly, applies the
-    window mask and the linear kernel only on the band's two edges, and takes keys beyond the band
-    from chunk prefix (and, non-causal, suffix) sums of ``phi(K_c)^T V_c``: sums of the terms
-    that are wanted, never a total minus a window, so nothing cancels. O(N (chunk + 2 window) D)
-    time, O(N D + chunk (chunk + 2 window)) memory plus the suffix sums when not causal.
+    numerators and denominators of both parts summed, all scaled by the same ``e^{-m_i}`` (every
+    exponent <= 0, so nothing overflows). For FAVOR+ the linear kernel estimates ``e^{s_ij}`` and
+    this approximates softmax; for elu/relu/cosformer ``b_i = 0`` and the kernel values are mixed
+    with ``e^{s_ij}`` as they are.
+
+    Computation: query blocks of ``chunk`` rows, all alike after padding the keys. The softmax
+    part of a block runs over a key band of ``chunk + 2 ceil(window / chunk) chunk`` keys with the
+    window as an additive mask (the CPU flash kernel, which also returns ``a_i``; all blocks of a
+    step in one call, the bands as overlapping views). Keys beyond the band enter through chunk
+    prefix (non-causal: and suffix) sums of ``phi(K_c)^T [V_c, 1]``, which add up exactly the
+    wanted keys so nothing cancels; band keys outside a row's window, which only occur within
+    ``edge`` keys of the band's ends, through a masked ``phi(Q) phi(K)^T`` of that width.
+    Time O(N (chunk + 2 window) D + N F Dv), memory O(N (D + F) + N F Dv / chunk).
 
     Args:
         q: ``[B, Hq, Sq, D]``.
@@ -538,43 +559,62 @@ def hybrid_attention(
     """
     scale = _hybrid_scale(feature_map, q.shape[-1], scale)
     prep = _prepare(q, k, v, feature_map, mask)
-    batch, kv_heads, group, q_len, features = prep.phi_q.shape
-    kv_len, compute = k.shape[2], prep.value.dtype
-    value = torch.cat([prep.value, torch.ones_like(prep.value[..., :1])], dim=-1)
-    band = _Band(prep, q.to(compute).reshape(batch, kv_heads, group, q_len, -1),
-                 k.to(compute), value, scale, window, causal, chunk)  # fmt: skip
-    states = _chunk_states(prep.phi_k, value, chunk)  # [B, Hkv, n, F, Dv + 1]
-    suffix = None if causal else _suffix_sums(states)
-    prefix, prefix_chunks = torch.zeros_like(states[:, :, 0]), 0
-    out = torch.empty(batch, kv_heads, group, q_len, v.shape[-1], dtype=compute, device=q.device)
-    for start in range(0, q_len, chunk):
-        rows = slice(start, min(q_len, start + chunk))
-        first, last = start + kv_len - q_len, rows.stop - 1 + kv_len - q_len
-        lo, hi = _band_limits(first, last, kv_len, window, causal, chunk)
-        for index in range(prefix_chunks, lo // chunk):
-            prefix += states[:, :, index]
-        prefix_chunks = max(prefix_chunks, lo // chunk)
-        outside = prefix if suffix is None else prefix + suffix[:, :, -(-hi // chunk)]
-        out[:, :, :, rows] = _hybrid_block(band, rows, lo, hi, outside)
-    return out.reshape(batch, kv_heads * group, q_len, -1).to(q.dtype)
-
-
-def _chunk_states(phi_k: torch.Tensor, value: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Per key chunk ``phi(K_c)^T V_c``: ``[B, Hkv, n, F, Dv']`` (keys zero padded to ``n chunk``)."""
-    batch, kv_heads, kv_len, features = phi_k.shape
-    pad = -kv_len % chunk
-    phi_k = F.pad(phi_k, (0, 0, 0, pad)).view(batch, kv_heads, -1, chunk, features)
-    value = F.pad(value, (0, 0, 0, pad)).view(batch, kv_heads, -1, chunk, value.shape[-1])
-    return torch.matmul(phi_k.transpose(-1, -2), value)
-
-
-def _suffix_sums(states: torch.Tensor) -> torch.Tensor:
-    """``suffix[:, :, c] = sum_{c' >= c} states[:, :, c']`` for ``c = 0..n`` (exact zeros at n)."""
-    batch, kv_heads, num_chunks = states.shape[:3]
-    suffix = states.new_zeros(batch, kv_heads, num_chunks + 1, *states.shape[3:])
-    for index in reversed(range(num_chunks)):
-        torch.add(suffix[:, :, index + 1], states[:, :, index], out=suffix[:, :, index])
-    return suffix
+    batch, kv_heads, group, q_len, _ = prep.phi_q.shape
+    kv_len, compute, dv = k.shape[2], prep.value.dtype, v.shape[-1]
+    layout = _hybrid_layout(q_len, kv_len, window, causal, chunk)
+    pad = (0, 0, layout.left_pad, layout.key_len - layout.left_pad - kv_len)
+    keys = F.pad(k.to(compute), pad)
+    value = F.pad(torch.cat([prep.value, torch.ones_like(prep.value[..., :1])], dim=-1), pad)
+    phi_k = F.pad(prep.phi_k, pad)
+    key_bias = torch.full((1, 1, layout.key_len, 1), float("-inf"), dtype=compute, device=q.device)
+    key_bias = key_bias.repeat(*(1, 1) if mask is None else prep.key_log_weight.shape[:2], 1, 1)
+    key_bias[:, :, layout.left_pad : layout.left_pad + kv_len] = (
+        0.0 if mask is None else prep.key_log_weight.transpose(-1, -2)
+    )
+    outside = _outside_states(phi_k, value, layout, causal)
+    q_blocks = _blocks(q.to(compute).reshape(batch, kv_heads, group, q_len, -1), layout)
+    phi_q = _blocks(prep.phi_q, layout)
+    log_lin = torch.zeros((batch, 1, 1, 1, 1), dtype=compute, device=q.device)
+    if prep.log_q is not None:
+        log_lin = _blocks(prep.log_q.expand(batch, kv_heads, group, q_len, 1), layout)
+    inside, linear = _band_masks(layout, window, causal, group, q.device)
+    window_bias = torch.zeros(inside.shape, dtype=compute, device=q.device)
+    window_bias.masked_fill_(~inside, float("-inf"))
+    edges = [(0, linear[:, : layout.edge])] if layout.edge > 0 else []
+    if not causal and layout.edge > 0:
+        edges.append((layout.band - layout.edge, linear[:, layout.band - layout.edge :]))
+    out = torch.empty(*q_blocks.shape[:-1], dv, dtype=compute, device=q.device)
+    step = max(1, _HYBRID_ROWS_PER_STEP // (group * chunk))
+    for first_block in range(0, layout.num_blocks, step):
+        count = min(step, layout.num_blocks - first_block)
+        blocks = slice(first_block, first_block + count)
+        start = layout.first - layout.reach + first_block * chunk
+        lin = torch.matmul(phi_q[:, :, blocks], outside[:, :, blocks])
+        for band_offset, edge_mask in edges:
+            edge_keys = _windows(phi_k, start + band_offset, layout.edge, chunk, count)
+            kernel = torch.matmul(phi_q[:, :, blocks], edge_keys.transpose(-1, -2))
+            kernel.masked_fill_(~edge_mask, 0.0)
+            lin += kernel @ _windows(value, start + band_offset, layout.edge, chunk, count)
+        band_bias = _windows(key_bias, start, layout.band, chunk, count).transpose(-1, -2)
+        bias = window_bias + band_bias  # [B | 1, Hkv | 1, count, G C, band]
+        has_key = (bias > float("-inf")).any(-1, keepdim=True)
+        for index in range(batch):
+            bias_b = bias[min(index, bias.shape[0] - 1)]
+            soft, lse = _softmax_lse(
+                q_blocks[index, :, blocks],
+                _windows(keys[index], start, layout.band, chunk, count),
+                _windows(value[index, ..., :dv], start, layout.band, chunk, count),
+                bias_b.expand(kv_heads, *bias_b.shape[1:]),
+                scale,
+            )
+            has_key_b = has_key[min(index, bias.shape[0] - 1)]
+            log_soft = torch.where(has_key_b, lse.unsqueeze(-1), float("-inf"))
+            log_lin_b = log_lin[min(index, log_lin.shape[0] - 1)]
+            log_lin_b = log_lin_b[:, blocks] if log_lin_b.shape[1] > 1 else log_lin_b
+            out[index, :, blocks] = _merge(soft, log_soft, lin[index], log_lin_b)
+    out = out.view(batch, kv_heads, layout.num_blocks, group, chunk, dv).transpose(2, 3)
+    out = out.reshape(batch, kv_heads, group, layout.num_blocks * chunk, dv)[:, :, :, :q_len]
+    return out.reshape(batch, kv_heads * group, q_len, dv).to(q.dtype)
 
 
 def _hybrid_scale(feature_map: FeatureMap, head_dim: int, scale: float | None) -> float:

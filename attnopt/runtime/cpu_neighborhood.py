@@ -91,8 +91,9 @@ def _axis_tiles(length: int, kernel: int, dilation: int, tile: int):
     return q_coords, k_coords, tile_visible
 
 
-def _combine_axes(per_axis: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                  grid: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def _combine_axes(
+    per_axis: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], grid: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cartesian product of per-axis tiles: flat query ``[nT, Qt]``, key ``[nT, Ut]`` tokens, mask."""
     dims = len(grid)
     strides = [math.prod(grid[a + 1 :]) for a in range(dims)]
@@ -198,8 +199,11 @@ def neighborhood_attention(
     scale = head_dim**-0.5 if scale is None else scale
     kernels = _per_axis(kernel, len(grid), "kernel")
     dilations = _per_axis(dilation, len(grid), "dilation")
-    tiles = _default_tile(grid, kernels, dilations) if tile is None else _per_axis(
-        tile, len(grid), "tile")  # fmt: skip
+    tiles = (
+        _default_tile(grid, kernels, dilations)
+        if tile is None
+        else _per_axis(tile, len(grid), "tile")
+    )
     mask4, bias4 = mask_to_4d(mask, "mask"), mask_to_4d(bias, "bias")
     if all(kn >= g for kn, g in zip(kernels, grid)):  # every window is the whole grid
         record_computed(stats, seq * seq, seq * seq)

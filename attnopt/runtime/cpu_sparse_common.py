@@ -284,11 +284,13 @@ def merge_partials(
     """
     top = torch.maximum(lse_a, lse_b)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    weight_a = torch.exp(lse_a - top).unsqueeze(-1)
-    weight_b = torch.exp(lse_b - top).unsqueeze(-1)
-    total = (weight_a + weight_b).clamp_min(torch.finfo(top.dtype).tiny)
-    merged = (out_a.to(top.dtype) * weight_a + out_b.to(top.dtype) * weight_b) / total
-    return merged.to(out_a.dtype)
+    weight_a, weight_b = torch.exp(lse_a - top), torch.exp(lse_b - top)
+    share_b = (weight_b / (weight_a + weight_b).clamp_min(torch.finfo(top.dtype).tiny)).unsqueeze(
+        -1
+    )
+    if out_a.dtype in (torch.float32, torch.float64):  # one fused pass: a + share_b * (b - a)
+        return torch.lerp(out_a, out_b, share_b.to(out_a.dtype))
+    return torch.lerp(out_a.float(), out_b.float(), share_b).to(out_a.dtype)
 
 
 def dense_attention(

@@ -147,6 +147,10 @@ def attention_torch(inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor:
         )
     runner = _VARIANT_RUNNERS.get(variant)
     if runner is None:
+        import attnopt.runtime.variants  # noqa: F401 - registers the sparse and linear runners
+
+        runner = _VARIANT_RUNNERS.get(variant)
+    if runner is None:
         raise NotImplementedError(f"attention variant {variant!r} has no torch kernel")
     return runner(inputs, attrs)
 
@@ -176,10 +180,13 @@ class KernelNamespace:
     def __init__(self, backend: str = "torch"):
         self.backend = backend
         self.taps: dict[int, torch.Tensor] | None = None
+        self.input_taps: dict[int, list[list[Any]]] | None = None
         self._warned: set[str] = set()
 
     def attention(self, inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor:
         """Run one attention node (see :func:`attention_torch`) on this namespace's backend."""
+        if self.input_taps is not None and attrs.site >= 0:
+            self.input_taps.setdefault(attrs.site, []).append(list(inputs))
         out = None
         if self.backend in ("triton", "triton-interpret"):
             out = self._try_triton(inputs, attrs)

@@ -72,6 +72,50 @@ class CompiledEntry:
     explanations: list[tuple[str, str]] = field(default_factory=list)
 
 
+def run_graph(
+    graph: Graph,
+    captured: CapturedProgram,
+    backend: str,
+    args: tuple,
+    kwargs: dict,
+    *,
+    record_inputs: bool = False,
+) -> tuple[list[Any], dict[int, Any]]:
+    """Run ``graph`` (a graph of ``captured``'s signature) on model inputs.
+
+    Args:
+        graph: the graph.
+        captured: the capture it came from (input mapping).
+        backend: runtime backend.
+        args: positional model inputs.
+        kwargs: keyword model inputs.
+        record_inputs: record each attention site's inputs instead of its output.
+
+    Returns:
+        ``(flat outputs, taps)``.
+    """
+    kernels = KernelNamespace(backend)
+    program = load_program(graph, kernels)
+    flat, _ = pytree.tree_flatten((args, kwargs))
+    if len(flat) <= max(captured.input_positions, default=-1):
+        raise SignatureError("calibration inputs do not have the structure of the example inputs")
+    inputs = [flat[i] for i in captured.input_positions]
+    for value, tensor in zip(graph.inputs, inputs):
+        if tuple(tensor.shape) != tuple(value.shape):
+            raise SignatureError(
+                f"calibration input {value.name} has shape {tuple(tensor.shape)}, the compiled "
+                f"signature has {tuple(value.shape)}: calibrate with inputs of the example's shapes"
+            )
+    if record_inputs:
+        kernels.input_taps = {}
+    else:
+        kernels.taps = {}
+    with torch.no_grad():
+        outputs = program.fn(*inputs)
+    taps = kernels.input_taps if record_inputs else kernels.taps
+    return list(outputs), taps or {}
+
+
 def _signature(flat: list[Any], spec: Any) -> tuple:
     parts: list[Any] = [str(spec)]
     for leaf in flat:
@@ -172,6 +216,9 @@ class CompiledModule(torch.nn.Module):
             backend=backend,
             model=self.model,
             example=(args, kwargs),
+        )
+        ctx.executor = lambda g, a, k, record_inputs=False: run_graph(
+            g, captured, backend, a, k, record_inputs=record_inputs
         )
         self.pipeline.run(graph, ctx)
         graph.dead_code_elimination()

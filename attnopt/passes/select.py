@@ -1,0 +1,191 @@
+"""Site-level helpers for pass writers: select ``attention`` sites and change them.
+
+Entry points: :func:`select_sites`, :class:`Site`.
+
+Example (a complete pass body)::
+
+    for site in select_sites(graph, causal=True, min_kv_len=4096):
+        site.update(variant="sliding_window", window_left=1024, window_right=0, sinks=4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from attnopt.ir import Graph, Node, Value
+from attnopt.ir.attention import VARIANTS, AttentionAttrs
+
+
+@dataclass
+class Site:
+    """A view of one ``attention`` node with the facts passes select on."""
+
+    node: Node
+
+    @property
+    def attrs(self) -> AttentionAttrs:
+        """The node's attributes."""
+        return self.node.attrs
+
+    @property
+    def index(self) -> int:
+        """Site index (stable through passes)."""
+        return self.node.attrs.site
+
+    @property
+    def q(self) -> Value:
+        """Query input ``[B, Hq, Sq, D]``."""
+        return self.node.inputs[0]  # type: ignore[return-value]
+
+    @property
+    def k(self) -> Value:
+        """Key input ``[B, Hkv, Sk, D]``."""
+        return self.node.inputs[1]  # type: ignore[return-value]
+
+    @property
+    def v(self) -> Value:
+        """Value input ``[B, Hkv, Sk, Dv]``."""
+        return self.node.inputs[2]  # type: ignore[return-value]
+
+    @property
+    def mask(self) -> Value | None:
+        """Mask input, if any."""
+        return self.node.inputs[3] if len(self.node.inputs) > 3 else None
+
+    @property
+    def bias(self) -> Value | None:
+        """Bias input, if any."""
+        return self.node.inputs[4] if len(self.node.inputs) > 4 else None
+
+    @property
+    def q_len(self) -> int:
+        """Query length."""
+        return int(self.q.shape[2])
+
+    @property
+    def kv_len(self) -> int:
+        """Key length."""
+        return int(self.k.shape[2])
+
+    @property
+    def num_heads(self) -> int:
+        """Query heads."""
+        return int(self.q.shape[1])
+
+    @property
+    def causal(self) -> bool:
+        """Whether the site is causal."""
+        return self.node.attrs.causal
+
+    @property
+    def module(self) -> str | None:
+        """Module path of the site, when known."""
+        return self.node.meta.get("module")
+
+    @property
+    def layer(self) -> int | None:
+        """Layer index from the module path, when there is one."""
+        for part in reversed((self.module or "").split(".")):
+            if part.isdigit():
+                return int(part)
+        return None
+
+    def update(self, **changes: Any) -> None:
+        """Replace attributes (validated: the variant must exist; fields must be known).
+
+        Args:
+            **changes: :class:`AttentionAttrs` fields and their new values.
+        """
+        known = {f.name for f in dataclasses.fields(AttentionAttrs)}
+        unknown = set(changes) - known
+        if unknown:
+            raise ValueError(
+                f"attention has no attribute {sorted(unknown)}; known: {sorted(known)}"
+            )
+        if "variant" in changes and changes["variant"] not in VARIANTS:
+            raise ValueError(f"variant {changes['variant']!r} is not one of {VARIANTS}")
+        self.node.attrs = dataclasses.replace(self.node.attrs, **changes)
+
+
+def select_sites(
+    graph: Graph,
+    *,
+    sites: Iterable[int] | None = None,
+    layers: Iterable[int] | None = None,
+    causal: bool | None = None,
+    kind: str | None = None,
+    min_kv_len: int = 0,
+    module: str | None = None,
+    variant: str | None = "dense",
+) -> list[Site]:
+    """Attention sites matching every given condition, in graph order.
+
+    Args:
+        graph: the graph.
+        sites: site indices to keep.
+        layers: layer indices (from module paths) to keep.
+        causal: keep only causal (True) or only non-causal (False) sites.
+        kind: "self" or "cross".
+        min_kv_len: keep sites whose key length is at least this.
+        module: a regular expression the module path must match (``re.search``).
+        variant: keep sites currently of this variant ("dense" by default; None for any).
+
+    Returns:
+        The matching :class:`Site` views.
+    """
+    wanted_sites = None if sites is None else set(sites)
+    wanted_layers = None if layers is None else set(layers)
+    pattern = re.compile(module) if module else None
+    chosen = []
+    for node in graph.find("attention"):
+        site = Site(node)
+        if wanted_sites is not None and site.index not in wanted_sites:
+            continue
+        if wanted_layers is not None and site.layer not in wanted_layers:
+            continue
+        if causal is not None and site.causal != causal:
+            continue
+        if kind is not None and node.meta.get("site", {}).get("kind", "self") != kind:
+            continue
+        if site.kv_len < min_kv_len:
+            continue
+        if pattern is not None and not pattern.search(site.module or ""):
+            continue
+        if variant is not None and site.attrs.variant != variant:
+            continue
+        chosen.append(site)
+    return chosen
+
+
+def sites_for(graph: Graph, options: Any, **conditions: Any) -> list[Site]:
+    """Sites chosen by a pass's common ``sites`` / ``layers`` options plus extra conditions."""
+    return select_sites(
+        graph,
+        sites=getattr(options, "sites", None),
+        layers=getattr(options, "layers", None),
+        **conditions,
+    )
+
+
+def check_positive(owner: str, name: str, value: int | None, *, allow_zero: bool = False) -> None:
+    """Raise PipelineError unless ``value`` is a positive int (or None)."""
+    from attnopt.errors import PipelineError
+
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise PipelineError(
+            f"{owner}: option {name}={value} must be {'>= 0' if allow_zero else '> 0'}"
+        )
+
+
+def check_fraction(owner: str, name: str, value: float | None) -> None:
+    """Raise PipelineError unless ``value`` is in (0, 1] (or None)."""
+    from attnopt.errors import PipelineError
+
+    if value is not None and not 0.0 < value <= 1.0:
+        raise PipelineError(f"{owner}: option {name}={value} must be in (0, 1]")

@@ -1,0 +1,62 @@
+"""``sliding-window``: 1-D local attention with attention sinks (StreamingLLM, SinkLoRA).
+
+Entry point: :class:`SlidingWindow`.
+
+Each selected site keeps, for query ``i``, the keys within ``window`` positions (before it when
+causal; on both sides otherwise) plus the first ``sinks`` keys. The model's own mask, bias and
+causal rule still apply. The CPU kernel computes only the keys inside each window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from attnopt.ir import Graph
+from attnopt.passes.base import Pass, PassContext, PassResult
+from attnopt.passes.select import check_positive, sites_for
+
+
+@dataclass(frozen=True)
+class SlidingWindow(Pass):
+    """Sliding-window attention with sinks (lossy; ``window >= seq`` reproduces dense exactly).
+
+    Options:
+        window: keys visible on each side of a query (before it only, for causal sites).
+        sinks: leading keys visible to every query.
+        layers: layer indices to rewrite (None: all).
+        sites: site indices to rewrite (None: all).
+        min_len: leave sites with fewer keys than this dense.
+    """
+
+    name: ClassVar[str] = "sliding-window"
+    exact: ClassVar[bool] = False
+    window: int = 512
+    sinks: int = 0
+    layers: tuple[int, ...] | None = None
+    sites: tuple[int, ...] | None = None
+    min_len: int = 0
+
+    def validate(self) -> None:
+        """Window positive, sinks and min_len non-negative."""
+        super().validate()
+        check_positive(self.name, "window", self.window)
+        check_positive(self.name, "sinks", self.sinks, allow_zero=True)
+        check_positive(self.name, "min_len", self.min_len, allow_zero=True)
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        """Turn every selected dense site into a sliding-window site."""
+        notes = []
+        changed = 0
+        for site in sites_for(graph, self, min_kv_len=self.min_len):
+            if site.attrs.softcap is not None:
+                notes.append(f"site {site.index}: soft-capped sites stay dense")
+                continue
+            site.update(
+                variant="sliding_window",
+                window_left=self.window,
+                window_right=0 if site.causal else self.window,
+                sinks=self.sinks,
+            )
+            changed += 1
+        return PassResult(changed=bool(changed), rewrites=changed, notes=notes)

@@ -1,0 +1,146 @@
+"""Shared harness for the whole-model benchmarks: each (variant, shape) runs in its own
+subprocess so that its time, setup time and peak memory are its own.
+
+Entry points: :func:`run_matrix` (parent side), :func:`worker_main` (child side),
+:func:`bert_base`, :func:`render`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def bert_base(impl: str, max_positions: int = 512) -> torch.nn.Module:
+    """BERT-base (12 layers, hidden 768, 12 heads), random weights, eval, fp32."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(max_position_embeddings=max_positions, attn_implementation=impl)
+    return BertModel(config).eval()
+
+
+def bert_inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
+    """Token ids and an all-ones attention mask."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.randint(0, 30000, (batch, seq), generator=g),
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+    }
+
+
+def measure(setup: Callable[[], Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Build (timed, including the first call), then time ``repeats`` calls; peak RSS growth."""
+    base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    with torch.inference_mode():
+        call = setup()
+        call()
+        setup_s = time.perf_counter() - start
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            call()
+            samples.append(time.perf_counter() - t0)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    samples.sort()
+    return {
+        "ms": samples[len(samples) // 2] * 1e3,
+        "min_ms": samples[0] * 1e3,
+        "setup_s": setup_s,
+        "peak_mb": (peak_kb - base_kb) / 1024,
+    }
+
+
+def worker_main(runner: Callable[[str, dict[str, Any]], dict[str, float]]) -> None:
+    """Child side: ``script --worker VARIANT JSON_CONFIG`` prints one JSON line."""
+    variant, config = sys.argv[2], json.loads(sys.argv[3])
+    print("RESULT " + json.dumps(runner(variant, config)), flush=True)
+
+
+def run_matrix(
+    script: str, variants: list[str], configs: list[dict[str, Any]], timeout: int = 1800
+) -> list[dict]:
+    """Parent side: run every (config, variant) in a subprocess; collect rows."""
+    rows = []
+    for config in configs:
+        for variant in variants:
+            cmd = [sys.executable, script, "--worker", variant, json.dumps(config)]
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=timeout, env=os.environ
+            )
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            row: dict[str, Any] = {"variant": variant, **config}
+            if line is None:
+                row["error"] = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+            else:
+                row.update(json.loads(line[len("RESULT ") :]))
+            rows.append(row)
+            print(
+                f"  {variant} {config}: {row.get('ms', row.get('error'))}",
+                file=sys.stderr,
+                flush=True,
+            )
+    return rows
+
+
+def render(
+    title: str, rows: list[dict], baseline: str, key_fields: list[str], out_name: str
+) -> None:
+    """Print a rich table (speed-up vs ``baseline`` per config) and write JSON."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in (*key_fields, "variant", "ms (median)", "vs " + baseline, "setup s", "peak MB"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for row in rows:
+        base = next(
+            (
+                r
+                for r in rows
+                if r["variant"] == baseline and all(r[k] == row[k] for k in key_fields)
+            ),
+            None,
+        )
+        if "error" in row:
+            table.add_row(
+                *(str(row[k]) for k in key_fields),
+                row["variant"],
+                "error: " + row["error"],
+                "",
+                "",
+                "",
+            )
+            continue
+        ratio = f"{base['ms'] / row['ms']:.2f}x" if base and "ms" in base else "-"
+        table.add_row(
+            *(str(row[k]) for k in key_fields),
+            row["variant"],
+            f"{row['ms']:.1f}",
+            ratio,
+            f"{row['setup_s']:.2f}",
+            f"{row['peak_mb']:.0f}",
+        )
+    Console(width=140).print(table)
+    RESULTS.mkdir(exist_ok=True)
+    meta = {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "command": " ".join(sys.argv),
+    }
+    (RESULTS / out_name).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -1,0 +1,68 @@
+"""Exact attention fusion on BERT-base (random weights, max_position_embeddings=2048), CPU fp32.
+
+Side by side in one run: HF "eager", HF "sdpa", torch.compile of the eager model, and attnopt
+passes="exact" compiled from the eager model; batch 1, seq 512 and 2048. Time is the median of a
+few calls; setup is capture+compile including the first call; peak MB is the growth of the
+process's peak RSS. Prints a table, writes benchmarks/results/exact.json. Asserts nothing.
+
+Run: ``.venv/bin/python benchmarks/exact.py [--repeats 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import bert_base, bert_inputs, measure, render, run_matrix, worker_main  # noqa: E402
+
+VARIANTS = ["hf-eager", "hf-sdpa", "torch.compile", "attnopt-exact"]
+
+
+def run(variant: str, config: dict) -> dict:
+    """Build and time one variant."""
+    import torch
+
+    import attnopt
+
+    inputs = bert_inputs(config["batch"], config["seq"])
+
+    def setup():
+        impl = "sdpa" if variant == "hf-sdpa" else "eager"
+        model = bert_base(impl, max_positions=2048)
+        if variant in ("hf-eager", "hf-sdpa"):
+            return lambda: model(**inputs)
+        if variant == "torch.compile":
+            compiled = torch.compile(model)
+            return lambda: compiled(**inputs)
+        cm = attnopt.compile(model, (), inputs, passes="exact")
+        return lambda: cm(**inputs)
+
+    return measure(setup, config["repeats"])
+
+
+def main() -> None:
+    """Run the matrix and print the table."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seqs", type=int, nargs="*", default=[512, 2048])
+    parser.add_argument("--variants", nargs="*", default=VARIANTS)
+    ns = parser.parse_args()
+    configs = [{"seq": s, "batch": 1, "repeats": ns.repeats} for s in ns.seqs]
+    rows = run_matrix(__file__, ns.variants, configs)
+    render(
+        "BERT-base (HF eager model), CPU fp32: exact attention fusion",
+        rows,
+        "hf-eager",
+        ["seq", "batch"],
+        "exact.json",
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker_main(run)
+    else:
+        main()
