@@ -292,6 +292,17 @@ def parse_pass(text: str) -> Pass:
         if isinstance(value, int) and not isinstance(value, bool) and _accepts_float(hint):
             if not _accepts_int(hint):
                 options[key] = float(value)
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        and f.name not in options
+    ]
+    if missing:
+        raise PipelineError(
+            f"{name}: option {', '.join(missing)} is required ({name}{{{missing[0]}=...}})"
+        )
     try:
         return cls(**options)
     except PipelineError:

@@ -59,7 +59,7 @@ class Neighborhood(Pass):
 
     name: ClassVar[str] = "neighborhood"
     exact: ClassVar[bool] = False
-    kernel: int = 7
+    kernel: int
     dilation: int = 1
     grid: tuple[int, ...] | None = None
     num_global: int | None = None

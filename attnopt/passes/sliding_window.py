@@ -31,7 +31,7 @@ class SlidingWindow(Pass):
 
     name: ClassVar[str] = "sliding-window"
     exact: ClassVar[bool] = False
-    window: int = 512
+    window: int
     sinks: int = 0
     layers: tuple[int, ...] | None = None
     sites: tuple[int, ...] | None = None

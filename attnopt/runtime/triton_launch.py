@@ -162,10 +162,6 @@ def triton_interpreter_ready() -> bool:
     return isinstance(tl.zeros, InterpretedFunction)
 
 
-def _interpreting(interpret: bool) -> bool:
-    return interpret or triton_interpreter_ready()
-
-
 def device_capability(device: torch.device, interpret: bool) -> str:
     """The device part of the kernel cache key.
 
@@ -211,7 +207,9 @@ def triton_can_run(
         window_right: sliding window, keys after the aligned position.
         sinks: sliding window sink tokens.
         block_meta: block-sparse metadata.
-        interpret: run with the Triton interpreter (CPU tensors allowed).
+        interpret: run with the Triton interpreter (CPU tensors allowed). Only explicit: a
+            process where triton was imported in interpreter mode still refuses
+            ``interpret=False``, so automatic dispatch never picks the slow interpreter.
 
     Returns:
         A one-line reason, or None.
@@ -250,12 +248,17 @@ def triton_can_run(
         reason = _check_block_meta(block_meta, batch, q_heads, q_len, q.device)
         if reason:
             return reason
-    interpreting = _interpreting(interpret)
-    if q.device.type != "cuda" and not interpreting:
-        return f"tensors are on {q.device.type}: the Triton kernel needs CUDA (or interpret=True)"
-    if interpreting and not triton_interpreter_ready():
+    if not interpret:
+        if q.device.type != "cuda":
+            return (
+                f"tensors are on {q.device.type}: the Triton kernel needs CUDA (or interpret=True)"
+            )
+        if triton_interpreter_ready():
+            return "triton was imported with TRITON_INTERPRET=1: only interpret=True can run"
+        return None
+    if not triton_interpreter_ready():
         return "the Triton interpreter needs TRITON_INTERPRET=1 set before triton is imported"
-    if q.dtype == torch.bfloat16 and interpreting:
+    if q.dtype == torch.bfloat16:
         return "the Triton interpreter cannot run bfloat16 dots"
     return None
 
@@ -473,9 +476,8 @@ def triton_attention(
         BackendError: when :func:`triton_can_run` gives a reason.
     """
     options = dict(softcap=softcap, window_left=window_left, window_right=window_right, sinks=sinks)
-    interpreting = _interpreting(interpret)
     reason = triton_can_run(
-        q, k, v, mask=mask, bias=bias, block_meta=block_meta, interpret=interpreting, **options
+        q, k, v, mask=mask, bias=bias, block_meta=block_meta, interpret=interpret, **options
     )
     if reason is not None:
         raise BackendError(f"the Triton attention kernel cannot run this call: {reason}")
@@ -489,8 +491,8 @@ def triton_attention(
         return out
     kernel = load_attention_kernel(
         config,
-        device=device_capability(q.device, interpreting),
-        interpret=interpreting,
+        device=device_capability(q.device, interpret),
+        interpret=interpret,
         cache=cache,
     )
     target = (batch, q_heads, q_len, kv_len)
