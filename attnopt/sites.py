@@ -20,7 +20,8 @@ class AttentionSite:
         module: module path of the attention, when known.
         layer: layer index parsed from the module path, when there is one.
         kind: "self" or "cross" (keys/values from another sequence).
-        causal: bottom-right aligned causal rule.
+        causal: bottom-right aligned causal rule (the attribute).
+        mask_causal: the site's mask only lets queries see keys the causal rule allows.
         num_heads: query heads.
         num_kv_heads: key/value heads (GQA/MQA when fewer).
         head_dim: query/key head dim.
@@ -56,6 +57,7 @@ class AttentionSite:
     tokens_kept: float = 1.0
     kept_fraction: float = 1.0
     block: dict[str, Any] = field(default_factory=dict)
+    mask_causal: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (for JSON)."""
@@ -111,6 +113,7 @@ def collect_sites(graph: Graph) -> list[AttentionSite]:
                 tokens_kept=info.get("tokens_kept", 1.0),
                 kept_fraction=node.meta.get("kept_fraction", _kept_fraction(attrs, q_len, kv_len)),
                 block=dict(info.get("block", {})),
+                mask_causal=bool(info.get("mask_causal", False)),
             )
         )
     return sorted(sites, key=lambda s: s.index)

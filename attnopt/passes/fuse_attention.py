@@ -364,6 +364,49 @@ def _additive_is_causal(tensor: torch.Tensor, q_len: int, kv_len: int) -> bool:
     return _is_causal_pattern(keep, q_len, kv_len)
 
 
+_AND_TARGETS = ("aten.__and__.Tensor", "aten.logical_and.default")
+
+
+def mask_implies_causal(graph: Graph, mask: Value, q_len: int, kv_len: int) -> bool:
+    """Whether ``mask`` can only let a query see keys the causal rule allows.
+
+    True when the mask is (a broadcast, cast or where-fill of) a conjunction one of whose constant
+    operands, or all of them together, is the causal pattern. The mask itself stays in place: this
+    only tells lossy passes the site is causal (a row whose every key the mask hides keeps eager's
+    behaviour because the mask, not the causal flag, is applied).
+    """
+    constants: list[torch.Tensor] = []
+    stack, seen = [mask], set()
+    while stack:
+        value = stack.pop()
+        if id(value) in seen or value.producer is None:
+            continue
+        seen.add(id(value))
+        node = value.producer
+        if node.op in ("expand", "cast", "reshape"):
+            stack.append(node.inputs[0])  # type: ignore[arg-type]
+        elif node.op == "aten" and node.attrs.target in _AND_TARGETS:
+            for operand in node.inputs:
+                tensor = constant_tensor(graph, operand)
+                if tensor is not None and tensor.dtype == torch.bool:
+                    constants.append(tensor)
+                elif operand is not None:
+                    stack.append(operand)
+        elif node.op == "aten" and node.attrs.target in (
+            "aten.where.ScalarOther",
+            "aten.where.self",
+        ):
+            stack.append(node.inputs[0])  # type: ignore[arg-type]
+        elif node.op == "where":
+            stack.append(node.inputs[0])  # type: ignore[arg-type]
+    if not constants:
+        return False
+    combined = constants[0]
+    for tensor in constants[1:]:
+        combined = combined & tensor
+    return _is_causal_pattern(combined, q_len, kv_len) if combined.dim() >= 2 else False
+
+
 def _to_rank4(graph: Graph, anchor: Node, value: Value) -> Value:
     rank = value.tensor_type.rank
     while rank < 4:
@@ -550,6 +593,9 @@ def rewrite_match(graph: Graph, m: AttentionMatch) -> Value:
             zero_or_fill = emit_before(graph, anchor, "where", [masked, fill_value, zero])
             masks.append(_to_canonical(graph, anchor, zero_or_fill, shape, canon))
     k = emit_before(graph, anchor, "transpose", [kt], TransposeAttrs(dim0=-2, dim1=-1))
+    meta = _site_meta(graph, m.softmax, q, k)
+    if not causal and any(mask_implies_causal(graph, x, q_len, kv_len) for x in masks + biases):
+        meta["site"]["mask_causal"] = True
     out = build_attention(
         graph,
         anchor,
@@ -563,7 +609,7 @@ def rewrite_match(graph: Graph, m: AttentionMatch) -> Value:
         softcap=m.softcap,
         out_shape=tuple(m.pv.output.shape),
         out_dtype=m.pv.output.dtype,
-        meta=_site_meta(graph, m.softmax, q, k),
+        meta=meta,
     )
     graph.replace_all_uses(m.pv.output, out)
     return out
@@ -614,6 +660,8 @@ def fuse_sdpa(graph: Graph, node: Node) -> Value:
         else:
             masks.append(attn_mask)
     meta = _site_meta(graph, node, q, k)
+    if not causal and any(mask_implies_causal(graph, m, q_len, kv_len) for m in masks + biases):
+        meta["site"]["mask_causal"] = True
     out = build_attention(
         graph,
         node,

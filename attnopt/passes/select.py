@@ -78,8 +78,8 @@ class Site:
 
     @property
     def causal(self) -> bool:
-        """Whether the site is causal."""
-        return self.node.attrs.causal
+        """Whether the site is causal: the causal attribute, or a mask that implies it."""
+        return self.node.attrs.causal or bool(self.node.meta.get("site", {}).get("mask_causal"))
 
     @property
     def module(self) -> str | None:

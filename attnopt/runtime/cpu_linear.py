@@ -496,6 +496,17 @@ def _outside_states(phi_k, value, layout: _Layout, causal: bool) -> torch.Tensor
     return outside
 
 
+def _edges(linear: torch.Tensor, layout: _Layout, causal: bool) -> list:
+    """``(band offset, mask)`` of the band columns where the linear part applies."""
+    if layout.edge <= 0:
+        return []
+    if causal:
+        return [(0, linear[:, : layout.edge])]
+    if 2 * layout.edge >= layout.band:  # the two edges overlap: one span, the whole band
+        return [(0, linear)]
+    return [(0, linear[:, : layout.edge]), (layout.band - layout.edge, linear[:, -layout.edge :])]
+
+
 def _merge(soft, log_soft, lin, log_lin) -> torch.Tensor:
     """``(e^{a-m} soft + e^{b-m} lin_num) / (e^{a-m} + e^{b-m} lin_den)``, ``m = max(a, b)``."""
     row_max = torch.maximum(log_soft, log_lin)
@@ -580,9 +591,7 @@ def hybrid_attention(
     inside, linear = _band_masks(layout, window, causal, group, q.device)
     window_bias = torch.zeros(inside.shape, dtype=compute, device=q.device)
     window_bias.masked_fill_(~inside, float("-inf"))
-    edges = [(0, linear[:, : layout.edge])] if layout.edge > 0 else []
-    if not causal and layout.edge > 0:
-        edges.append((layout.band - layout.edge, linear[:, layout.band - layout.edge :]))
+    edges = _edges(linear, layout, causal)
     out = torch.empty(*q_blocks.shape[:-1], dv, dtype=compute, device=q.device)
     step = max(1, _HYBRID_ROWS_PER_STEP // (group * chunk))
     for first_block in range(0, layout.num_blocks, step):
@@ -591,10 +600,11 @@ def hybrid_attention(
         start = layout.first - layout.reach + first_block * chunk
         lin = torch.matmul(phi_q[:, :, blocks], outside[:, :, blocks])
         for band_offset, edge_mask in edges:
-            edge_keys = _windows(phi_k, start + band_offset, layout.edge, chunk, count)
+            width = edge_mask.shape[-1]
+            edge_keys = _windows(phi_k, start + band_offset, width, chunk, count)
             kernel = torch.matmul(phi_q[:, :, blocks], edge_keys.transpose(-1, -2))
             kernel.masked_fill_(~edge_mask, 0.0)
-            lin += kernel @ _windows(value, start + band_offset, layout.edge, chunk, count)
+            lin += kernel @ _windows(value, start + band_offset, width, chunk, count)
         band_bias = _windows(key_bias, start, layout.band, chunk, count).transpose(-1, -2)
         bias = window_bias + band_bias  # [B | 1, Hkv | 1, count, G C, band]
         has_key = (bias > float("-inf")).any(-1, keepdim=True)

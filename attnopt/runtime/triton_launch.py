@@ -214,10 +214,6 @@ def triton_can_run(
     Returns:
         A one-line reason, or None.
     """
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return "q, k and v must be 4-d [batch, heads, seq, head_dim]"
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPE_NAMES:
@@ -248,6 +244,14 @@ def triton_can_run(
         reason = _check_block_meta(block_meta, batch, q_heads, q_len, q.device)
         if reason:
             return reason
+    return _check_environment(q, interpret)
+
+
+def _check_environment(q: torch.Tensor, interpret: bool) -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
     if not interpret:
         if q.device.type != "cuda":
             return (
