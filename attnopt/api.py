@@ -62,6 +62,17 @@ def compile(  # noqa: A001 - the public name is fixed by the design
     if not isinstance(args, builtins.tuple):
         args = (args,)
     pipeline = as_pipeline(passes)
+    if backend == "triton-interpret":
+        from attnopt.runtime.triton_backend import prepare_interpreter
+
+        if not prepare_interpreter():
+            warnings.warn(
+                "triton was imported before attnopt could switch on its interpreter; set "
+                "TRITON_INTERPRET=1 before importing torch._dynamo/triton. Attention runs on the "
+                "torch kernels instead.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     compiled = CompiledModule(
         model,
         pipeline,

@@ -12,7 +12,7 @@ from attnopt.tolerances import EXACT, NO_REWRITE
 from tests import zoo
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def zoo_model(name: str, impl: str | None) -> torch.nn.Module:
     """A zoo model, built once per process (tests must not mutate it)."""
     return zoo.get(name).build(impl)

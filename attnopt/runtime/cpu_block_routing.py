@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from attnopt.runtime.cpu_sparse_common import BlockMeta, mask_to_4d
+from attnopt.runtime.cpu_sparse_common import BlockMeta, bookkeeping_threads, mask_to_4d
 
 __all__ = [
     "apply_permutation",
@@ -198,27 +198,31 @@ def route_blocks(
     key_weight = None
     if mask4 is not None and mask4.shape[1:3] == (1, 1) and mask4.shape[3] == kv_len:
         key_weight = _visible_bool(mask4)[:, :, 0, :].unsqueeze(2)  # [Bm, 1, 1, Sk]
-    q_pool = _pool(q, block_q)
+    q_pool = _pool(q, block_q)  # the only passes over q and k: keep every thread
     k_pool = _pool(k, block, key_weight)
-    k_pool = k_pool.repeat_interleave(q_heads // kv_heads, dim=1)
-    logits = torch.matmul(q_pool, k_pool.transpose(-1, -2)) * scale
-    allowed, forced = _block_rules(
-        q_len,
-        kv_len,
-        block_q,
-        block,
-        causal=causal,
-        keep_local=keep_local,
-        sinks=sinks,
-        device=q.device,
-    )
-    allowed = allowed.expand(batch, q_heads, -1, -1)
-    if mask4 is not None:
-        allowed = allowed & _mask_blocks(mask4, block_q, block)
-    forced = forced & allowed
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    counts, indices = _select_blocks(probs, allowed, forced, density=density, threshold=threshold)
+    mask_blocks = None if mask4 is None else _mask_blocks(mask4, block_q, block)
+    with bookkeeping_threads():  # the rest works on [B, H, nQB, nKB]
+        k_pool = k_pool.repeat_interleave(q_heads // kv_heads, dim=1)
+        logits = torch.matmul(q_pool, k_pool.transpose(-1, -2)) * scale
+        allowed, forced = _block_rules(
+            q_len,
+            kv_len,
+            block_q,
+            block,
+            causal=causal,
+            keep_local=keep_local,
+            sinks=sinks,
+            device=q.device,
+        )
+        allowed = allowed.expand(batch, q_heads, -1, -1)
+        if mask_blocks is not None:
+            allowed = allowed & mask_blocks
+        forced = forced & allowed
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        counts, indices = _select_blocks(
+            probs, allowed, forced, density=density, threshold=threshold
+        )
     return BlockMeta(block_q=block_q, block_k=block, kv_counts=counts, kv_indices=indices)
 
 

@@ -444,13 +444,15 @@ class _Layout(NamedTuple):
 def _hybrid_layout(q_len: int, kv_len: int, window: int, causal: bool, chunk: int) -> _Layout:
     offset = kv_len - q_len
     reach = -(-window // chunk) * chunk
-    left_pad = max(0, reach - offset)
+    # At least one all-padding chunk before the first band and after the last one, so prefix and
+    # suffix sums need no zero row prepended.
+    left_pad = max(0, reach + chunk - offset)
     left_pad += -(offset + left_pad) % chunk
     first = offset + left_pad
     num_blocks = -(-q_len // chunk)
     band = chunk + reach * (1 if causal else 2)
     last_band_end = first - reach + (num_blocks - 1) * chunk + band
-    key_len = max(-(-(kv_len + left_pad) // chunk) * chunk, last_band_end)
+    key_len = max(-(-(kv_len + left_pad) // chunk) * chunk, last_band_end) + chunk
     edge = min(band, reach - window + chunk - 1)
     return _Layout(chunk, reach, left_pad, num_blocks, key_len, band, edge, first)
 
@@ -467,9 +469,22 @@ def _band_masks(layout: _Layout, window: int, causal: bool, group: int, device):
 def _blocks(x: torch.Tensor, layout: _Layout) -> torch.Tensor:
     """``[B, Hkv, G, S, X]`` rows -> ``[B, Hkv, n, G C, X]`` query blocks (zero padded)."""
     batch, kv_heads, group, length, width = x.shape
-    x = F.pad(x, (0, 0, 0, layout.num_blocks * layout.chunk - length))
-    x = x.view(batch, kv_heads, group, layout.num_blocks, layout.chunk, width).transpose(2, 3)
+    if length != layout.num_blocks * layout.chunk:
+        x = F.pad(x, (0, 0, 0, layout.num_blocks * layout.chunk - length))
+    x = x.reshape(batch, kv_heads, group, layout.num_blocks, layout.chunk, width).transpose(2, 3)
     return x.reshape(batch, kv_heads, layout.num_blocks, group * layout.chunk, width)
+
+
+def _pad_keys(x: torch.Tensor, layout: _Layout, extra_ones: bool = False) -> torch.Tensor:
+    """Key rows ``[..., Sk, X]`` placed at ``left_pad`` in zeros ``[..., key_len, X (+1)]``."""
+    length, width = x.shape[-2:]
+    out = x.new_empty(*x.shape[:-2], layout.key_len, width + int(extra_ones))
+    out[..., : layout.left_pad, :] = 0.0
+    out[..., layout.left_pad + length :, :] = 0.0
+    out[..., layout.left_pad : layout.left_pad + length, :width] = x
+    if extra_ones:
+        out[..., layout.left_pad : layout.left_pad + length, width] = 1.0
+    return out
 
 
 def _windows(x: torch.Tensor, start: int, size: int, chunk: int, count: int) -> torch.Tensor:
@@ -485,14 +500,13 @@ def _outside_states(phi_k, value, layout: _Layout, causal: bool) -> torch.Tensor
         phi_k.view(batch, kv_heads, -1, chunk, features).transpose(-1, -2),
         value.view(batch, kv_heads, -1, chunk, value.shape[-1]),
     )  # [B, Hkv, key_len / C, F, Dv + 1]
-    # Sums of exactly the wanted chunks (a total minus the band would cancel badly).
-    zero = torch.zeros_like(states[:, :, :1])
+    # Sums of exactly the wanted chunks (a total minus the band would cancel badly). The layout
+    # leaves an empty chunk at each end, so the exclusive prefix at chunk c is cumsum[c - 1].
     start = (layout.first - layout.reach) // chunk
-    outside = torch.cat([zero, states.cumsum(2)], dim=2)[:, :, start : start + count]
+    outside = states.cumsum(2)[:, :, start - 1 : start - 1 + count]
     if not causal:
         stop = start + layout.band // chunk
-        suffix = torch.cat([states.flip(2).cumsum(2).flip(2), zero], dim=2)
-        outside = outside + suffix[:, :, stop : stop + count]
+        outside = outside + states.flip(2).cumsum(2).flip(2)[:, :, stop : stop + count]
     return outside
 
 
@@ -527,7 +541,7 @@ def hybrid_attention(
     causal: bool = False,
     mask: torch.Tensor | None = None,
     scale: float | None = None,
-    chunk: int = 128,
+    chunk: int = 64,
 ) -> torch.Tensor:
     """Exact softmax inside a local window plus linear attention outside it, one normalisation.
 
@@ -573,15 +587,14 @@ def hybrid_attention(
     batch, kv_heads, group, q_len, _ = prep.phi_q.shape
     kv_len, compute, dv = k.shape[2], prep.value.dtype, v.shape[-1]
     layout = _hybrid_layout(q_len, kv_len, window, causal, chunk)
-    pad = (0, 0, layout.left_pad, layout.key_len - layout.left_pad - kv_len)
-    keys = F.pad(k.to(compute), pad)
-    value = F.pad(torch.cat([prep.value, torch.ones_like(prep.value[..., :1])], dim=-1), pad)
-    phi_k = F.pad(prep.phi_k, pad)
-    key_bias = torch.full((1, 1, layout.key_len, 1), float("-inf"), dtype=compute, device=q.device)
-    key_bias = key_bias.repeat(*(1, 1) if mask is None else prep.key_log_weight.shape[:2], 1, 1)
-    key_bias[:, :, layout.left_pad : layout.left_pad + kv_len] = (
-        0.0 if mask is None else prep.key_log_weight.transpose(-1, -2)
-    )
+    keys = _pad_keys(k.to(compute), layout)
+    value = _pad_keys(prep.value, layout, extra_ones=True)  # [V, 1]: the normaliser column
+    phi_k = _pad_keys(prep.phi_k, layout)
+    key_bias = _pad_keys(torch.zeros(1, 1, kv_len, 1, dtype=compute, device=q.device), layout)
+    if prep.key_log_weight is not None:
+        key_bias = _pad_keys(prep.key_log_weight.transpose(-1, -2), layout)
+    key_bias[:, :, : layout.left_pad] = float("-inf")
+    key_bias[:, :, layout.left_pad + kv_len :] = float("-inf")
     outside = _outside_states(phi_k, value, layout, causal)
     q_blocks = _blocks(q.to(compute).reshape(batch, kv_heads, group, q_len, -1), layout)
     phi_q = _blocks(prep.phi_q, layout)

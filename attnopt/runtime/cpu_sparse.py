@@ -36,6 +36,7 @@ from attnopt.runtime.cpu_neighborhood import neighborhood_attention, neighborhoo
 from attnopt.runtime.cpu_sparse_common import (
     BlockMeta,
     additive_mask,
+    bookkeeping_threads,
     chunked_flash,
     dense_attention,
     flash_attend,
@@ -184,9 +185,10 @@ class _window_interior:
         self.k_win = self._windows(k_flat)
         self.v_win = self._windows(v_flat)
         self.k_flat, self.v_flat = k_flat, v_flat
-        local = torch.arange(self.width, device=q.device)
-        rows = torch.arange(chunk, device=q.device).unsqueeze(1)
-        self.band = (local >= rows) & (local <= rows + left + right)
+        with bookkeeping_threads():
+            local = torch.arange(self.width, device=q.device)
+            rows = torch.arange(chunk, device=q.device).unsqueeze(1)
+            self.band = (local >= rows) & (local <= rows + left + right)
 
     def _windows(self, x_flat: torch.Tensor) -> torch.Tensor:
         rows, length, dim = x_flat.shape
@@ -201,9 +203,10 @@ class _window_interior:
         lo, hi = self.first * self.chunk, (self.first + self.num) * self.chunk
         q_win = self.q[:, :, lo:hi].reshape(batch * heads, self.num, self.chunk, head_dim)
         device = self.q.device
-        q_pos = torch.arange(lo, hi, device=device).view(self.num, self.chunk, 1)
-        k_pos = (self.key_start + self.chunk * torch.arange(self.num, device=device)).view(-1, 1, 1)
-        k_pos = k_pos + torch.arange(self.width, device=device)
+        with bookkeeping_threads():
+            q_pos = torch.arange(lo, hi, device=device).view(self.num, self.chunk, 1)
+            k_pos = self.key_start + self.chunk * torch.arange(self.num, device=device)
+            k_pos = k_pos.view(-1, 1, 1) + torch.arange(self.width, device=device)
         user = [None if t is None else gather_pairs(t, q_pos, k_pos) for t in (mask4, bias4)]
         win_out, win_lse = chunked_flash(
             q_win, self.k_win, self.v_win, self.band, user, scale, batch=batch
@@ -278,14 +281,15 @@ def _window_edge(
     pick = slice(int(k_pos[0]), int(k_pos[-1]) + 1) if contiguous else k_pos
     k_sel = k_flat[:, pick].reshape(batch, heads, k_pos.numel(), -1)
     v_sel = v_flat[:, pick].reshape(batch, heads, k_pos.numel(), -1)
-    aligned = torch.arange(start, stop, device=device).unsqueeze(1) + offset
-    keys = k_pos.unsqueeze(0)
-    allowed = ((keys >= aligned - left) & (keys <= aligned + right)) | (keys < sinks)
-    if causal:
-        allowed &= keys <= aligned
-    q_pos = aligned - offset
-    user = [None if t is None else gather_pairs(t, q_pos, keys) for t in (mask4, bias4)]
-    addend = additive_mask(allowed, *user, q.dtype)
+    with bookkeeping_threads():
+        aligned = torch.arange(start, stop, device=device).unsqueeze(1) + offset
+        keys = k_pos.unsqueeze(0)
+        allowed = ((keys >= aligned - left) & (keys <= aligned + right)) | (keys < sinks)
+        if causal:
+            allowed &= keys <= aligned
+        q_pos = aligned - offset
+        user = [None if t is None else gather_pairs(t, q_pos, keys) for t in (mask4, bias4)]
+        addend = additive_mask(allowed, *user, q.dtype)
     chunk_out, _ = flash_attend(q[:, :, start:stop], k_sel, v_sel, addend, scale)
     out[:, :, start:stop] = chunk_out
     return (stop - start) * k_pos.numel()
@@ -346,9 +350,9 @@ def block_sparse_attention(
     """
     group = _check_qkv(q, k, v)
     batch, q_heads, q_len, head_dim = q.shape
-    kv_heads, kv_len, value_dim = k.shape[1], k.shape[2], v.shape[3]
-    block_q, block_k = meta.block_q, meta.block_k
-    num_q_blocks, num_kv_blocks = -(-q_len // block_q), -(-kv_len // block_k)
+    kv_len = k.shape[2]
+    num_q_blocks = -(-q_len // meta.block_q)
+    num_kv_blocks = -(-kv_len // meta.block_k)
     if (
         meta.num_q_blocks != num_q_blocks
         or meta.kv_counts.shape[0] not in (1, batch)
@@ -356,76 +360,11 @@ def block_sparse_attention(
     ):
         raise ValueError(f"metadata {tuple(meta.kv_counts.shape)} does not fit q {tuple(q.shape)}")
     scale = head_dim**-0.5 if scale is None else scale
-    counts = meta.kv_counts.long().expand(batch, q_heads, num_q_blocks).reshape(-1)
-    if bool((counts >= num_kv_blocks).all()):
+    if bool((meta.kv_counts >= num_kv_blocks).all()):
         record_computed(stats, q_len * kv_len, q_len * kv_len)
         return dense_attention(q, k, v, scale=scale, causal=causal, mask=mask, bias=bias)
-    indices = meta.kv_indices.long().expand(batch, q_heads, num_q_blocks, -1)
-    indices = indices.reshape(counts.numel(), -1)
-    q_blocks = _pad_seq(q, num_q_blocks * block_q).reshape(-1, block_q, head_dim)
-    k_blocks = _pad_seq(k, num_kv_blocks * block_k).reshape(-1, block_k, head_dim)
-    v_blocks = _pad_seq(v, num_kv_blocks * block_k).reshape(-1, block_k, value_dim)
-    row_ids = torch.arange(counts.numel(), device=q.device)
-    head_of_row = (row_ids // num_q_blocks) % q_heads
-    batch_of_row = row_ids // (num_q_blocks * q_heads)
-    kv_base = (batch_of_row * kv_heads + head_of_row // group) * num_kv_blocks
-    plan = _BlockPlan(
-        block_q,
-        block_k,
-        q_len,
-        kv_len,
-        causal,
-        mask_to_4d(mask, "mask"),
-        mask_to_4d(bias, "bias"),
-        q.dtype,
-    )
-    out_blocks = q.new_zeros(counts.numel(), block_q, value_dim)
-    order = torch.argsort(counts, stable=True)
-    order = order[counts[order] > 0]
-    widest = int(counts.max()) if order.numel() else 0
-    per_slice = max(1, GATHER_BUDGET // max(1, widest * block_k * max(head_dim, value_dim)))
-    k_buffer = q.new_empty(min(per_slice, order.numel()) * widest * block_k * head_dim)
-    v_buffer = q.new_empty(min(per_slice, order.numel()) * widest * block_k * value_dim)
-    computed = 0
-    for start in range(0, order.numel(), per_slice):
-        rows = order[start : start + per_slice]
-        width = int(counts[rows[-1]])
-        slots = indices[rows, :width]
-        valid = torch.arange(width, device=q.device) < counts[rows].unsqueeze(1)
-        slots = torch.where(valid, slots, slots[:, :1])
-        flat = (kv_base[rows].unsqueeze(1) + slots).reshape(-1)
-        count, keys = rows.numel(), width * block_k
-        k_sel = torch.index_select(
-            k_blocks,
-            0,
-            flat,
-            out=k_buffer[: flat.numel() * block_k * head_dim].view(-1, block_k, head_dim),
-        )
-        v_sel = torch.index_select(
-            v_blocks,
-            0,
-            flat,
-            out=v_buffer[: flat.numel() * block_k * value_dim].view(-1, block_k, value_dim),
-        )
-        addend = plan.addend(
-            rows % num_q_blocks, slots, valid, batch_of_row[rows], head_of_row[rows]
-        )
-        first = int(rows[0])
-        in_order = int(rows[-1]) - first + 1 == count and bool((rows.diff() == 1).all())
-        q_sel = q_blocks[first : first + count] if in_order else q_blocks.index_select(0, rows)
-        res, _ = flash_attend(
-            q_sel.unsqueeze(1),
-            k_sel.view(count, 1, keys, head_dim),
-            v_sel.view(count, 1, keys, value_dim),
-            addend,
-            scale,
-        )
-        if in_order:
-            out_blocks[first : first + count] = res.squeeze(1)
-        else:
-            out_blocks.index_copy_(0, rows, res.squeeze(1))
-        computed += count * block_q * keys
-    out = out_blocks.view(batch, q_heads, num_q_blocks * block_q, value_dim)[:, :, :q_len]
+    run = _BlockSparseRun(q, k, v, meta, group, scale, causal, mask, bias)
+    out, computed = run.run()
     record_computed(stats, computed, batch * q_heads * q_len * kv_len)
     return out
 
@@ -437,53 +376,149 @@ def _pad_seq(x: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([x, pad], dim=2)
 
 
-class _BlockPlan:
-    """Builds the additive mask of one slice of query blocks, or None when nothing is masked."""
+class _BlockSparseRun:
+    """One block-sparse call: query blocks sorted by key-block count, cut into slices whose
+    gathered keys fit :data:`GATHER_BUDGET`; each slice gathers its key blocks into reused buffers
+    and runs one flash call. Causal slices run the diagonal block apart (its small causal mask)
+    and merge it through the log-sum-exp, so the wide call needs no mask."""
 
-    def __init__(self, block_q, block_k, q_len, kv_len, causal, mask4, bias4, dtype) -> None:
-        self.block_q, self.block_k = block_q, block_k
-        self.q_len, self.kv_len, self.causal = q_len, kv_len, causal
-        self.mask4, self.bias4, self.dtype = mask4, bias4, dtype
+    def __init__(self, q, k, v, meta, group, scale, causal, mask, bias) -> None:
+        batch, q_heads, q_len, head_dim = q.shape
+        kv_heads, kv_len, value_dim = k.shape[1], k.shape[2], v.shape[3]
+        self.block_q, self.block_k = meta.block_q, meta.block_k
+        self.num_q_blocks = -(-q_len // self.block_q)
+        num_kv_blocks = -(-kv_len // self.block_k)
+        self.q_len, self.kv_len, self.causal, self.scale = q_len, kv_len, causal, scale
+        self.mask4, self.bias4 = mask_to_4d(mask, "mask"), mask_to_4d(bias, "bias")
+        self.shape = (batch, q_heads, q_len, value_dim)
+        with bookkeeping_threads():
+            rows = batch * q_heads * self.num_q_blocks
+            self.counts = meta.kv_counts.long().expand(batch, q_heads, -1).reshape(rows)
+            self.indices = meta.kv_indices.long().expand(batch, q_heads, self.num_q_blocks, -1)
+            self.indices = self.indices.reshape(rows, -1)
+            row_ids = torch.arange(rows, device=q.device)
+            self.head_of_row = (row_ids // self.num_q_blocks) % q_heads
+            self.batch_of_row = row_ids // (self.num_q_blocks * q_heads)
+            self.kv_base = (
+                self.batch_of_row * kv_heads + self.head_of_row // group
+            ) * num_kv_blocks
+            order = torch.argsort(self.counts, stable=True)
+            self.order = order[self.counts[order] > 0]
+            widest = int(self.counts.max())
+        self.q_blocks = _pad_seq(q, self.num_q_blocks * self.block_q).reshape(
+            -1, self.block_q, head_dim
+        )
+        self.k_blocks = _pad_seq(k, num_kv_blocks * self.block_k).reshape(
+            -1, self.block_k, head_dim
+        )
+        self.v_blocks = _pad_seq(v, num_kv_blocks * self.block_k).reshape(
+            -1, self.block_k, value_dim
+        )
+        self.per_slice = max(
+            1, GATHER_BUDGET // max(1, widest * self.block_k * max(head_dim, value_dim))
+        )
+        size = min(self.per_slice, self.order.numel()) * widest * self.block_k
+        self.k_buffer = q.new_empty(size * head_dim)
+        self.v_buffer = q.new_empty(size * value_dim)
+        self.out_blocks = q.new_zeros(rows, self.block_q, value_dim)
 
-    def addend(self, q_block, slots, valid, batch_idx, head_idx) -> torch.Tensor | None:
-        # decide on the small [rows, slots] tensors first: most slices need no mask at all
-        offset = self.kv_len - self.q_len
-        ragged = not bool(valid.all())
-        tail = self.kv_len % self.block_k != 0 and bool(
-            (slots == (self.kv_len - 1) // self.block_k).any()
+    def run(self) -> tuple[torch.Tensor, int]:
+        computed = 0
+        for start in range(0, self.order.numel(), self.per_slice):
+            rows = self.order[start : start + self.per_slice]
+            with bookkeeping_threads():
+                q_block = rows % self.num_q_blocks
+                counts = self.counts[rows]
+                width = int(counts[-1])
+                slots = self.indices[rows, :width]
+                position = torch.arange(width, device=rows.device)
+                valid = position < counts.unsqueeze(1)
+                slots = torch.where(valid, slots, slots[:, :1])
+                first = int(rows[0])
+                in_order = int(rows[-1]) - first + 1 == rows.numel() and bool(
+                    (rows.diff() == 1).all()
+                )
+                last = counts.unsqueeze(1) - 1
+                split = (
+                    self.causal
+                    and width > 1
+                    and not bool(
+                        (self._crossing(slots, q_block) & valid & (position != last)).any()
+                    )
+                )
+            q_sel = self.q_blocks[first : first + rows.numel()] if in_order else self.q_blocks[rows]
+            q_sel = q_sel.unsqueeze(1)
+            if split:  # every block but the last (diagonal) one lies wholly in the past
+                out, lse = self._part(
+                    rows, q_block, q_sel, slots[:, :-1], valid[:, :-1] & (position[:-1] < last)
+                )
+                diag_out, diag_lse = self._part(rows, q_block, q_sel, slots.gather(1, last), None)
+                out = merge_partials(out, lse, diag_out, diag_lse)
+                computed += rows.numel() * self.block_q * (width - 1 + 1) * self.block_k
+            else:
+                out, _ = self._part(rows, q_block, q_sel, slots, valid)
+                computed += rows.numel() * self.block_q * width * self.block_k
+            if in_order:
+                self.out_blocks[first : first + rows.numel()] = out.squeeze(1)
+            else:
+                self.out_blocks.index_copy_(0, rows, out.squeeze(1))
+        out = self.out_blocks.view(*self.shape[:2], -1, self.shape[3])[:, :, : self.q_len]
+        return out, computed
+
+    def _crossing(self, slots: torch.Tensor, q_block: torch.Tensor) -> torch.Tensor:
+        """Key blocks reaching past the first query of their query block (need a causal mask)."""
+        first_query = q_block * self.block_q + (self.kv_len - self.q_len)
+        return slots * self.block_k + self.block_k - 1 > first_query.unsqueeze(1)
+
+    def _part(self, rows, q_block, q_sel, slots, valid) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flash attention of the slice's query blocks on the given key-block slots."""
+        count, keys = rows.numel(), slots.shape[1] * self.block_k
+        head_dim, value_dim = self.k_blocks.shape[-1], self.v_blocks.shape[-1]
+        with bookkeeping_threads():
+            flat = (self.kv_base[rows].unsqueeze(1) + slots).reshape(-1)
+        k_out = self.k_buffer[: count * keys * head_dim].view(-1, self.block_k, head_dim)
+        v_out = self.v_buffer[: count * keys * value_dim].view(-1, self.block_k, value_dim)
+        k_sel = torch.index_select(self.k_blocks, 0, flat, out=k_out).view(count, 1, keys, head_dim)
+        v_sel = torch.index_select(self.v_blocks, 0, flat, out=v_out).view(
+            count, 1, keys, value_dim
         )
-        crossing = self.causal and bool(
-            (
-                slots.amax(dim=1) * self.block_k + self.block_k - 1
-                > q_block * self.block_q + offset
-            ).any()
-        )
+        addend = self._addend(rows, q_block, slots, valid)
+        out, lse = flash_attend(q_sel, k_sel, v_sel, addend, self.scale)
+        return out, mask_empty_rows(lse, addend)
+
+    def _addend(self, rows, q_block, slots, valid) -> torch.Tensor | None:
+        """Additive mask of one part, or None; decided on the small ``[rows, slots]`` tensors."""
+        with bookkeeping_threads():
+            ragged = valid is not None and not bool(valid.all())
+            tail = self.kv_len % self.block_k != 0 and bool(
+                (slots == (self.kv_len - 1) // self.block_k).any()
+            )
+            crossing = self.causal and bool(self._crossing(slots, q_block).any())
         if not (ragged or tail or crossing) and self.mask4 is None and self.bias4 is None:
             return None
-        device = slots.device
+        device, offset = slots.device, self.kv_len - self.q_len
         k_pos = slots.unsqueeze(-1) * self.block_k + torch.arange(self.block_k, device=device)
         k_pos = k_pos.reshape(slots.shape[0], 1, -1)
         q_pos = q_block.view(-1, 1, 1) * self.block_q + torch.arange(self.block_q, device=device)
         q_pos = q_pos.view(-1, self.block_q, 1)
         allowed = None
         if ragged or tail:
-            allowed = valid.repeat_interleave(self.block_k, dim=1).unsqueeze(1) & (
-                k_pos < self.kv_len
-            )
+            allowed = k_pos < self.kv_len
+            if valid is not None:
+                allowed = allowed & valid.repeat_interleave(self.block_k, dim=1).unsqueeze(1)
         if crossing:
             past = k_pos <= q_pos + offset
             allowed = past if allowed is None else allowed & past
         user = []
         for t in (self.mask4, self.bias4):
             if t is not None:
-                rows_b, rows_h = batch_idx.view(-1, 1, 1), head_idx.view(-1, 1, 1)
                 t = gather_pairs(
                     t,
                     q_pos.clamp(max=self.q_len - 1),
                     k_pos.clamp(max=self.kv_len - 1),
-                    batch_idx=rows_b,
-                    head_idx=rows_h,
+                    batch_idx=self.batch_of_row[rows].view(-1, 1, 1),
+                    head_idx=self.head_of_row[rows].view(-1, 1, 1),
                 )
             user.append(t)
-        addend = additive_mask(allowed, *user, self.dtype)
+        addend = additive_mask(allowed, *user, self.q_blocks.dtype)
         return None if addend is None else addend.unsqueeze(1)

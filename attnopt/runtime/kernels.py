@@ -181,6 +181,7 @@ class KernelNamespace:
         self.backend = backend
         self.taps: dict[int, torch.Tensor] | None = None
         self.input_taps: dict[int, list[list[Any]]] | None = None
+        self.calls: dict[str, int] = {"triton": 0, "torch": 0}
         self._warned: set[str] = set()
 
     def attention(self, inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor:
@@ -192,6 +193,9 @@ class KernelNamespace:
             out = self._try_triton(inputs, attrs)
         if out is None:
             out = attention_torch(inputs, attrs)
+            self.calls["torch"] += 1
+        else:
+            self.calls["triton"] += 1
         if self.taps is not None and attrs.site >= 0:
             self.taps[attrs.site] = out.detach()
         return out

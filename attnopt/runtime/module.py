@@ -2,7 +2,8 @@
 
 Entry point: :class:`CompiledModule` (built by ``attnopt.compile``).
 
-Shapes are specialised per input signature (tensor shapes, dtypes, devices and the values of
+Compiled modules run inference: the program runs under ``torch.no_grad()``. Shapes are
+specialised per input signature (tensor shapes, dtypes, devices and the values of
 non-tensor inputs); a new signature is captured and compiled again and cached, so a different
 batch size or sequence length never gives a wrong result. ``stats`` counts compilations.
 """
@@ -246,7 +247,8 @@ class CompiledModule(torch.nn.Module):
     def _run(self, entry: CompiledEntry, args: tuple, kwargs: dict) -> Any:
         flat, _ = pytree.tree_flatten((args, kwargs))
         inputs = [flat[i] for i in entry.captured.input_positions]
-        outputs = entry.program.fn(*inputs)
+        with torch.no_grad():  # an inference compiler: sparse and generated kernels have no backward
+            outputs = entry.program.fn(*inputs)
         return pytree.tree_unflatten(list(outputs), entry.captured.out_spec)
 
     def run_with_taps(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[int, torch.Tensor]]:

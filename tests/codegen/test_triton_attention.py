@@ -236,6 +236,14 @@ def test_block_sparse_skips_unlisted_blocks(kernel_cache: KernelCache) -> None:
     assert_close(out, expected)
 
 
+@needs_interpreter
+def test_strided_inputs_from_packed_qkv(kernel_cache: KernelCache) -> None:
+    packed = torch.randn(2, 19, 3, 3 * 40, generator=torch.Generator().manual_seed(1))
+    q, k, v = (part.transpose(1, 2) for part in packed.split(40, dim=-1))  # [B, H, S, D] views
+    out = triton_attention(q, k, v, scale=None, causal=True, interpret=True, cache=kernel_cache)
+    assert_close(out, attention_reference(q, k, v, causal=True))
+
+
 def test_block_meta_from_block_mask_lists_and_full_blocks() -> None:
     block_mask = torch.tensor([[True, False, True], [True, True, True]])
     meta = BlockSparseMeta.from_block_mask(block_mask, 16, 16, q_len=32, kv_len=40, causal=True)
@@ -330,11 +338,12 @@ def test_can_run_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
         assert "bfloat16" in triton_can_run(
             q.bfloat16(), q.bfloat16(), q.bfloat16(), interpret=True
         )
-    monkeypatch.setattr(triton_launch, "triton_interpreter_ready", lambda: False)
+    # The interpreter is only used when asked for, even in a process that could interpret.
     assert "CUDA" in triton_can_run(q, q, q)
-    assert "TRITON_INTERPRET" in triton_can_run(q, q, q, interpret=True)
     with pytest.raises(BackendError, match="CUDA"):
         triton_attention(q, q, q, scale=None)
+    monkeypatch.setattr(triton_launch, "triton_interpreter_ready", lambda: False)
+    assert "TRITON_INTERPRET" in triton_can_run(q, q, q, interpret=True)
 
 
 def test_in_subprocess() -> None:

@@ -73,9 +73,15 @@ def test_symbolic_dims_parse_and_print():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("graph(%x: f32[2]) {\n  %y: f32[2] = exp(%z)\n  return (%y)\n}", "used before it is defined"),
+        (
+            "graph(%x: f32[2]) {\n  %y: f32[2] = exp(%z)\n  return (%y)\n}",
+            "used before it is defined",
+        ),
         ("graph(%x: f32[2]) {\n  %y: f32[2] = nosuchop(%x)\n  return (%y)\n}", "unknown op"),
-        ("graph(%x: f32[2]) {\n  %y: f32[2] = softmax(%x) {bogus=1}\n  return (%y)\n}", "no attribute"),
+        (
+            "graph(%x: f32[2]) {\n  %y: f32[2] = softmax(%x) {bogus=1}\n  return (%y)\n}",
+            "no attribute",
+        ),
         ("graph(%x: f32[2]) {\n  %x: f32[2] = exp(%x)\n  return (%x)\n}", "defined twice"),
         ("grph(%x: f32[2]) {\n}", "must start"),
     ],
@@ -92,7 +98,9 @@ def test_verifier_checks_types_against_inference():
 
 
 def test_verifier_runs_op_rules():
-    graph = parse("graph(%x: f32[2,3]) {\n  %y: f32[3,2] = permute(%x) {dims=[1, 1]}\n  return (%y)\n}")
+    graph = parse(
+        "graph(%x: f32[2,3]) {\n  %y: f32[3,2] = permute(%x) {dims=[1, 1]}\n  return (%y)\n}"
+    )
     with pytest.raises(IRVerifyError, match="not a permutation"):
         verify(graph, check_types=False)
     bad = parse(
@@ -133,7 +141,12 @@ def test_networkx_view_is_read_only():
 def test_register_custom_op_round_trips():
     try:
         register_op(
-            OpDef("test_double", DimAttrs, lambda inputs, attrs: inputs[0] * 2, emit=lambda n, a: f"{n[0]} * 2")
+            OpDef(
+                "test_double",
+                DimAttrs,
+                lambda inputs, attrs: inputs[0] * 2,
+                emit=lambda n, a: f"{n[0]} * 2",
+            )
         )
     except ValueError:
         pass  # already registered by an earlier run in this process
@@ -141,7 +154,12 @@ def test_register_custom_op_round_trips():
     graph = parse(text)
     verify(graph)
     assert str(graph) == text
-    assert get_op("test_double").cost_of([graph.inputs[0].type], [graph.outputs[0].type], DimAttrs()).flops == 3
+    assert (
+        get_op("test_double")
+        .cost_of([graph.inputs[0].type], [graph.outputs[0].type], DimAttrs())
+        .flops
+        == 3
+    )
 
 
 def test_registering_twice_is_refused():

@@ -26,7 +26,17 @@ from attnopt.runtime.reference import attention_reference, visible_keys_mask
 from attnopt.tolerances import assert_close
 
 
-def _qkv(batch=2, q_heads=4, kv_heads=2, q_len=40, kv_len=40, dim=16, value_dim=16, dtype=torch.float32, seed=0):
+def _qkv(
+    batch=2,
+    q_heads=4,
+    kv_heads=2,
+    q_len=40,
+    kv_len=40,
+    dim=16,
+    value_dim=16,
+    dtype=torch.float32,
+    seed=0,
+):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, q_heads, q_len, dim, generator=gen).to(dtype)
     k = torch.randn(batch, kv_heads, kv_len, dim, generator=gen).to(dtype)
@@ -48,7 +58,9 @@ def _extras(kind, batch, q_heads, q_len, kv_len):
     if kind == "padding":
         return _padding_mask(batch, kv_len, kv_len // 3), None
     if kind == "float_mask_bias":
-        mask = torch.zeros(1, 1, q_len, kv_len).masked_fill(torch.rand(q_len, kv_len, generator=gen) < 0.2, float("-inf"))
+        mask = torch.zeros(1, 1, q_len, kv_len).masked_fill(
+            torch.rand(q_len, kv_len, generator=gen) < 0.2, float("-inf")
+        )
         return mask, torch.randn(1, q_heads, q_len, kv_len, generator=gen)
     if kind == "per_batch":
         return torch.rand(batch, 1, q_len, kv_len, generator=gen) > 0.3, None
@@ -74,12 +86,26 @@ WINDOW_CASES = [
 @pytest.mark.parametrize("case", WINDOW_CASES)
 @pytest.mark.parametrize("extras", ["none", "padding", "float_mask_bias", "per_batch"])
 @pytest.mark.parametrize("chunk", [8, None])
-def test_sliding_window_matches_reference(case, extras, chunk):
+def test_sliding_window_matches_reference(case, extras, chunk, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(cpu_sparse, "EDGE_BUDGET", 64)  # one edge chunk per call
     q_len, kv_len, left, right, sinks, causal = case
     q, k, v = _qkv(q_len=q_len, kv_len=kv_len)
     mask, bias = _extras(extras, 2, 4, q_len, kv_len)
     stats = {}
-    out = sliding_window_attention(q, k, v, window_left=left, window_right=right, sinks=sinks, causal=causal, mask=mask, bias=bias, query_chunk=chunk, stats=stats)
+    out = sliding_window_attention(
+        q,
+        k,
+        v,
+        window_left=left,
+        window_right=right,
+        sinks=sinks,
+        causal=causal,
+        mask=mask,
+        bias=bias,
+        query_chunk=chunk,
+        stats=stats,
+    )
     visible = visible_keys_mask(q_len, kv_len, window_left=left, window_right=right, sinks=sinks)
     expected = attention_reference(q, k, v, mask=mask, bias=bias, causal=causal, visible=visible)
     assert_close(out, expected)
@@ -89,7 +115,9 @@ def test_sliding_window_matches_reference(case, extras, chunk):
 def test_sliding_window_interior_is_one_strided_call_and_skips_work():
     q, k, v = _qkv(batch=1, q_heads=2, kv_heads=2, q_len=512, kv_len=512)
     stats = {}
-    out = sliding_window_attention(q, k, v, window_left=32, window_right=0, sinks=4, causal=True, query_chunk=32, stats=stats)
+    out = sliding_window_attention(
+        q, k, v, window_left=32, window_right=0, sinks=4, causal=True, query_chunk=32, stats=stats
+    )
     visible = visible_keys_mask(512, 512, window_left=32, window_right=0, sinks=4)
     assert_close(out, attention_reference(q, k, v, causal=True, visible=visible))
     assert stats["computed_fraction"] < 0.2
@@ -99,7 +127,9 @@ def test_sliding_window_interior_is_one_strided_call_and_skips_work():
 def test_sliding_window_covering_everything_is_dense(causal):
     q, k, v = _qkv(q_len=33, kv_len=33)
     dense = dense_attention(q, k, v, scale=0.25, causal=causal, mask=None, bias=None)
-    out = sliding_window_attention(q, k, v, window_left=40, window_right=40, sinks=2, causal=causal, scale=0.25)
+    out = sliding_window_attention(
+        q, k, v, window_left=40, window_right=40, sinks=2, causal=causal, scale=0.25
+    )
     assert torch.equal(out, dense)
 
 
@@ -107,7 +137,9 @@ def test_sliding_window_covering_everything_is_dense(causal):
 def test_sliding_window_low_precision(dtype):
     q, k, v = _qkv(q_len=48, kv_len=48, dtype=dtype)
     mask = _padding_mask(2, 48, 5)
-    out = sliding_window_attention(q, k, v, window_left=8, window_right=0, sinks=2, causal=True, mask=mask, query_chunk=8)
+    out = sliding_window_attention(
+        q, k, v, window_left=8, window_right=0, sinks=2, causal=True, mask=mask, query_chunk=8
+    )
     visible = visible_keys_mask(48, 48, window_left=8, window_right=0, sinks=2)
     assert out.dtype == dtype
     assert_close(out, attention_reference(q, k, v, mask=mask, causal=True, visible=visible))
@@ -126,7 +158,9 @@ def test_sliding_window_value_dim_differs_and_float64():
 def _random_meta(batch_meta, heads_meta, q_len, kv_len, block_q, block_k, seed=0, allow_empty=True):
     gen = torch.Generator().manual_seed(seed)
     num_q, num_k = -(-q_len // block_q), -(-kv_len // block_k)
-    counts = torch.randint(0 if allow_empty else 1, num_k + 1, (batch_meta, heads_meta, num_q), generator=gen)
+    counts = torch.randint(
+        0 if allow_empty else 1, num_k + 1, (batch_meta, heads_meta, num_q), generator=gen
+    )
     indices = torch.zeros(batch_meta, heads_meta, num_q, num_k, dtype=torch.int32)
     for idx in range(counts.numel()):
         b, h, m = torch.unravel_index(torch.tensor(idx), counts.shape)
@@ -224,7 +258,9 @@ def test_routed_block_sparse_matches_reference(causal):
     keep = _padding_mask(2, 80, 13)
     meta = route_blocks(q, k, block=16, density=0.4, sinks=1, causal=causal, mask=keep)
     out = block_sparse_attention(q, k, v, meta, causal=causal, mask=keep)
-    expected = attention_reference(q, k, v, mask=keep, causal=causal, visible=block_meta_visible(meta, 80, 80))
+    expected = attention_reference(
+        q, k, v, mask=keep, causal=causal, visible=block_meta_visible(meta, 80, 80)
+    )
     assert_close(out, expected)
 
 
@@ -234,7 +270,9 @@ def test_static_pattern_from_calibration():
     scores.append(calibration_block_scores(q.flip(2), k, block_q=16, block_k=16, causal=True))
     assert scores[0].shape == (4, 4, 4)
     torch.testing.assert_close(scores[0].sum(-1), torch.ones(4, 4))
-    meta = static_block_pattern(scores, density=0.5, block_q=16, block_k=16, q_len=64, kv_len=64, causal=True)
+    meta = static_block_pattern(
+        scores, density=0.5, block_q=16, block_k=16, q_len=64, kv_len=64, causal=True
+    )
     assert meta.kv_counts.shape == (1, 4, 4)
     _check_meta_invariants(meta, 4)
     assert meta.kv_counts[0, :, 0].eq(1).all() and meta.kv_counts[0, :, 3].eq(2).all()
@@ -285,7 +323,9 @@ def _natten_start(index, length, kernel, dilation):
     return index - half * dilation
 
 
-@pytest.mark.parametrize("length,kernel,dilation", [(9, 3, 1), (10, 5, 1), (13, 3, 2), (14, 3, 3), (12, 5, 2)])
+@pytest.mark.parametrize(
+    "length,kernel,dilation", [(9, 3, 1), (10, 5, 1), (13, 3, 2), (14, 3, 3), (12, 5, 2)]
+)
 def test_neighborhood_axis_windows_match_natten(length, kernel, dilation):
     visible = neighborhood_visible((length, 1), (kernel, 1), (dilation, 1))
     for i in range(length):
@@ -313,7 +353,19 @@ def test_neighborhood_matches_reference(case, extras):
     q, k, v = _qkv(q_len=seq, kv_len=seq, batch=2)
     mask, bias = _extras(extras, 2, 4, seq, seq)
     stats = {}
-    out = neighborhood_attention(q, k, v, grid=grid, kernel=kernel, dilation=dilation, num_global=num_global, mask=mask, bias=bias, tile=tile, stats=stats)
+    out = neighborhood_attention(
+        q,
+        k,
+        v,
+        grid=grid,
+        kernel=kernel,
+        dilation=dilation,
+        num_global=num_global,
+        mask=mask,
+        bias=bias,
+        tile=tile,
+        stats=stats,
+    )
     visible = neighborhood_visible(grid, kernel, dilation, num_global)
     kernels = (kernel,) * len(grid) if isinstance(kernel, int) else kernel
     assert (visible[num_global:].sum(-1) == num_global + math.prod(kernels)).all()
@@ -327,4 +379,6 @@ def test_neighborhood_bf16_and_full_kernel_is_dense():
     out = neighborhood_attention(q, k, v, grid=(8, 8), kernel=5, num_global=1)
     assert_close(out, attention_reference(q, k, v, visible=neighborhood_visible((8, 8), 5, 1, 1)))
     full = neighborhood_attention(q, k, v, grid=(8, 8), kernel=8, num_global=1)
-    assert torch.equal(full, dense_attention(q, k, v, scale=16**-0.5, causal=False, mask=None, bias=None))
+    assert torch.equal(
+        full, dense_attention(q, k, v, scale=16**-0.5, causal=False, mask=None, bias=None)
+    )

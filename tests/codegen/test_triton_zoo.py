@@ -1,0 +1,73 @@
+"""Every zoo model compiles with backend="triton-interpret": the generated Triton kernels serve
+every attention site (in the interpreter) and the model matches eager."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+import attnopt
+from attnopt.runtime.triton_launch import triton_interpreter_ready
+from tests import zoo
+from tests.helpers import assert_matches_eager, zoo_cases, zoo_model
+
+pytestmark = pytest.mark.skipif(
+    not triton_interpreter_ready(), reason="triton imported before TRITON_INTERPRET was set"
+)
+
+
+@pytest.mark.parametrize("name, impl", zoo_cases())
+def test_zoo_model_runs_on_generated_kernels(name, impl):
+    model = zoo_model(name, impl)
+    args, kwargs = zoo.get(name).example(2, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cm = attnopt.compile(model, args, kwargs, backend="triton-interpret")
+        assert_matches_eager(model, cm, args, kwargs)
+    fallbacks = [str(w.message) for w in caught if "using torch kernels" in str(w.message)]
+    assert not fallbacks
+    entry = cm.compile_for(args, kwargs)
+    assert entry.kernels.calls["triton"] >= len(cm.sites) and entry.kernels.calls["torch"] == 0
+    assert cm.kernels and all(name.startswith("_attn_fwd_") for name in cm.kernels)
+
+
+def test_sparse_variants_run_on_generated_kernels():
+    model = zoo_model("gpt2", "eager")
+    args, kwargs = zoo.get("gpt2").example(1, 40)
+    for pipeline in (
+        "canonicalize,fuse-attention,sliding-window{window=8,sinks=2}",
+        "canonicalize,fuse-attention,block-sparse{block=16,density=0.5}",
+    ):
+        torch_cm = attnopt.compile(model, args, kwargs, passes=pipeline, backend="torch")
+        triton_cm = attnopt.compile(
+            model, args, kwargs, passes=pipeline, backend="triton-interpret"
+        )
+        from attnopt.tolerances import assert_close
+
+        assert_close(triton_cm(*args, **kwargs).logits, torch_cm(*args, **kwargs).logits)
+        assert triton_cm.compile_for(args, kwargs).kernels.calls["triton"] == len(triton_cm.sites)
+
+
+def test_unsupported_variant_falls_back_with_one_warning():
+    model = zoo_model("minilm", "eager")
+    args, kwargs = zoo.get("minilm").example(2, 8)
+    with pytest.warns(RuntimeWarning, match="no Triton kernel for the linear variant"):
+        cm = attnopt.compile(
+            model,
+            args,
+            kwargs,
+            passes="canonicalize,fuse-attention,linearize",
+            backend="triton-interpret",
+        )
+        cm(*args, **kwargs)
+    assert cm.compile_for(args, kwargs).kernels.calls["torch"] >= len(cm.sites)
+
+
+def test_triton_backend_on_cpu_tensors_is_refused_clearly():
+    model = zoo_model("bert", "eager")
+    args, kwargs = zoo.get("bert").example(1, 8)
+    with pytest.raises(attnopt.BackendError, match="needs CUDA"):
+        attnopt.compile(model, args, kwargs, backend="triton")
+    with pytest.raises(attnopt.BackendError, match="backend must be one of"):
+        attnopt.compile(model, args, kwargs, backend="cuda")
