@@ -247,7 +247,9 @@ class CompiledModule(torch.nn.Module):
     def _run(self, entry: CompiledEntry, args: tuple, kwargs: dict) -> Any:
         flat, _ = pytree.tree_flatten((args, kwargs))
         inputs = [flat[i] for i in entry.captured.input_positions]
-        with torch.no_grad():  # an inference compiler: sparse and generated kernels have no backward
+        with (
+            torch.no_grad()
+        ):  # an inference compiler: sparse and generated kernels have no backward
             outputs = entry.program.fn(*inputs)
         return pytree.tree_unflatten(list(outputs), entry.captured.out_spec)
 
