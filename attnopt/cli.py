@@ -60,7 +60,7 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     loaded = _load(ns)
     cm = _compile(ns, loaded)
     if ns.ir:
-        console.print(str(cm.graph), markup=False, highlight=False)
+        print(str(cm.graph))
     table = Table(title=f"ops of {loaded.name} ({len(cm.graph.nodes)} nodes)")
     for column in ("op", "count", "GFLOP", "MB moved"):
         table.add_column(column, justify="left" if column == "op" else "right")

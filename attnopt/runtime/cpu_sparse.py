@@ -494,9 +494,18 @@ class _BlockSparseRun:
                 (slots == (self.kv_len - 1) // self.block_k).any()
             )
             crossing = self.causal and bool(self._crossing(slots, q_block).any())
-        if not (ragged or tail or crossing) and self.mask4 is None and self.bias4 is None:
+        plain = self.mask4 is None and self.bias4 is None and not (ragged or tail)
+        if plain and not crossing:
             return None
         device, offset = slots.device, self.kv_len - self.q_len
+        if plain and slots.shape[1] == 1:  # a diagonal part: one triangle shared by all rows
+            with bookkeeping_threads():
+                shift = q_block * self.block_q + offset - slots[:, 0] * self.block_k
+                same = bool((shift == shift[0]).all())
+            if same:
+                rows = torch.arange(self.block_q, device=device).unsqueeze(1) + int(shift[0])
+                past = torch.arange(self.block_k, device=device) <= rows
+                return additive_mask(past, None, None, self.q_blocks.dtype)
         k_pos = slots.unsqueeze(-1) * self.block_k + torch.arange(self.block_k, device=device)
         k_pos = k_pos.reshape(slots.shape[0], 1, -1)
         q_pos = q_block.view(-1, 1, 1) * self.block_q + torch.arange(self.block_q, device=device)

@@ -190,8 +190,9 @@ def additive_mask(
         else:
             addend = user_mask.to(torch.float32) if addend is None else addend + user_mask
     if allowed is not None:
-        if addend is None:
-            addend = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+        if addend is None:  # one pass straight into the target dtype
+            zero = torch.zeros((), dtype=dtype, device=allowed.device)
+            return torch.where(allowed, zero, float("-inf"))
         addend = addend.masked_fill(~allowed, float("-inf"))
     return None if addend is None else addend.to(dtype)
 

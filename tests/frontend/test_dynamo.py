@@ -16,8 +16,10 @@ def test_torch_compile_with_attnopt_backend_by_name_matches_eager():
     compiled = torch.compile(model, backend="attnopt")
     with torch.no_grad():
         torch.testing.assert_close(
-            compiled(*args, **kwargs).last_hidden_state, model(*args, **kwargs).last_hidden_state,
-            atol=1e-5, rtol=1e-5,
+            compiled(*args, **kwargs).last_hidden_state,
+            model(*args, **kwargs).last_hidden_state,
+            atol=1e-5,
+            rtol=1e-5,
         )
 
 

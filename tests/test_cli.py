@@ -1,0 +1,81 @@
+"""The attnopt command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from attnopt.cli import main
+
+
+def test_inspect_prints_sites_and_explanations(capsys):
+    assert main(["inspect", "bert", "--explain", "--cost", "--seq", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "attention sites" in out and "near-misses" in out and "estimate" in out
+
+
+def test_inspect_ir_prints_parsable_text(capsys):
+    from attnopt.ir import parse
+
+    assert main(["inspect", "mha", "--ir", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    text = out[out.index("graph(") : out.index("\n}") + 2]
+    assert parse(text).find("attention")
+
+
+def test_compile_writes_artifacts(tmp_path, capsys):
+    assert main(["compile", "gpt2", "--seq", "8", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "graph.ir").read_text().startswith("graph(")
+    assert "def make_program" in (tmp_path / "program.py").read_text()
+    assert len(json.loads((tmp_path / "sites.json").read_text())) == 2
+    assert list((tmp_path / "kernels").glob("_attn_fwd_*.py"))
+
+
+def test_validate_writes_report(tmp_path, capsys):
+    code = main(
+        [
+            "validate",
+            "bert",
+            "--seq",
+            "16",
+            "--passes",
+            "canonicalize,fuse-attention,sliding-window{window=4}",
+            "--cosine",
+            "0.5",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    assert json.loads((tmp_path / "report.json").read_text())["ok"] is True
+    assert list(tmp_path.glob("*.png"))
+
+
+def test_bad_model_and_pipeline_give_clear_errors(capsys):
+    assert main(["inspect", "no-such-model"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert main(["inspect", "bert", "--passes", "sliding-window{window=-1}"]) == 2
+    assert "window=-1" in capsys.readouterr().err
+
+
+def test_factory_path(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_models.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    m = torch.nn.MultiheadAttention(16, 2, batch_first=True)\n"
+        "    class W(torch.nn.Module):\n"
+        "        def __init__(s): super().__init__(); s.m = m\n"
+        "        def forward(s, x): return s.m(x, x, x, need_weights=False)[0]\n"
+        "    return W().eval(), (torch.randn(2, 5, 16),)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["inspect", "my_models:build"]) == 0
+    assert "attention sites" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["inspect", "--help"]])
+def test_help(argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
