@@ -55,9 +55,22 @@ def _prepare_model(model: torch.nn.Module) -> None:
         config.use_cache = False
 
 
+def _has_mutation(ep: Any) -> bool:
+    for node in ep.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op == "call_function" and schema is not None and schema.is_mutable:
+            return True
+    return False
+
+
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict, strict: bool) -> Any:
     with torch.no_grad():
-        return torch.export.export(model, args, kwargs, strict=strict)
+        ep = torch.export.export(model, args, kwargs, strict=strict)
+        if _has_mutation(ep):
+            # In-place ops (T5's relative buckets use +=) would mutate folded constants: make the
+            # program functional, with an empty table so nothing else is decomposed.
+            ep = ep.run_decompositions({})
+    return ep
 
 
 def _fx_then_export(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:

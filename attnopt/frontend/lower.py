@@ -236,6 +236,19 @@ def _ints(x: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in x)
 
 
+def _clone(lw: _Lowering, n: torch.fx.Node) -> Any:
+    # In a functional graph a copy is only needed for its layout: contiguous() when asked for.
+    x = lw.value(n.args[0])
+    memory_format = n.kwargs.get("memory_format")
+    if not isinstance(x, Value):
+        return lw.opaque(n)
+    if memory_format in (None, torch.preserve_format):
+        return x
+    if memory_format == torch.contiguous_format:
+        return lw.emit("contiguous", [x], NoAttrs(), n)
+    return lw.opaque(n)
+
+
 def _linear(lw: _Lowering, n: torch.fx.Node) -> Any:
     args = [lw.value(a) for a in n.args]
     while len(args) < 3:
@@ -325,6 +338,7 @@ _LOWERINGS: dict[Any, Callable[[_Lowering, torch.fx.Node], Any]] = {
     aten.masked_fill.Scalar: _lower_simple("masked_fill", _masked_fill, 2),
     aten.where.self: _lower_simple("where", lambda n: NoAttrs(), 3),
     aten.dropout.default: _dropout,
+    aten.clone.default: _clone,
 }
 
 

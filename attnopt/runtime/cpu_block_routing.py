@@ -86,10 +86,15 @@ def _select_blocks(
     num_kv_blocks = probs.shape[-1]
     probs = torch.where(allowed, probs, 0.0)
     score = torch.where(forced, 2.0, torch.where(allowed, probs, -1.0))
-    order_score, order = torch.sort(score, dim=-1, descending=True, stable=True)
-    slot = torch.arange(num_kv_blocks, device=probs.device)
-    keep = order_score >= 0
     num_forced = forced.sum(dim=-1, keepdim=True)
+    if threshold is None:  # top-k only: no full sort needed
+        budget = max(1, math.ceil(density * num_kv_blocks))
+        width = min(num_kv_blocks, max(budget, int(num_forced.max()) if num_forced.numel() else 0))
+        order_score, order = torch.topk(score, width, dim=-1)
+    else:
+        order_score, order = torch.sort(score, dim=-1, descending=True, stable=True)
+    slot = torch.arange(order.shape[-1], device=probs.device)
+    keep = order_score >= 0
     if threshold is not None:
         sorted_probs = probs.gather(-1, order)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
@@ -99,7 +104,9 @@ def _select_blocks(
         keep &= slot < torch.clamp(num_forced, min=budget)
     counts = keep.sum(dim=-1)
     width = max(1, int(counts.max())) if counts.numel() else 1
-    chosen = torch.where(keep, order, num_kv_blocks).sort(dim=-1).values[..., :width]
+    if order.shape[-1] > width:  # kept entries lead in score order
+        keep, order = keep[..., :width], order[..., :width]
+    chosen = torch.where(keep, order, num_kv_blocks).sort(dim=-1).values
     chosen = torch.where(chosen < num_kv_blocks, chosen, 0)
     return counts.to(torch.int32), chosen.to(torch.int32)
 

@@ -286,53 +286,155 @@ def _normalise(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tensor
     return num / (den + eps)
 
 
-def _noncausal(prep: _Prepared, eps: float) -> torch.Tensor:
-    """O(N F Dv): one key/value state per kv head, shared by the query heads of its group."""
-    batch, kv_heads, group, q_len, features = prep.phi_q.shape
-    phi_q = prep.phi_q.reshape(batch, kv_heads, group * q_len, features)
-    state = torch.matmul(prep.phi_k.transpose(-1, -2), prep.value)  # [B, Hkv, F, Dv]
-    normaliser = prep.phi_k.sum(-2).unsqueeze(-1)  # [B, Hkv, F, 1]
-    out = _normalise(torch.matmul(phi_q, state), torch.matmul(phi_q, normaliser), eps)
-    return out.reshape(batch, kv_heads * group, q_len, -1)
+#: Bytes of feature rows a blocked loop materialises at a time. Fresh large buffers are costly
+#: (page faults on first touch); blocks this size are reused by the allocator and stay in cache.
+_BLOCK_BYTES = 4 << 20
 
 
-def _causal_chunked(prep: _Prepared, chunk: int, eps: float) -> torch.Tensor:
-    """Chunk form: quadratic inside a chunk, exclusive prefix state across chunks."""
-    batch, kv_heads, group, q_len, features = prep.phi_q.shape
-    phi_k, value = prep.phi_k, prep.value
-    offset = phi_k.shape[2] - q_len
-    dv = value.shape[-1]
-    # Keys before the aligned diagonal are visible to every query: an initial state.
-    init_state = torch.zeros(
-        batch, kv_heads, features, dv + 1, dtype=value.dtype, device=value.device
-    )
-    value = torch.cat([value, torch.ones_like(value[..., :1])], dim=-1)  # last column: normaliser
-    if offset > 0:
-        init_state = init_state + phi_k[:, :, :offset].transpose(-1, -2) @ value[:, :, :offset]
-        phi_k, value = phi_k[:, :, offset:], value[:, :, offset:]
-    elif offset < 0:
-        phi_k = F.pad(phi_k, (0, 0, -offset, 0))
-        value = F.pad(value, (0, 0, -offset, 0))
-    num_chunks = -(-q_len // chunk)
-    pad = num_chunks * chunk - q_len
-    phi_q = F.pad(prep.phi_q, (0, 0, 0, pad)) if pad else prep.phi_q
+def _block_rows(heads: int, width: int, multiple: int = 64) -> int:
+    """Rows per block so that ``heads x rows x width`` fp32 values fit in :data:`_BLOCK_BYTES`."""
+    rows = _BLOCK_BYTES // (4 * heads * max(width, 1))
+    return max(multiple, rows // multiple * multiple)
+
+
+def _rescale(reference, log_scale):
+    """Move a running key log-scale reference to cover ``log_scale``: ``(new, old_f, block_f)``.
+
+    Features of different calls carry different stabilisers; sums are kept in units of
+    ``exp(reference)``: the old sum is multiplied by ``old_f`` and the new block by ``block_f``.
+    """
+    if log_scale is None:
+        return reference, None, None
+    new = log_scale if reference is None else torch.maximum(reference, log_scale)
+    old = None if reference is None else torch.exp(reference - new)
+    return new, old, torch.exp(log_scale - new)
+
+
+class _Keys:
+    """Feature-mapped key rows on demand, in the units of one running key log-scale."""
+
+    def __init__(self, k, v, feature_map, log_weight, max_len, ones_column):
+        self.k, self.v, self.feature_map, self.log_weight = k, v, feature_map, log_weight
+        self.max_len, self.ones_column, self.reference = max_len, ones_column, None
+        self.compute = torch.float64 if k.dtype == torch.float64 else torch.float32
+
+    def rows(self, start: int, stop: int, carried: list[torch.Tensor]):
+        """``phi(K)``, ``V`` (``[V, 1]``) of keys ``[start, stop)``, zero rows where ``j < 0``.
+
+        ``carried`` sums are rescaled in place when the reference moves.
+        """
+        lo, hi = max(start, 0), max(stop, 0)
+        log_weight = None
+        if self.log_weight is not None:
+            log_weight = self.log_weight[..., lo:hi].transpose(-1, -2)
+        positions = torch.arange(lo, hi, device=self.k.device)
+        features = self.feature_map(
+            self.k[:, :, lo:hi].to(self.compute), is_query=False, positions=positions,
+            max_len=self.max_len, log_weight=log_weight,
+        )  # fmt: skip
+        phi = features.values
+        self.reference, old, block = _rescale(self.reference, features.log_scale)
+        if old is not None:
+            for total in carried:
+                total.mul_(old)
+        if block is not None:
+            phi = phi.mul_(block)
+        value = self.v[:, :, lo:hi].to(self.compute)
+        if self.ones_column:
+            value = torch.cat([value, torch.ones_like(value[..., :1])], dim=-1)
+        if lo > start:
+            phi, value = F.pad(phi, (0, 0, lo - start, 0)), F.pad(value, (0, 0, lo - start, 0))
+        return phi, value
+
+
+def _query_rows(q, feature_map, start: int, stop: int, kv_heads: int, kv_len: int):
+    """``phi(Q)`` of query rows ``[start, stop)`` as ``[B, Hkv, G, n, F]``."""
+    batch, q_heads, q_len, _ = q.shape
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    positions = torch.arange(start, stop, device=q.device) + (kv_len - q_len)
+    features = feature_map(
+        q[:, :, start:stop].to(compute), is_query=True, positions=positions,
+        max_len=max(q_len, kv_len),
+    )  # fmt: skip
+    return features.values.reshape(batch, kv_heads, q_heads // kv_heads, stop - start, -1)
+
+
+def _noncausal(q, k, v, feature_map: FeatureMap, log_weight, eps: float) -> torch.Tensor:
+    """One key/value state per kv head (O(N F Dv)), built and applied in row blocks."""
+    batch, q_heads, q_len, _ = q.shape
+    kv_heads, kv_len, dv = k.shape[1], k.shape[2], v.shape[-1]
+    features = feature_map.feature_dim
+    keys = _Keys(k, v, feature_map, log_weight, max(q_len, kv_len), ones_column=False)
+    state = torch.zeros(batch, kv_heads, features, dv, dtype=keys.compute, device=q.device)
+    normaliser = torch.zeros(batch, kv_heads, features, 1, dtype=keys.compute, device=q.device)
+    step = _block_rows(batch * kv_heads, features)
+    for start in range(0, kv_len, step):
+        phi_k, value = keys.rows(start, min(kv_len, start + step), [state, normaliser])
+        state.add_(torch.matmul(phi_k.transpose(-1, -2), value))
+        normaliser.add_(phi_k.sum(-2).unsqueeze(-1))
+    out = torch.empty(batch, q_heads, q_len, dv, dtype=keys.compute, device=q.device)
+    step = _block_rows(batch * q_heads, features)
+    for start in range(0, q_len, step):
+        stop = min(q_len, start + step)
+        phi_q = _query_rows(q, feature_map, start, stop, kv_heads, kv_len)
+        phi_q = phi_q.reshape(batch, kv_heads, -1, features)  # the group's rows share a state
+        phi_q.mul_(torch.matmul(phi_q, normaliser).add_(eps).reciprocal_())
+        out[:, :, start:stop] = torch.matmul(phi_q, state).view(batch, q_heads, stop - start, dv)
+    return out
+
+
+def _causal_block(phi_q, phi_k, value, init_state, chunk: int, eps: float):
+    """Chunk form on one block of aligned rows: returns (out ``[B, Hkv, G, n, Dv]``, block sum).
+
+    Args are ``phi_q [B, Hkv, G, n, F]``, ``phi_k [B, Hkv, n, F]``, ``value [B, Hkv, n, Dv + 1]``
+    (last column ones) and the state of all earlier keys ``[B, Hkv, F, Dv + 1]``.
+    """
+    batch, kv_heads, group, length, features = phi_q.shape
+    width = value.shape[-1]
+    num_chunks = -(-length // chunk)
+    pad = num_chunks * chunk - length
     if pad:
+        phi_q = F.pad(phi_q, (0, 0, 0, pad))
         phi_k, value = F.pad(phi_k, (0, 0, 0, pad)), F.pad(value, (0, 0, 0, pad))
     # Rows of one chunk for every query head of the group: [B, Hkv, n, G * C, F].
-    phi_q = phi_q.reshape(batch, kv_heads, group, num_chunks, chunk, features)
-    phi_q = phi_q.transpose(2, 3).reshape(batch, kv_heads, num_chunks, group * chunk, features)
-    phi_k = phi_k.reshape(batch, kv_heads, num_chunks, chunk, features)
-    value = value.reshape(batch, kv_heads, num_chunks, chunk, dv + 1)
-    states = torch.matmul(phi_k.transpose(-1, -2), value)  # [B, Hkv, n, F, Dv + 1]
-    prefix = torch.cumsum(states, dim=2)
-    prefix = torch.cat([init_state.unsqueeze(2), prefix[:, :, :-1] + init_state.unsqueeze(2)], 2)
+    phi_q = phi_q.view(batch, kv_heads, group, num_chunks, chunk, features).transpose(2, 3)
+    phi_q = phi_q.reshape(batch, kv_heads, num_chunks, group * chunk, features)
+    phi_k = phi_k.view(batch, kv_heads, num_chunks, chunk, features)
+    value = value.view(batch, kv_heads, num_chunks, chunk, width)
+    inclusive = torch.matmul(phi_k.transpose(-1, -2), value).cumsum_(2)  # [B, Hkv, n, F, Dv + 1]
+    exclusive = torch.cat([torch.zeros_like(inclusive[:, :, :1]), inclusive[:, :, :-1]], dim=2)
+    exclusive += init_state.unsqueeze(2)
     scores = torch.matmul(phi_q, phi_k.transpose(-1, -2))  # [B, Hkv, n, G * C, C]
     lower = torch.ones(chunk, chunk, dtype=torch.bool, device=scores.device).tril()
-    scores = scores.masked_fill_(~lower.repeat(group, 1), 0.0)
-    out = torch.matmul(phi_q, prefix).add_(torch.matmul(scores, value))
-    out = _normalise(out[..., :dv], out[..., dv:], eps)
-    out = out.reshape(batch, kv_heads, num_chunks, group, chunk, dv).transpose(2, 3)
-    return out.reshape(batch, kv_heads * group, num_chunks * chunk, dv)[:, :, :q_len]
+    scores.masked_fill_(~lower.repeat(group, 1), 0.0)
+    out = torch.matmul(phi_q, exclusive).add_(torch.matmul(scores, value))
+    out = _normalise(out[..., :-1], out[..., -1:], eps)
+    out = out.view(batch, kv_heads, num_chunks, group, chunk, width - 1).transpose(2, 3)
+    out = out.reshape(batch, kv_heads, group, num_chunks * chunk, width - 1)[:, :, :, :length]
+    return out, inclusive[:, :, -1]
+
+
+def _causal(q, k, v, feature_map: FeatureMap, log_weight, chunk: int, eps: float):
+    """Causal chunk form in row blocks, carrying the state of all earlier keys between blocks."""
+    batch, q_heads, q_len, _ = q.shape
+    kv_heads, kv_len, dv = k.shape[1], k.shape[2], v.shape[-1]
+    offset = kv_len - q_len  # query i's diagonal key is i + offset
+    features = feature_map.feature_dim
+    keys = _Keys(k, v, feature_map, log_weight, max(q_len, kv_len), ones_column=True)
+    state = torch.zeros(batch, kv_heads, features, dv + 1, dtype=keys.compute, device=q.device)
+    step = max(chunk, _block_rows(batch * q_heads, features) // chunk * chunk)
+    for start in range(0, max(offset, 0), step):  # keys before the diagonal: seen by every row
+        phi_k, value = keys.rows(start, min(offset, start + step), [state])
+        state.add_(torch.matmul(phi_k.transpose(-1, -2), value))
+    out = torch.empty(batch, q_heads, q_len, dv, dtype=keys.compute, device=q.device)
+    for start in range(0, q_len, step):
+        stop = min(q_len, start + step)
+        phi_k, value = keys.rows(start + offset, stop + offset, [state])
+        phi_q = _query_rows(q, feature_map, start, stop, kv_heads, kv_len)
+        block_out, block_state = _causal_block(phi_q, phi_k, value, state, chunk, eps)
+        state.add_(block_state)
+        out[:, :, start:stop] = block_out.reshape(batch, q_heads, stop - start, dv)
+    return out
 
 
 def linear_attention(
@@ -365,8 +467,15 @@ def linear_attention(
     Returns:
         ``[B, Hq, Sq, Dv]`` in q's dtype.
     """
-    prep = _prepare(q, k, v, feature_map, mask)
-    out = _causal_chunked(prep, chunk, eps) if causal else _noncausal(prep, eps)
+    q_heads, kv_heads = q.shape[1], k.shape[1]
+    if q_heads % kv_heads != 0:
+        raise ValueError(f"query heads {q_heads} are not a multiple of key/value heads {kv_heads}")
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    log_weight = _key_log_weight(mask, q_heads, kv_heads, compute)
+    if causal:
+        out = _causal(q, k, v, feature_map, log_weight, chunk, eps)
+    else:
+        out = _noncausal(q, k, v, feature_map, log_weight, eps)
     return out.to(q.dtype)
 
 

@@ -23,6 +23,8 @@ score entries actually computed (including padding waste), for passes to report.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from attnopt.runtime.cpu_block_routing import (
@@ -369,6 +371,14 @@ def block_sparse_attention(
     return out
 
 
+def _slice_cost(counts: torch.Tensor, per_slice: int) -> int:
+    """Key blocks computed when ``counts`` run in slices of ``per_slice`` rows (padded to the
+    widest row of each slice)."""
+    pad = (-counts.numel()) % per_slice
+    slices = torch.nn.functional.pad(counts, (0, pad)).view(-1, per_slice)
+    return int(slices.amax(dim=1).sum()) * per_slice
+
+
 def _pad_seq(x: torch.Tensor, length: int) -> torch.Tensor:
     if x.shape[2] == length:
         return x.contiguous()
@@ -402,9 +412,11 @@ class _BlockSparseRun:
             self.kv_base = (
                 self.batch_of_row * kv_heads + self.head_of_row // group
             ) * num_kv_blocks
-            order = torch.argsort(self.counts, stable=True)
-            self.order = order[self.counts[order] > 0]
             widest = int(self.counts.max())
+            self.per_slice = max(
+                1, GATHER_BUDGET // max(1, widest * self.block_k * max(head_dim, value_dim))
+            )
+            self.order = self._order()
         self.q_blocks = _pad_seq(q, self.num_q_blocks * self.block_q).reshape(
             -1, self.block_q, head_dim
         )
@@ -414,13 +426,21 @@ class _BlockSparseRun:
         self.v_blocks = _pad_seq(v, num_kv_blocks * self.block_k).reshape(
             -1, self.block_k, value_dim
         )
-        self.per_slice = max(
-            1, GATHER_BUDGET // max(1, widest * self.block_k * max(head_dim, value_dim))
-        )
         size = min(self.per_slice, self.order.numel()) * widest * self.block_k
         self.k_buffer = q.new_empty(size * head_dim)
         self.v_buffer = q.new_empty(size * value_dim)
         self.out_blocks = q.new_zeros(rows, self.block_q, value_dim)
+
+    def _order(self) -> torch.Tensor:
+        """Rows in processing order: as stored (slices are views, no reordering) unless sorting
+        by count cuts the padded work of the slices by more than 10% (threshold routing)."""
+        natural = torch.arange(self.counts.numel(), device=self.counts.device)
+        by_count = torch.argsort(self.counts, stable=True)
+        if bool((self.counts > 0).all()) and _slice_cost(
+            self.counts, self.per_slice
+        ) <= 1.1 * _slice_cost(self.counts[by_count], self.per_slice):
+            return natural
+        return by_count[self.counts[by_count] > 0]
 
     def run(self) -> tuple[torch.Tensor, int]:
         computed = 0
@@ -429,7 +449,7 @@ class _BlockSparseRun:
             with bookkeeping_threads():
                 q_block = rows % self.num_q_blocks
                 counts = self.counts[rows]
-                width = int(counts[-1])
+                width = int(counts.max())
                 slots = self.indices[rows, :width]
                 position = torch.arange(width, device=rows.device)
                 valid = position < counts.unsqueeze(1)
@@ -493,7 +513,10 @@ class _BlockSparseRun:
             tail = self.kv_len % self.block_k != 0 and bool(
                 (slots == (self.kv_len - 1) // self.block_k).any()
             )
-            crossing = self.causal and bool(self._crossing(slots, q_block).any())
+            crossing = self._crossing(slots, q_block) if self.causal else None
+            if crossing is not None and valid is not None:
+                crossing &= valid  # masked slots may hold any block
+            crossing = crossing is not None and bool(crossing.any())
         plain = self.mask4 is None and self.bias4 is None and not (ragged or tail)
         if plain and not crossing:
             return None
@@ -506,28 +529,35 @@ class _BlockSparseRun:
                 rows = torch.arange(self.block_q, device=device).unsqueeze(1) + int(shift[0])
                 past = torch.arange(self.block_k, device=device) <= rows
                 return additive_mask(past, None, None, self.q_blocks.dtype)
-        k_pos = slots.unsqueeze(-1) * self.block_k + torch.arange(self.block_k, device=device)
-        k_pos = k_pos.reshape(slots.shape[0], 1, -1)
-        q_pos = q_block.view(-1, 1, 1) * self.block_q + torch.arange(self.block_q, device=device)
-        q_pos = q_pos.view(-1, self.block_q, 1)
-        allowed = None
-        if ragged or tail:
-            allowed = k_pos < self.kv_len
-            if valid is not None:
-                allowed = allowed & valid.repeat_interleave(self.block_k, dim=1).unsqueeze(1)
-        if crossing:
-            past = k_pos <= q_pos + offset
-            allowed = past if allowed is None else allowed & past
-        user = []
-        for t in (self.mask4, self.bias4):
-            if t is not None:
-                t = gather_pairs(
-                    t,
-                    q_pos.clamp(max=self.q_len - 1),
-                    k_pos.clamp(max=self.kv_len - 1),
-                    batch_idx=self.batch_of_row[rows].view(-1, 1, 1),
-                    head_idx=self.head_of_row[rows].view(-1, 1, 1),
-                )
-            user.append(t)
-        addend = additive_mask(allowed, *user, self.q_blocks.dtype)
+        # key-only masks are [rows, 1, keys]: small enough for one thread
+        key_only = not crossing and all(
+            t is None or t.shape[2] == 1 for t in (self.mask4, self.bias4)
+        )
+        with bookkeeping_threads() if key_only else contextlib.nullcontext():
+            k_pos = slots.unsqueeze(-1) * self.block_k + torch.arange(self.block_k, device=device)
+            k_pos = k_pos.reshape(slots.shape[0], 1, -1)
+            q_pos = q_block.view(-1, 1, 1) * self.block_q + torch.arange(
+                self.block_q, device=device
+            )
+            q_pos = q_pos.view(-1, self.block_q, 1)
+            allowed = None
+            if ragged or tail:
+                allowed = k_pos < self.kv_len
+                if valid is not None:
+                    allowed = allowed & valid.repeat_interleave(self.block_k, dim=1).unsqueeze(1)
+            if crossing:
+                past = k_pos <= q_pos + offset
+                allowed = past if allowed is None else allowed & past
+            user = []
+            for t in (self.mask4, self.bias4):
+                if t is not None:
+                    t = gather_pairs(
+                        t,
+                        q_pos.clamp(max=self.q_len - 1),
+                        k_pos.clamp(max=self.kv_len - 1),
+                        batch_idx=self.batch_of_row[rows].view(-1, 1, 1),
+                        head_idx=self.head_of_row[rows].view(-1, 1, 1),
+                    )
+                user.append(t)
+            addend = additive_mask(allowed, *user, self.q_blocks.dtype)
         return None if addend is None else addend.unsqueeze(1)

@@ -13,6 +13,7 @@ layouts the fused kernel accepts; anything else silently falls back to the slow 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ __all__ = [
     "merge_partials",
     "record_computed",
 ]
+
+#: Below this many elements an elementwise op runs faster on one thread (see bookkeeping_threads).
+SMALL_TENSOR = 1 << 20
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -249,7 +253,9 @@ def mask_empty_rows(lse: torch.Tensor, addend: torch.Tensor | None) -> torch.Ten
     """
     if addend is None:
         return lse
-    seen = (addend > float("-inf")).any(dim=-1)
+    small = addend.numel() < SMALL_TENSOR
+    with bookkeeping_threads() if small else contextlib.nullcontext():
+        seen = (addend > float("-inf")).any(dim=-1)
     if bool(seen.all()):
         return lse
     with bookkeeping_threads():

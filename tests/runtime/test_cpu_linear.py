@@ -57,6 +57,23 @@ def test_chunked_matches_naive(name, causal, lengths, heads):
     assert_close(linear_attention(q, k, v, feature_map, causal=causal, chunk=16), expected)
 
 
+@pytest.mark.parametrize("name", FEATURE_MAPS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lengths", [(150, 150), (130, 210), (210, 130)])
+def test_row_blocks_match_naive(monkeypatch, name, causal, lengths):
+    """Several row blocks (64 rows each): carried state, FAVOR+ stabilisers rescaled per block."""
+    import attnopt.runtime.cpu_linear as cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "_BLOCK_BYTES", 1)
+    q, k, v = _qkv(4, 2, *lengths, dv=8)
+    q, k = q * 2.0, k * 2.0  # spread the FAVOR+ stabilisers of different blocks
+    mask = _padding_mask(2, lengths[1], "float")
+    feature_map = _feature_map(name)
+    expected = linear_attention_naive(q, k, v, feature_map, causal=causal, mask=mask)
+    actual = linear_attention(q, k, v, feature_map, causal=causal, mask=mask, chunk=16)
+    assert_close(actual, expected)
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 64, 128])
 def test_causal_chunk_size_does_not_matter(chunk):
     q, k, v = _qkv(4, 2, 50, 50, dv=8)
@@ -113,9 +130,13 @@ def test_favor_projection_is_block_orthogonal_with_chi_norms():
 
 
 def test_favor_error_falls_with_more_features():
-    """Relative error of FAVOR+ against exact softmax attention, averaged over seeds."""
-    q, k, v = _qkv(2, 2, 96, 96, dim=16, dv=16, batch=2, seed=5, dtype=torch.float64)
-    q, k = q * 0.7, k * 0.7
+    """Relative error of FAVOR+ against exact softmax attention, averaged over seeds.
+
+    The estimator's relative variance per feature is ``exp(|q' + k'|^2) - 1``: inputs of moderate
+    norm keep it O(1), so the error visibly follows ``1 / sqrt(num_features)``.
+    """
+    q, k, v = _qkv(2, 2, 64, 64, dim=16, dv=16, batch=1, seed=5, dtype=torch.float64)
+    q, k = q * 0.35, k * 0.35
     exact = attention_reference(q, k, v)
     errors = []
     for num_features in (16, 64, 256):
@@ -125,8 +146,8 @@ def test_favor_error_falls_with_more_features():
             approx = linear_attention(q, k, v, feature_map)
             per_seed.append(((approx - exact).norm() / exact.norm()).item())
         errors.append(sum(per_seed) / len(per_seed))
-    assert errors[1] < 0.75 * errors[0] and errors[2] < 0.75 * errors[1], errors
-    assert errors[2] < 0.1, errors
+    assert errors[1] < 0.7 * errors[0] and errors[2] < 0.7 * errors[1], errors
+    assert errors[2] < 0.08, errors
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -136,6 +157,7 @@ def test_cosformer_decomposition_equals_cosine_reweighting(causal, lengths):
     q_len, kv_len = lengths
     q, k, v = _qkv(2, 2, q_len, kv_len, dtype=torch.float64)
     positions = torch.arange(q_len).unsqueeze(1) + (kv_len - q_len) - torch.arange(kv_len)
+    positions = positions.to(torch.float64)
     weights = torch.relu(q) @ torch.relu(k).transpose(-1, -2)
     weights = weights * torch.cos(math.pi * positions / (2 * max(q_len, kv_len)))
     if causal:
@@ -221,11 +243,17 @@ def test_hybrid_naive_matches_row_by_row_formula(name, causal):
 
 
 def test_hybrid_favor_is_closer_to_softmax_than_linear_favor():
-    q, k, v = _qkv(2, 2, 128, 128, dim=16, batch=1, seed=9)
+    """Peaked (diagonal) attention: the exact window takes the peak FAVOR+ estimates badly."""
+    generator = torch.Generator().manual_seed(9)
+    k = torch.randn(1, 2, 128, 16, generator=generator)
+    q = 1.5 * k + 0.3 * torch.randn(k.shape, generator=generator)
+    v = torch.randn(1, 2, 128, 16, generator=generator)
     exact = attention_reference(q, k, v)
-    feature_map = make_feature_map("favor", 16, num_features=64, seed=0)
-    linear_error = (linear_attention(q, k, v, feature_map) - exact).norm()
-    hybrid_error = (hybrid_attention(q, k, v, feature_map, window=16) - exact).norm()
+    linear_error = hybrid_error = 0.0
+    for seed in range(3):
+        feature_map = make_feature_map("favor", 16, num_features=64, seed=seed)
+        linear_error += (linear_attention(q, k, v, feature_map) - exact).norm()
+        hybrid_error += (hybrid_attention(q, k, v, feature_map, window=4) - exact).norm()
     assert hybrid_error < 0.7 * linear_error
 
 
