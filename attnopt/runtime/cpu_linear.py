@@ -319,11 +319,19 @@ class _Keys:
         self.compute = torch.float64 if k.dtype == torch.float64 else torch.float32
 
     def rows(self, start: int, stop: int, carried: list[torch.Tensor]):
-        """``phi(K)``, ``V`` (``[V, 1]``) of keys ``[start, stop)``, zero rows where ``j < 0``.
+        """``phi(K)``, ``V`` (``[V, 1]``) of keys ``[start, stop)``; zero rows outside ``[0, Sk)``.
 
         ``carried`` sums are rescaled in place when the reference moves.
         """
-        lo, hi = max(start, 0), max(stop, 0)
+        kv_len = self.k.shape[2]
+        lo, hi = min(max(start, 0), kv_len), min(max(stop, 0), kv_len)
+        hi = max(lo, hi)
+        if hi == lo:
+            batch, kv_heads = self.k.shape[:2]
+            shape = (batch, kv_heads, stop - start)
+            width = self.v.shape[-1] + int(self.ones_column)
+            zeros = self.k.new_zeros(*shape, self.feature_map.feature_dim, dtype=self.compute)
+            return zeros, self.k.new_zeros(*shape, width, dtype=self.compute)
         log_weight = None
         if self.log_weight is not None:
             log_weight = self.log_weight[..., lo:hi].transpose(-1, -2)
@@ -342,13 +350,14 @@ class _Keys:
         value = self.v[:, :, lo:hi].to(self.compute)
         if self.ones_column:
             value = torch.cat([value, torch.ones_like(value[..., :1])], dim=-1)
-        if lo > start:
-            phi, value = F.pad(phi, (0, 0, lo - start, 0)), F.pad(value, (0, 0, lo - start, 0))
+        if lo > start or stop > hi:
+            pad = (0, 0, lo - start, stop - hi)
+            phi, value = F.pad(phi, pad), F.pad(value, pad)
         return phi, value
 
 
 def _query_rows(q, feature_map, start: int, stop: int, kv_heads: int, kv_len: int):
-    """``phi(Q)`` of query rows ``[start, stop)`` as ``[B, Hkv, G, n, F]``."""
+    """``phi(Q)`` ``[B, Hkv, G, n, F]`` of query rows ``[start, stop)`` and their log-scale."""
     batch, q_heads, q_len, _ = q.shape
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     positions = torch.arange(start, stop, device=q.device) + (kv_len - q_len)
@@ -356,7 +365,22 @@ def _query_rows(q, feature_map, start: int, stop: int, kv_heads: int, kv_len: in
         q[:, :, start:stop].to(compute), is_query=True, positions=positions,
         max_len=max(q_len, kv_len),
     )  # fmt: skip
-    return features.values.reshape(batch, kv_heads, q_heads // kv_heads, stop - start, -1)
+    shape = (batch, kv_heads, q_heads // kv_heads, stop - start, -1)
+    log_scale = features.log_scale
+    return features.values.reshape(shape), None if log_scale is None else log_scale.reshape(shape)
+
+
+def _row_log_scale(log_q, log_k):
+    """``lq + lk`` per query row (``log_q [B, Hkv, G | n, ...]``, ``log_k [B, Hkv, 1, 1]``)."""
+    if log_q is None and log_k is None:
+        return None
+    return (0.0 if log_q is None else log_q) + (0.0 if log_k is None else log_k.unsqueeze(2))
+
+
+def _row_eps(eps: float, log_q, log_k):
+    """``eps`` in the kernel's true units: ``eps exp(-(lq + lk))`` per row (or the float)."""
+    total = _row_log_scale(log_q, log_k)
+    return eps if total is None else torch.exp(-total).mul_(eps)
 
 
 def _noncausal(q, k, v, feature_map: FeatureMap, log_weight, eps: float) -> torch.Tensor:
@@ -376,18 +400,22 @@ def _noncausal(q, k, v, feature_map: FeatureMap, log_weight, eps: float) -> torc
     step = _block_rows(batch * q_heads, features)
     for start in range(0, q_len, step):
         stop = min(q_len, start + step)
-        phi_q = _query_rows(q, feature_map, start, stop, kv_heads, kv_len)
+        phi_q, log_q = _query_rows(q, feature_map, start, stop, kv_heads, kv_len)
+        row_eps = _row_eps(eps, log_q, keys.reference)
+        if isinstance(row_eps, torch.Tensor):
+            row_eps = row_eps.expand(*phi_q.shape[:-1], 1).reshape(batch, kv_heads, -1, 1)
         phi_q = phi_q.reshape(batch, kv_heads, -1, features)  # the group's rows share a state
-        phi_q.mul_(torch.matmul(phi_q, normaliser).add_(eps).reciprocal_())
+        phi_q.mul_(torch.matmul(phi_q, normaliser).add_(row_eps).reciprocal_())
         out[:, :, start:stop] = torch.matmul(phi_q, state).view(batch, q_heads, stop - start, dv)
     return out
 
 
-def _causal_block(phi_q, phi_k, value, init_state, chunk: int, eps: float):
+def _causal_block(phi_q, phi_k, value, init_state, chunk: int, eps):
     """Chunk form on one block of aligned rows: returns (out ``[B, Hkv, G, n, Dv]``, block sum).
 
     Args are ``phi_q [B, Hkv, G, n, F]``, ``phi_k [B, Hkv, n, F]``, ``value [B, Hkv, n, Dv + 1]``
-    (last column ones) and the state of all earlier keys ``[B, Hkv, F, Dv + 1]``.
+    (last column ones), the state of all earlier keys ``[B, Hkv, F, Dv + 1]`` and ``eps`` (a
+    float or per row ``[B, Hkv, G, n, 1]``).
     """
     batch, kv_heads, group, length, features = phi_q.shape
     width = value.shape[-1]
@@ -396,6 +424,10 @@ def _causal_block(phi_q, phi_k, value, init_state, chunk: int, eps: float):
     if pad:
         phi_q = F.pad(phi_q, (0, 0, 0, pad))
         phi_k, value = F.pad(phi_k, (0, 0, 0, pad)), F.pad(value, (0, 0, 0, pad))
+    if isinstance(eps, torch.Tensor):
+        eps = F.pad(eps.expand(*phi_q.shape[:3], length, 1), (0, 0, 0, pad))
+        eps = eps.view(batch, kv_heads, group, num_chunks, chunk, 1).transpose(2, 3)
+        eps = eps.reshape(batch, kv_heads, num_chunks, group * chunk, 1)
     # Rows of one chunk for every query head of the group: [B, Hkv, n, G * C, F].
     phi_q = phi_q.view(batch, kv_heads, group, num_chunks, chunk, features).transpose(2, 3)
     phi_q = phi_q.reshape(batch, kv_heads, num_chunks, group * chunk, features)
@@ -430,8 +462,9 @@ def _causal(q, k, v, feature_map: FeatureMap, log_weight, chunk: int, eps: float
     for start in range(0, q_len, step):
         stop = min(q_len, start + step)
         phi_k, value = keys.rows(start + offset, stop + offset, [state])
-        phi_q = _query_rows(q, feature_map, start, stop, kv_heads, kv_len)
-        block_out, block_state = _causal_block(phi_q, phi_k, value, state, chunk, eps)
+        phi_q, log_q = _query_rows(q, feature_map, start, stop, kv_heads, kv_len)
+        row_eps = _row_eps(eps, log_q, keys.reference)
+        block_out, block_state = _causal_block(phi_q, phi_k, value, state, chunk, row_eps)
         state.add_(block_state)
         out[:, :, start:stop] = block_out.reshape(batch, q_heads, stop - start, dv)
     return out
@@ -508,9 +541,9 @@ def linear_attention_naive(
     kernel = torch.matmul(prep.phi_q, prep.phi_k.unsqueeze(2).transpose(-1, -2))
     if causal:
         kernel = kernel * causal_mask(q_len, k.shape[2], q.device)
-    out = _normalise(
-        torch.matmul(kernel, prep.value.unsqueeze(2)), kernel.sum(-1, keepdim=True), eps
-    )
+    row_eps = eps if prep.log_q is None else torch.exp(-prep.log_q) * eps
+    num = torch.matmul(kernel, prep.value.unsqueeze(2))
+    out = _normalise(num, kernel.sum(-1, keepdim=True), row_eps)
     return out.reshape(batch, kv_heads * group, q_len, -1).to(q.dtype)
 
 
@@ -526,44 +559,40 @@ def _softmax_lse(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tenso
     return torch.matmul(weights, v), torch.where(finite, lse, 0.0)
 
 
-#: Query rows per batch of blocks in the hybrid form (bounds its temporaries).
-_HYBRID_ROWS_PER_STEP = 2048
+#: Bytes of the per-step temporaries of the hybrid form (query rows per step follow from it).
+_HYBRID_STEP_BYTES = 16 << 20
 
 
 class _Layout(NamedTuple):
-    """Geometry of the hybrid form in padded key coordinates, where every query block looks alike.
+    """Geometry of the hybrid form in padded key coordinates (key ``j`` at ``j + left_pad``).
 
-    Keys are padded by ``left_pad`` so that query block ``c`` (rows ``[c C, c C + C)``, C =
-    ``chunk``) starts at key ``first + c C``, a chunk multiple, and scores the key band
-    ``[first - reach + c C, first - reach + c C + band)``; ``reach`` is the window rounded up to
-    whole chunks; ``edge`` is the width, at each end of the band, where some rows are outside their
-    window (the only place the linear part meets the band).
+    Query block ``b`` (rows ``[b C, b C + C)``, C = ``chunk``) starts at padded key ``first + b C``,
+    a chunk multiple, and scores the band ``[start(b), start(b) + band)`` with
+    ``start(b) = first - reach + b C``; ``reach`` is the window rounded up to whole chunks.
+    Linear terms inside the band only occur within ``edge`` keys of its two ends.
     """
 
     chunk: int
     reach: int
     left_pad: int
     num_blocks: int
-    key_len: int
     band: int
     edge: int
     first: int
+
+    def band_start(self, block: int) -> int:
+        """Padded key where block ``block``'s band starts (a chunk multiple)."""
+        return self.first - self.reach + block * self.chunk
 
 
 def _hybrid_layout(q_len: int, kv_len: int, window: int, causal: bool, chunk: int) -> _Layout:
     offset = kv_len - q_len
     reach = -(-window // chunk) * chunk
-    # At least one all-padding chunk before the first band and after the last one, so prefix and
-    # suffix sums need no zero row prepended.
-    left_pad = max(0, reach + chunk - offset)
+    left_pad = max(0, reach - offset)
     left_pad += -(offset + left_pad) % chunk
-    first = offset + left_pad
-    num_blocks = -(-q_len // chunk)
     band = chunk + reach * (1 if causal else 2)
-    last_band_end = first - reach + (num_blocks - 1) * chunk + band
-    key_len = max(-(-(kv_len + left_pad) // chunk) * chunk, last_band_end) + chunk
     edge = min(band, reach - window + chunk - 1)
-    return _Layout(chunk, reach, left_pad, num_blocks, key_len, band, edge, first)
+    return _Layout(chunk, reach, left_pad, -(-q_len // chunk), band, edge, offset + left_pad)
 
 
 def _band_masks(layout: _Layout, window: int, causal: bool, group: int, device):
@@ -573,50 +602,6 @@ def _band_masks(layout: _Layout, window: int, causal: bool, group: int, device):
     inside = (diff >= -window) & (diff <= (0 if causal else window))
     linear = diff < -window if causal else ~inside
     return inside.repeat(group, 1), linear.repeat(group, 1)
-
-
-def _blocks(x: torch.Tensor, layout: _Layout) -> torch.Tensor:
-    """``[B, Hkv, G, S, X]`` rows -> ``[B, Hkv, n, G C, X]`` query blocks (zero padded)."""
-    batch, kv_heads, group, length, width = x.shape
-    if length != layout.num_blocks * layout.chunk:
-        x = F.pad(x, (0, 0, 0, layout.num_blocks * layout.chunk - length))
-    x = x.reshape(batch, kv_heads, group, layout.num_blocks, layout.chunk, width).transpose(2, 3)
-    return x.reshape(batch, kv_heads, layout.num_blocks, group * layout.chunk, width)
-
-
-def _pad_keys(x: torch.Tensor, layout: _Layout, extra_ones: bool = False) -> torch.Tensor:
-    """Key rows ``[..., Sk, X]`` placed at ``left_pad`` in zeros ``[..., key_len, X (+1)]``."""
-    length, width = x.shape[-2:]
-    out = x.new_empty(*x.shape[:-2], layout.key_len, width + int(extra_ones))
-    out[..., : layout.left_pad, :] = 0.0
-    out[..., layout.left_pad + length :, :] = 0.0
-    out[..., layout.left_pad : layout.left_pad + length, :width] = x
-    if extra_ones:
-        out[..., layout.left_pad : layout.left_pad + length, width] = 1.0
-    return out
-
-
-def _windows(x: torch.Tensor, start: int, size: int, chunk: int, count: int) -> torch.Tensor:
-    """Views ``x[..., start + c chunk : ... + size, :]`` for ``c < count``, stacked (no copy)."""
-    return x[..., start:, :].unfold(-2, size, chunk)[..., :count, :, :].transpose(-1, -2)
-
-
-def _outside_states(phi_k, value, layout: _Layout, causal: bool) -> torch.Tensor:
-    """Per block, ``phi(K)^T [V, 1]`` over the keys before (non-causal: and after) its band."""
-    batch, kv_heads, _, features = phi_k.shape
-    chunk, count = layout.chunk, layout.num_blocks
-    states = torch.matmul(
-        phi_k.view(batch, kv_heads, -1, chunk, features).transpose(-1, -2),
-        value.view(batch, kv_heads, -1, chunk, value.shape[-1]),
-    )  # [B, Hkv, key_len / C, F, Dv + 1]
-    # Sums of exactly the wanted chunks (a total minus the band would cancel badly). The layout
-    # leaves an empty chunk at each end, so the exclusive prefix at chunk c is cumsum[c - 1].
-    start = (layout.first - layout.reach) // chunk
-    outside = states.cumsum(2)[:, :, start - 1 : start - 1 + count]
-    if not causal:
-        stop = start + layout.band // chunk
-        outside = outside + states.flip(2).cumsum(2).flip(2)[:, :, stop : stop + count]
-    return outside
 
 
 def _edges(linear: torch.Tensor, layout: _Layout, causal: bool) -> list:
@@ -630,14 +615,205 @@ def _edges(linear: torch.Tensor, layout: _Layout, causal: bool) -> list:
     return [(0, linear[:, : layout.edge]), (layout.band - layout.edge, linear[:, -layout.edge :])]
 
 
-def _merge(soft, log_soft, lin, log_lin) -> torch.Tensor:
-    """``(e^{a-m} soft + e^{b-m} lin_num) / (e^{a-m} + e^{b-m} lin_den)``, ``m = max(a, b)``."""
-    row_max = torch.maximum(log_soft, log_lin)
-    soft_weight, lin_weight = torch.exp(log_soft - row_max), torch.exp(log_lin - row_max)
+def _windows(x: torch.Tensor, start: int, size: int, chunk: int, count: int) -> torch.Tensor:
+    """Views ``x[..., start + c chunk : ... + size, :]`` for ``c < count``, stacked (no copy)."""
+    return x[..., start:, :].unfold(-2, size, chunk)[..., :count, :, :].transpose(-1, -2)
+
+
+def _rows(x: torch.Tensor, start: int, stop: int, fill: float = 0.0) -> torch.Tensor:
+    """Rows ``[start, stop)`` of ``x [..., S, X]``, ``fill`` where outside ``[0, S)``."""
+    length = x.shape[-2]
+    lo, hi = min(max(start, 0), length), min(max(stop, 0), length)
+    out = x.new_full((*x.shape[:-2], stop - start, x.shape[-1]), fill)
+    if hi > lo:
+        out[..., lo - start : hi - start, :] = x[..., lo:hi, :]
+    return out
+
+
+def _chunk_states(phi_k: torch.Tensor, value: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``phi(K_c)^T [V_c, 1]`` of consecutive chunks: ``[B, Hkv, n, F, Dv + 1]``."""
+    batch, kv_heads, length, features = phi_k.shape
+    phi_k = phi_k.reshape(batch, kv_heads, length // chunk, chunk, features)
+    value = value.reshape(batch, kv_heads, length // chunk, chunk, value.shape[-1])
+    return torch.matmul(phi_k.transpose(-1, -2), value)
+
+
+def _merge(soft, log_soft, parts) -> torch.Tensor:
+    """``(e^{a-m} soft + sum e^{b-m} num_b) / (e^{a-m} + sum e^{b-m} den_b)``, m the max exponent.
+
+    ``soft`` is normalised softmax output with log-sum-exp ``a``; ``parts`` are ``(lin, b)`` with
+    ``lin = [num, den]`` on the last axis and log-scale ``b`` (None = 0).
+    """
+    zero = torch.zeros((), dtype=soft.dtype, device=soft.device)
+    logs = [zero if log is None else log for _, log in parts]
+    row_max = log_soft
+    for log in logs:
+        row_max = torch.maximum(row_max, log)
+    den = torch.exp(log_soft - row_max)
+    num = soft.mul_(den)
     dv = soft.shape[-1]
-    num = soft.mul_(soft_weight).add_(lin[..., :dv] * lin_weight)
-    den = lin[..., dv:].mul(lin_weight).add_(soft_weight)
+    for (lin, _), log in zip(parts, logs):
+        weight = torch.exp(log - row_max)
+        num.add_(lin[..., :dv] * weight)
+        den = den + lin[..., dv:] * weight
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+
+
+class _Hybrid:
+    """One hybrid-attention call: query blocks in steps, linear sums carried between steps."""
+
+    def __init__(self, q, k, v, feature_map, log_weight, *, window, causal, scale, chunk):
+        self.q, self.k, self.v, self.feature_map = q, k, v, feature_map
+        self.window, self.causal, self.scale = window, causal, scale
+        batch, q_heads, q_len, _ = q.shape
+        self.kv_heads, self.kv_len = k.shape[1], k.shape[2]
+        self.layout = _hybrid_layout(q_len, self.kv_len, window, causal, chunk)
+        self.compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        self.log_weight = log_weight
+        width = max(feature_map.feature_dim, q.shape[-1] + v.shape[-1], self.layout.band // 4)
+        rows = _HYBRID_STEP_BYTES // (4 * batch * q_heads * width)
+        self.blocks_per_step = max(1, min(rows, 4096) // chunk)
+        group = q_heads // self.kv_heads
+        inside, linear = _band_masks(self.layout, window, causal, group, q.device)
+        self.window_bias = torch.zeros(inside.shape, dtype=self.compute, device=q.device)
+        self.window_bias.masked_fill_(~inside, float("-inf"))
+        self.edges = _edges(linear, self.layout, causal)
+        no_mask = torch.zeros(1, 1, self.kv_len, 1, dtype=self.compute, device=q.device)
+        self.key_bias = no_mask if log_weight is None else log_weight.transpose(-1, -2)
+
+    def keys(self) -> _Keys:
+        q_len = self.q.shape[2]
+        max_len = max(q_len, self.kv_len)
+        return _Keys(self.k, self.v, self.feature_map, self.log_weight, max_len, True)
+
+    def zero_state(self) -> torch.Tensor:
+        shape = (self.q.shape[0], self.kv_heads, self.feature_map.feature_dim, self.v.shape[-1] + 1)
+        return torch.zeros(shape, dtype=self.compute, device=self.q.device)
+
+    def steps(self, reverse: bool = False):
+        """``(first block, number of blocks)`` of every step."""
+        firsts = range(0, self.layout.num_blocks, self.blocks_per_step)
+        for first in reversed(firsts) if reverse else firsts:
+            yield first, min(self.blocks_per_step, self.layout.num_blocks - first)
+
+    def absorb(self, keys: _Keys, total: torch.Tensor, start: int, stop: int) -> None:
+        """Add ``phi(K)^T [V, 1]`` of padded keys ``[start, stop)`` to ``total``."""
+        step = _block_rows(total.shape[0] * total.shape[1], self.feature_map.feature_dim)
+        pad = self.layout.left_pad
+        for lo in range(start, stop, step):
+            phi_k, value = keys.rows(lo - pad, min(stop, lo + step) - pad, [total])
+            total.add_(torch.matmul(phi_k.transpose(-1, -2), value))
+
+    def query_blocks(self, first: int, count: int):
+        """``phi(Q)``, its log-scale (or None) and q of ``count`` blocks: ``[B, Hkv, n, R, X]``."""
+        chunk, q_len = self.layout.chunk, self.q.shape[2]
+        start, stop = first * chunk, min(q_len, (first + count) * chunk)
+        phi, log_q = _query_rows(self.q, self.feature_map, start, stop, self.kv_heads, self.kv_len)
+        q = self.q[:, :, start:stop].to(self.compute).reshape(*phi.shape[:4], -1)
+        return [None if x is None else self.to_blocks(x, count) for x in (phi, log_q, q)]
+
+    def to_blocks(self, x: torch.Tensor, count: int) -> torch.Tensor:
+        """``[B, Hkv, G, rows, X]`` -> ``[B, Hkv, count, G C, X]`` (zero padded rows)."""
+        batch, kv_heads, group, length, width = x.shape
+        chunk = self.layout.chunk
+        if length != count * chunk:
+            x = F.pad(x, (0, 0, 0, count * chunk - length))
+        x = x.reshape(batch, kv_heads, group, count, chunk, width).transpose(2, 3)
+        return x.reshape(batch, kv_heads, count, group * chunk, width)
+
+    def right_parts(self):
+        """Non-causal: per row ``phi(q) [S, z]`` over the keys after its block's band.
+
+        Runs backwards, so each block's suffix is a sum of exactly its keys (no cancellation).
+        Returns ``[B, Hkv, n, R, Dv + 1]`` and the log-scale per row (None without one).
+        """
+        layout, chunk = self.layout, self.layout.chunk
+        keys, suffix = self.keys(), self.zero_state()
+        after_last = layout.band_start(layout.num_blocks - 1) + layout.band
+        self.absorb(keys, suffix, after_last, layout.left_pad + self.kv_len)
+        parts = logs = None
+        for first, count in self.steps(reverse=True):
+            start = layout.band_start(first) + layout.band - layout.left_pad
+            phi_k, value = keys.rows(start, start + count * chunk, [suffix])
+            within = _chunk_states(phi_k, value, chunk).flip(2).cumsum(2).flip(2)
+            phi_q, log_q, _ = self.query_blocks(first, count)
+            part = torch.matmul(phi_q, within.add_(suffix.unsqueeze(2)))
+            suffix.copy_(within[:, :, 0])
+            if parts is None:
+                parts = part.new_empty(*part.shape[:2], layout.num_blocks, *part.shape[3:])
+            parts[:, :, first : first + count] = part
+            log = _row_log_scale(log_q, keys.reference)
+            if log is not None:
+                if logs is None:
+                    logs = log.new_empty(*log.shape[:2], layout.num_blocks, *log.shape[3:])
+                logs[:, :, first : first + count] = log
+        return parts, logs
+
+    def softmax_part(self, q_blocks, start: int, stop: int, count: int):
+        """Windowed softmax of ``count`` blocks over padded keys ``[start, stop)``, and its lse."""
+        layout, chunk, pad = self.layout, self.layout.chunk, self.layout.left_pad
+        keys = _rows(self.k, start - pad, stop - pad).to(self.compute)
+        values = _rows(self.v, start - pad, stop - pad).to(self.compute)
+        key_bias = _rows(self.key_bias, start - pad, stop - pad, float("-inf"))
+        band_bias = _windows(key_bias, 0, layout.band, chunk, count).transpose(-1, -2)
+        bias = self.window_bias + band_bias  # [B | 1, Hkv | 1, count, R, band]
+        has_key = (bias > float("-inf")).any(-1, keepdim=True)
+        soft = q_blocks.new_empty(*q_blocks.shape[:-1], self.v.shape[-1])
+        log_soft = q_blocks.new_empty(*q_blocks.shape[:-1], 1)
+        for index in range(q_blocks.shape[0]):
+            bias_index = min(index, bias.shape[0] - 1)
+            bias_b = bias[bias_index].expand(self.kv_heads, *bias.shape[2:])
+            window_keys = _windows(keys[index], 0, layout.band, chunk, count)
+            window_values = _windows(values[index], 0, layout.band, chunk, count)
+            out, lse = _softmax_lse(q_blocks[index], window_keys, window_values, bias_b, self.scale)
+            soft[index] = out
+            log_soft[index] = torch.where(has_key[bias_index], lse.unsqueeze(-1), float("-inf"))
+        return soft, log_soft
+
+    def run(self) -> torch.Tensor:
+        """The hybrid output ``[B, Hq, Sq, Dv]`` (compute dtype)."""
+        layout, chunk = self.layout, self.layout.chunk
+        right, right_log = (None, None) if self.causal else self.right_parts()
+        keys, prefix = self.keys(), self.zero_state()
+        self.absorb(keys, prefix, 0, layout.band_start(0))
+        out = None
+        for first, count in self.steps():
+            start = layout.band_start(first)
+            stop = start + (count - 1) * chunk + layout.band
+            phi_k, value = keys.rows(start - layout.left_pad, stop - layout.left_pad, [prefix])
+            inclusive = _chunk_states(
+                phi_k[:, :, : count * chunk], value[:, :, : count * chunk], chunk
+            )
+            inclusive = inclusive.cumsum_(2)
+            exclusive = torch.cat([torch.zeros_like(inclusive[:, :, :1]), inclusive[:, :, :-1]], 2)
+            phi_q, log_q, q_blocks = self.query_blocks(first, count)
+            lin = torch.matmul(phi_q, exclusive.add_(prefix.unsqueeze(2)))
+            for offset, mask in self.edges:
+                edge_keys = _windows(phi_k, offset, mask.shape[-1], chunk, count)
+                kernel = torch.matmul(phi_q, edge_keys.transpose(-1, -2)).masked_fill_(~mask, 0.0)
+                lin += torch.matmul(kernel, _windows(value, offset, mask.shape[-1], chunk, count))
+            prefix.add_(inclusive[:, :, -1])
+            parts = [(lin, _row_log_scale(log_q, keys.reference))]
+            if right is not None:
+                blocks = slice(first, first + count)
+                parts.append(
+                    (right[:, :, blocks], None if right_log is None else right_log[:, :, blocks])
+                )
+            soft, log_soft = self.softmax_part(q_blocks, start, stop, count)
+            merged = _merge(soft, log_soft, parts)
+            if out is None:
+                out = merged.new_empty(*merged.shape[:2], layout.num_blocks, *merged.shape[3:])
+            out[:, :, first : first + count] = merged
+        batch, kv_heads, q_len, dv = (
+            self.q.shape[0],
+            self.kv_heads,
+            self.q.shape[2],
+            self.v.shape[-1],
+        )
+        group = self.q.shape[1] // kv_heads
+        out = out.view(batch, kv_heads, layout.num_blocks, group, chunk, dv).transpose(2, 3)
+        out = out.reshape(batch, kv_heads, group, layout.num_blocks * chunk, dv)[:, :, :, :q_len]
+        return out.reshape(batch, kv_heads * group, q_len, dv)
 
 
 def hybrid_attention(
@@ -692,61 +868,15 @@ def hybrid_attention(
         ``[B, Hq, Sq, Dv]`` in q's dtype; rows that see no key are zeros.
     """
     scale = _hybrid_scale(feature_map, q.shape[-1], scale)
-    prep = _prepare(q, k, v, feature_map, mask)
-    batch, kv_heads, group, q_len, _ = prep.phi_q.shape
-    kv_len, compute, dv = k.shape[2], prep.value.dtype, v.shape[-1]
-    layout = _hybrid_layout(q_len, kv_len, window, causal, chunk)
-    keys = _pad_keys(k.to(compute), layout)
-    value = _pad_keys(prep.value, layout, extra_ones=True)  # [V, 1]: the normaliser column
-    phi_k = _pad_keys(prep.phi_k, layout)
-    key_bias = _pad_keys(torch.zeros(1, 1, kv_len, 1, dtype=compute, device=q.device), layout)
-    if prep.key_log_weight is not None:
-        key_bias = _pad_keys(prep.key_log_weight.transpose(-1, -2), layout)
-    key_bias[:, :, : layout.left_pad] = float("-inf")
-    key_bias[:, :, layout.left_pad + kv_len :] = float("-inf")
-    outside = _outside_states(phi_k, value, layout, causal)
-    q_blocks = _blocks(q.to(compute).reshape(batch, kv_heads, group, q_len, -1), layout)
-    phi_q = _blocks(prep.phi_q, layout)
-    log_lin = torch.zeros((batch, 1, 1, 1, 1), dtype=compute, device=q.device)
-    if prep.log_q is not None:
-        log_lin = _blocks(prep.log_q.expand(batch, kv_heads, group, q_len, 1), layout)
-    inside, linear = _band_masks(layout, window, causal, group, q.device)
-    window_bias = torch.zeros(inside.shape, dtype=compute, device=q.device)
-    window_bias.masked_fill_(~inside, float("-inf"))
-    edges = _edges(linear, layout, causal)
-    out = torch.empty(*q_blocks.shape[:-1], dv, dtype=compute, device=q.device)
-    step = max(1, _HYBRID_ROWS_PER_STEP // (group * chunk))
-    for first_block in range(0, layout.num_blocks, step):
-        count = min(step, layout.num_blocks - first_block)
-        blocks = slice(first_block, first_block + count)
-        start = layout.first - layout.reach + first_block * chunk
-        lin = torch.matmul(phi_q[:, :, blocks], outside[:, :, blocks])
-        for band_offset, edge_mask in edges:
-            width = edge_mask.shape[-1]
-            edge_keys = _windows(phi_k, start + band_offset, width, chunk, count)
-            kernel = torch.matmul(phi_q[:, :, blocks], edge_keys.transpose(-1, -2))
-            kernel.masked_fill_(~edge_mask, 0.0)
-            lin += kernel @ _windows(value, start + band_offset, width, chunk, count)
-        band_bias = _windows(key_bias, start, layout.band, chunk, count).transpose(-1, -2)
-        bias = window_bias + band_bias  # [B | 1, Hkv | 1, count, G C, band]
-        has_key = (bias > float("-inf")).any(-1, keepdim=True)
-        for index in range(batch):
-            bias_b = bias[min(index, bias.shape[0] - 1)]
-            soft, lse = _softmax_lse(
-                q_blocks[index, :, blocks],
-                _windows(keys[index], start, layout.band, chunk, count),
-                _windows(value[index, ..., :dv], start, layout.band, chunk, count),
-                bias_b.expand(kv_heads, *bias_b.shape[1:]),
-                scale,
-            )
-            has_key_b = has_key[min(index, bias.shape[0] - 1)]
-            log_soft = torch.where(has_key_b, lse.unsqueeze(-1), float("-inf"))
-            log_lin_b = log_lin[min(index, log_lin.shape[0] - 1)]
-            log_lin_b = log_lin_b[:, blocks] if log_lin_b.shape[1] > 1 else log_lin_b
-            out[index, :, blocks] = _merge(soft, log_soft, lin[index], log_lin_b)
-    out = out.view(batch, kv_heads, layout.num_blocks, group, chunk, dv).transpose(2, 3)
-    out = out.reshape(batch, kv_heads, group, layout.num_blocks * chunk, dv)[:, :, :, :q_len]
-    return out.reshape(batch, kv_heads * group, q_len, dv).to(q.dtype)
+    q_heads, kv_heads = q.shape[1], k.shape[1]
+    if q_heads % kv_heads != 0:
+        raise ValueError(f"query heads {q_heads} are not a multiple of key/value heads {kv_heads}")
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    log_weight = _key_log_weight(mask, q_heads, kv_heads, compute)
+    hybrid = _Hybrid(
+        q, k, v, feature_map, log_weight, window=window, causal=causal, scale=scale, chunk=chunk
+    )
+    return hybrid.run().to(q.dtype)
 
 
 def _hybrid_scale(feature_map: FeatureMap, head_dim: int, scale: float | None) -> float:

@@ -222,9 +222,15 @@ def neighborhood_attention(
     k_flat = k_full.reshape(batch * q_heads, seq, head_dim)
     v_flat = v_full.reshape(batch * q_heads, seq, value_dim)
     width = k_tok.shape[1]
-    q_tiles = q_flat[:, q_tok.reshape(-1)].view(batch * q_heads, num_tiles, tile_q, head_dim)
-    k_tiles = k_flat[:, k_tok.reshape(-1)].view(batch * q_heads, num_tiles, width, head_dim)
-    v_tiles = v_flat[:, k_tok.reshape(-1)].view(batch * q_heads, num_tiles, width, value_dim)
+    q_tiles = q_flat.index_select(1, q_tok.reshape(-1)).view(
+        batch * q_heads, num_tiles, tile_q, head_dim
+    )
+    k_tiles = k_flat.index_select(1, k_tok.reshape(-1)).view(
+        batch * q_heads, num_tiles, width, head_dim
+    )
+    v_tiles = v_flat.index_select(1, k_tok.reshape(-1)).view(
+        batch * q_heads, num_tiles, width, value_dim
+    )
     q_pos, k_pos = q_tok.unsqueeze(-1), k_tok.unsqueeze(1)
     user = [None if t is None else gather_pairs(t, q_pos, k_pos) for t in (mask4, bias4)]
     tile_out, _ = chunked_flash(q_tiles, k_tiles, v_tiles, vis, user, scale, batch=batch)
@@ -232,7 +238,9 @@ def neighborhood_attention(
     slot = torch.empty(seq, dtype=torch.long, device=q.device)
     slot[q_tok.reshape(-1)] = torch.arange(q_tok.numel(), device=q.device)
     out = q.new_empty(batch * q_heads, seq, value_dim)
-    out[:, num_global:] = tile_out.reshape(batch * q_heads, -1, value_dim)[:, slot[num_global:]]
+    out[:, num_global:] = tile_out.reshape(batch * q_heads, -1, value_dim).index_select(
+        1, slot[num_global:]
+    )
     computed = num_tiles * tile_q * width
     if num_global > 0:
         rows = torch.arange(num_global, device=q.device).unsqueeze(1)

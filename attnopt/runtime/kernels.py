@@ -33,6 +33,19 @@ def _combine_additive(mask: torch.Tensor | None, bias: torch.Tensor | None, dtyp
     return bias + mask.to(dtype)
 
 
+#: Masks up to this many elements are checked at run time for being all-visible.
+_INERT_CHECK_LIMIT = 1 << 16
+
+
+def _drop_if_inert(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """None for a small mask that hides nothing (an all-ones padding mask): SDPA is faster
+    without one and the result is identical."""
+    if mask is None or mask.numel() > _INERT_CHECK_LIMIT:
+        return mask
+    inert = bool(mask.all()) if mask.dtype == torch.bool else not bool(mask.any())
+    return None if inert else mask
+
+
 def dense_attention_cpu(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -59,6 +72,7 @@ def dense_attention_cpu(
     Returns:
         ``[B, Hq, Sq, Dv]``.
     """
+    mask = _drop_if_inert(mask)
     if softcap is not None:
         return _chunked_exact(
             q, k, v, mask=mask, bias=bias, scale=scale, causal=causal, cap=softcap

@@ -1,0 +1,150 @@
+"""One attention layer: dense SDPA vs linear (elu+1) vs FAVOR+ vs hybrid (window softmax + linear).
+
+B=1, H=12, d=64, fp32, N in (4096, 8192), non-causal (``--causal`` adds the causal forms). Each
+variant runs in its own subprocess so its peak memory (``ru_maxrss`` after the runs minus after
+building the inputs) is its own; times are medians of a few runs after one warm-up. Prints a rich
+table and writes ``benchmarks/results/linear_layer.json``. Asserts nothing.
+
+Run: ``.venv/bin/python benchmarks/linear_layer.py [--sizes 4096 8192] [--causal]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from attnopt.runtime.cpu_linear import hybrid_attention, linear_attention, make_feature_map
+
+HEADS, HEAD_DIM, WINDOW, FAVOR_FEATURES = 12, 64, 256, 256
+RESULTS = Path(__file__).resolve().parent / "results" / "linear_layer.json"
+
+
+def _variants(causal: bool) -> dict[str, str]:
+    """Variant name -> description (in table order)."""
+    names = {
+        "sdpa": "dense F.scaled_dot_product_attention",
+        "linear_elu": "linear attention, elu+1",
+        "favor_256": f"linear attention, FAVOR+ {FAVOR_FEATURES} features",
+        "hybrid_elu_w256": f"hybrid: softmax window {WINDOW} + elu+1 linear",
+        "hybrid_favor_w256": f"hybrid: softmax window {WINDOW} + FAVOR+ linear",
+    }
+    if causal:
+        names |= {f"{name}_causal": f"{text}, causal" for name, text in names.items()}
+    return names
+
+
+def _make_call(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The zero-argument callable that runs ``variant`` once."""
+    causal = variant.endswith("_causal")
+    base = variant.removesuffix("_causal")
+    elu = make_feature_map("elu", HEAD_DIM)
+    favor = make_feature_map("favor", HEAD_DIM, num_features=FAVOR_FEATURES, seed=0)
+    calls = {
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+        "linear_elu": lambda: linear_attention(q, k, v, elu, causal=causal),
+        "favor_256": lambda: linear_attention(q, k, v, favor, causal=causal),
+        "hybrid_elu_w256": lambda: hybrid_attention(q, k, v, elu, window=WINDOW, causal=causal),
+        "hybrid_favor_w256": lambda: hybrid_attention(q, k, v, favor, window=WINDOW, causal=causal),
+    }
+    return calls[base]
+
+
+def _worker(variant: str, seq_len: int, repeats: int) -> dict:
+    """Time one variant in this process; report median ms and peak memory growth."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, seq_len, HEAD_DIM) for _ in range(3))
+    call = _make_call(variant, q, k, v)
+    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.inference_mode():
+        call()  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - start) * 1e3)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "variant": variant,
+        "seq_len": seq_len,
+        "median_ms": statistics.median(times),
+        "times_ms": times,
+        "peak_extra_mb": (peak_kb - baseline_kb) / 1024,
+        "peak_rss_mb": peak_kb / 1024,
+    }
+
+
+def _run_subprocess(variant: str, seq_len: int, repeats: int) -> dict:
+    """Run :func:`_worker` in a fresh interpreter and parse its JSON line."""
+    command = [sys.executable, __file__, "--worker", variant, str(seq_len), str(repeats)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every variant at every size, print the table, write the JSON results.
+
+    Args:
+        argv: command line arguments (default ``sys.argv[1:]``).
+    """
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--causal", action="store_true", help="also run the causal forms")
+    parser.add_argument("--worker", nargs=3, metavar=("VARIANT", "N", "REPEATS"))
+    args = parser.parse_args(argv)
+    if args.worker:
+        variant, seq_len, repeats = args.worker
+        print(json.dumps(_worker(variant, int(seq_len), int(repeats))))
+        return
+    console = Console()
+    variants = _variants(args.causal)
+    rows = []
+    for seq_len in args.sizes:
+        for variant in variants:
+            repeats = 3 if variant.startswith("sdpa") else args.repeats
+            rows.append(_run_subprocess(variant, seq_len, repeats))
+            console.log(f"N={seq_len} {variant}: {rows[-1]['median_ms']:.1f} ms")
+    dense = {(r["seq_len"], r["variant"].endswith("_causal")): r["median_ms"] for r in rows
+             if r["variant"].startswith("sdpa")}  # fmt: skip
+    table = Table(title=f"One attention layer, B=1 H={HEADS} d={HEAD_DIM} fp32 (CPU)")
+    for column in ("N", "variant", "median ms", "vs SDPA", "peak extra MB"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for row in rows:
+        reference = dense[(row["seq_len"], row["variant"].endswith("_causal"))]
+        row["speedup_vs_sdpa"] = reference / row["median_ms"]
+        table.add_row(
+            str(row["seq_len"]),
+            variants[row["variant"]],
+            f"{row['median_ms']:.1f}",
+            f"{row['speedup_vs_sdpa']:.1f}x",
+            f"{row['peak_extra_mb']:.0f}",
+        )
+    console.print(table)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "heads": HEADS,
+        "head_dim": HEAD_DIM,
+        "window": WINDOW,
+        "favor_features": FAVOR_FEATURES,
+    }
+    RESULTS.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    console.print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
