@@ -1,17 +1,20 @@
 """One attention layer: dense SDPA vs linear (elu+1) vs FAVOR+ vs hybrid (window softmax + linear).
 
-B=1, H=12, d=64, fp32, N in (4096, 8192), non-causal (``--causal`` adds the causal forms). Each
-variant runs in its own subprocess so its peak memory (``ru_maxrss`` after the runs minus after
-building the inputs) is its own; times are medians of a few runs after one warm-up. Prints a rich
-table and writes ``benchmarks/results/linear_layer.json``. Asserts nothing.
+B=1, H=12, d=64, fp32, N in (4096, 8192), non-causal (``--causal`` adds the causal forms), at
+torch's default thread count (``--threads 1 2`` runs each count). Each variant runs in its own
+subprocess so its peak memory (``ru_maxrss`` after the runs minus after building the inputs) is
+its own; times are medians of a few runs after one warm-up; the load average is recorded because
+a busy machine slows many-op kernels more than one fused SDPA call. Prints a rich table and writes
+``benchmarks/results/linear_layer.json``. Asserts nothing.
 
-Run: ``.venv/bin/python benchmarks/linear_layer.py [--sizes 4096 8192] [--causal]``.
+Run: ``.venv/bin/python benchmarks/linear_layer.py [--sizes 4096 8192] [--causal] [--threads 1 2]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -61,8 +64,9 @@ def _make_call(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return calls[base]
 
 
-def _worker(variant: str, seq_len: int, repeats: int) -> dict:
+def _worker(variant: str, seq_len: int, repeats: int, threads: int) -> dict:
     """Time one variant in this process; report median ms and peak memory growth."""
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, HEADS, seq_len, HEAD_DIM) for _ in range(3))
     call = _make_call(variant, q, k, v)
@@ -78,6 +82,8 @@ def _worker(variant: str, seq_len: int, repeats: int) -> dict:
     return {
         "variant": variant,
         "seq_len": seq_len,
+        "threads": threads,
+        "load_average_1min": os.getloadavg()[0],
         "median_ms": statistics.median(times),
         "times_ms": times,
         "peak_extra_mb": (peak_kb - baseline_kb) / 1024,
@@ -85,9 +91,10 @@ def _worker(variant: str, seq_len: int, repeats: int) -> dict:
     }
 
 
-def _run_subprocess(variant: str, seq_len: int, repeats: int) -> dict:
+def _run_subprocess(variant: str, seq_len: int, repeats: int, threads: int) -> dict:
     """Run :func:`_worker` in a fresh interpreter and parse its JSON line."""
     command = [sys.executable, __file__, "--worker", variant, str(seq_len), str(repeats)]
+    command.append(str(threads))
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -102,40 +109,47 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--causal", action="store_true", help="also run the causal forms")
-    parser.add_argument("--worker", nargs=3, metavar=("VARIANT", "N", "REPEATS"))
+    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
+    parser.add_argument("--worker", nargs=4, metavar=("VARIANT", "N", "REPEATS", "THREADS"))
     args = parser.parse_args(argv)
     if args.worker:
-        variant, seq_len, repeats = args.worker
-        print(json.dumps(_worker(variant, int(seq_len), int(repeats))))
+        variant, seq_len, repeats, threads = args.worker
+        print(json.dumps(_worker(variant, int(seq_len), int(repeats), int(threads))))
         return
     console = Console()
     variants = _variants(args.causal)
     rows = []
-    for seq_len in args.sizes:
-        for variant in variants:
-            repeats = 3 if variant.startswith("sdpa") else args.repeats
-            rows.append(_run_subprocess(variant, seq_len, repeats))
-            console.log(f"N={seq_len} {variant}: {rows[-1]['median_ms']:.1f} ms")
-    dense = {(r["seq_len"], r["variant"].endswith("_causal")): r["median_ms"] for r in rows
-             if r["variant"].startswith("sdpa")}  # fmt: skip
+    for threads in args.threads:
+        for seq_len in args.sizes:
+            for variant in variants:
+                repeats = 3 if variant.startswith("sdpa") else args.repeats
+                rows.append(_run_subprocess(variant, seq_len, repeats, threads))
+                console.log(
+                    f"threads={threads} N={seq_len} {variant}: {rows[-1]['median_ms']:.1f} ms"
+                )
+    dense = {(r["threads"], r["seq_len"], r["variant"].endswith("_causal")): r["median_ms"]
+             for r in rows if r["variant"].startswith("sdpa")}  # fmt: skip
     table = Table(title=f"One attention layer, B=1 H={HEADS} d={HEAD_DIM} fp32 (CPU)")
-    for column in ("N", "variant", "median ms", "vs SDPA", "peak extra MB"):
+    for column in ("threads", "N", "variant", "median ms", "vs SDPA", "peak extra MB", "load"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for row in rows:
-        reference = dense[(row["seq_len"], row["variant"].endswith("_causal"))]
-        row["speedup_vs_sdpa"] = reference / row["median_ms"]
+        key = (row["threads"], row["seq_len"], row["variant"].endswith("_causal"))
+        row["speedup_vs_sdpa"] = dense[key] / row["median_ms"]
         table.add_row(
+            str(row["threads"]),
             str(row["seq_len"]),
             variants[row["variant"]],
             f"{row['median_ms']:.1f}",
             f"{row['speedup_vs_sdpa']:.1f}x",
             f"{row['peak_extra_mb']:.0f}",
+            f"{row['load_average_1min']:.1f}",
         )
     console.print(table)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "default_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
         "machine": platform.machine(),
         "heads": HEADS,
         "head_dim": HEAD_DIM,

@@ -121,11 +121,12 @@ def _linattn_fwd_{variant}_kvstate(
 
 @triton.jit
 def _linattn_fwd_{variant}(
-    Q, STATE, NORMALISER, OUT,
+    Q, STATE, NORMALISER, ROW_EPS, OUT,
     stride_qb, stride_qh, stride_qm, stride_qf,
     stride_ob, stride_oh, stride_om, stride_od,
     q_heads, group, q_len, feature_dim, value_dim, eps,
-    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_ROW_EPS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)  # batch * q_heads + query head
@@ -141,7 +142,11 @@ def _linattn_fwd_{variant}(
     normaliser = tl.load(NORMALISER + kv_pid * BLOCK_F + offs_f)
     num = tl.dot(phi_q, state, input_precision="{precision}")
     den = tl.sum(phi_q * normaliser[None, :], axis=1)
-    out = num / (den + eps)[:, None]
+    if HAS_ROW_EPS:
+        den += tl.load(ROW_EPS + pid_bh * q_len + rows, mask=rows < q_len, other=1.0)
+    else:
+        den += eps
+    out = num / den[:, None]
     o_ptrs = OUT + batch * stride_ob + head * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od
     o_mask = (rows[:, None] < q_len) & (offs_d[None, :] < value_dim)
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
@@ -151,13 +156,13 @@ _CAUSAL = """
 
 @triton.jit
 def _linattn_fwd_{variant}(
-    Q, K, V, KEY_WEIGHT, OUT,
+    Q, K, V, KEY_WEIGHT, ROW_EPS, OUT,
     stride_qb, stride_qh, stride_qm, stride_qf,
     stride_kb, stride_kh, stride_kn, stride_kf,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     q_heads, group, q_len, kv_len, feature_dim, value_dim, eps,
-    HAS_KEY_WEIGHT: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_KEY_WEIGHT: tl.constexpr, HAS_ROW_EPS: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid = tl.program_id(0)  # batch * q_heads + query head
@@ -209,7 +214,11 @@ def _linattn_fwd_{variant}(
         num = tl.dot(phi_q, state, input_precision="{precision}")
         num += tl.dot(scores, values, input_precision="{precision}")
         den = tl.sum(phi_q * normaliser[None, :], axis=1) + tl.sum(scores, axis=1)
-        out = num / (den + eps)[:, None]
+        if HAS_ROW_EPS:
+            den += tl.load(ROW_EPS + pid * q_len + q_rows, mask=q_rows < q_len, other=1.0)
+        else:
+            den += eps
+        out = num / den[:, None]
         o_ptrs = o_base + q_rows[:, None] * stride_om + offs_d[None, :] * stride_od
         o_mask = (q_rows[:, None] < q_len) & (offs_d[None, :] < value_dim)
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
@@ -336,7 +345,7 @@ def triton_linear_attention(
     *,
     causal: bool = False,
     mask: torch.Tensor | None = None,
-    eps: float = 1e-6,
+    eps: float | torch.Tensor = 1e-6,
     chunk: int = 32,
     block_m: int = 32,
     interpret: bool = False,
@@ -353,7 +362,9 @@ def triton_linear_attention(
         causal: bottom-right aligned causal form (chunked kernel).
         mask: key padding mask ``[B, 1, 1, Sk]``, bool (True = keep) or additive (weights
             ``exp(mask)``), as :func:`attnopt.runtime.cpu_linear.linear_attention`.
-        eps: added to the denominator.
+        eps: added to the denominator; a float, or per query row (broadcastable to
+            ``[B, Hq, Sq]``) — with precomputed FAVOR+ features pass ``eps exp(-(lq + lk))`` (the
+            kernel's true units, as ``linear_attention`` does), since their scale is arbitrary.
         chunk: causal chunk length (power of two, >= 16).
         block_m: query rows per program of the non-causal output kernel (power of two, >= 16).
         interpret: run in Triton's interpreter (CPU tensors).
@@ -371,15 +382,21 @@ def triton_linear_attention(
     group = q_heads // kv_heads
     weights = _key_weights(mask, batch, kv_heads, kv_len, q.device)
     weight_arg = weights if weights is not None else k  # unused placeholder pointer
+    row_eps = None
+    if isinstance(eps, torch.Tensor):
+        row_eps = eps.to(torch.float32).expand(batch, q_heads, q_len).contiguous()
+    row_eps_arg = row_eps if row_eps is not None else k
+    scalar_eps = 0.0 if row_eps is not None else float(eps)
     block_f = max(16, _next_power_of_2(feature_dim))
     block_dv = max(16, _next_power_of_2(value_dim))
     out = torch.empty(batch, q_heads, q_len, value_dim, dtype=q.dtype, device=q.device)
     if causal:
         kernels.main[(batch * q_heads,)](
-            q, k, v, weight_arg, out,
+            q, k, v, weight_arg, row_eps_arg, out,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            q_heads, group, q_len, kv_len, feature_dim, value_dim, eps,
-            HAS_KEY_WEIGHT=weights is not None, CHUNK=chunk, BLOCK_F=block_f, BLOCK_DV=block_dv,
+            q_heads, group, q_len, kv_len, feature_dim, value_dim, scalar_eps,
+            HAS_KEY_WEIGHT=weights is not None, HAS_ROW_EPS=row_eps is not None, CHUNK=chunk,
+            BLOCK_F=block_f, BLOCK_DV=block_dv,
         )  # fmt: skip
         return out
     state = torch.empty(batch * kv_heads, block_f, block_dv, dtype=torch.float32, device=q.device)
@@ -392,9 +409,9 @@ def triton_linear_attention(
     )  # fmt: skip
     grid = ((q_len + block_m - 1) // block_m, batch * q_heads)
     kernels.main[grid](
-        q, state, normaliser, out,
+        q, state, normaliser, row_eps_arg, out,
         *q.stride(), *out.stride(),
-        q_heads, group, q_len, feature_dim, value_dim, eps,
-        BLOCK_M=block_m, BLOCK_F=block_f, BLOCK_DV=block_dv,
+        q_heads, group, q_len, feature_dim, value_dim, scalar_eps,
+        HAS_ROW_EPS=row_eps is not None, BLOCK_M=block_m, BLOCK_F=block_f, BLOCK_DV=block_dv,
     )  # fmt: skip
     return out

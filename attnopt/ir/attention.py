@@ -36,7 +36,8 @@ class AttentionAttrs:
         window_left: sliding window: keys visible before the aligned position (None: all).
         window_right: sliding window: keys visible after it (None: all).
         sinks: leading keys visible to every query (sliding window, block sparse).
-        block: block size of block-sparse attention (queries and keys).
+        block: block size of block-sparse attention (keys; queries too unless query_block).
+        query_block: block sparse: query rows per block (0: same as ``block``).
         density: block sparse: fraction of key blocks kept per query block.
         threshold: block sparse: cumulative pooled-score mass to keep (instead of density).
         routing: block sparse: "topk", "threshold" (content routing at run time) or "static".
@@ -62,6 +63,7 @@ class AttentionAttrs:
     window_right: int | None = None
     sinks: int = 0
     block: int = 64
+    query_block: int = 0
     density: float | None = None
     threshold: float | None = None
     routing: str = "topk"

@@ -8,6 +8,7 @@ from attnopt.passes.base import Pass, PassContext, PassManager, PassResult, regi
 from attnopt.passes.block_sparse import BlockSparse
 from attnopt.passes.canonicalize import Canonicalize
 from attnopt.passes.fuse_attention import FuseAttention
+from attnopt.passes.head_prune import HeadPrune
 from attnopt.passes.linearize import Linearize
 from attnopt.passes.neighborhood import Neighborhood
 from attnopt.passes.sliding_window import SlidingWindow
@@ -16,6 +17,7 @@ __all__ = [
     "BlockSparse",
     "Canonicalize",
     "FuseAttention",
+    "HeadPrune",
     "Linearize",
     "Neighborhood",
     "SlidingWindow",

@@ -150,9 +150,24 @@ def neighborhood_visible(
     return out.to(device)
 
 
-def _default_tile(grid: tuple[int, ...], kernels, dilations) -> tuple[int, ...]:
+def _default_tile(grid: tuple[int, ...], dilations: tuple[int, ...]) -> tuple[int, ...]:
+    # 64 queries per tile: 8x8 (2-D) or 4x4x4 (3-D); measured fastest for 7x7 on a 64x64 grid
     side = 8 if len(grid) == 2 else 4
     return tuple(max(1, min(side, length // d)) for length, d in zip(grid, dilations))
+
+
+def _tile_plan(grid, kernels, dilations, tiles, num_global, device):
+    """Token indices of every tile: queries ``[nT, Qt]``, keys ``[nT, G + Ut]`` (globals first)
+    and the bool visibility ``[nT, Qt, G + Ut]``."""
+    per_axis = [
+        _axis_tiles(g, kn, d, min(t, g)) for g, kn, d, t in zip(grid, kernels, dilations, tiles)
+    ]
+    q_tok, k_tok, vis = (t.to(device) for t in _combine_axes(per_axis, grid))
+    num_tiles, tile_q = q_tok.shape
+    globals_ = torch.arange(num_global, device=device).expand(num_tiles, num_global)
+    k_tok = torch.cat([globals_, k_tok + num_global], dim=1)
+    vis = torch.cat([vis.new_ones(num_tiles, tile_q, num_global), vis], dim=2)
+    return q_tok + num_global, k_tok, vis
 
 
 def neighborhood_attention(
@@ -199,24 +214,13 @@ def neighborhood_attention(
     scale = head_dim**-0.5 if scale is None else scale
     kernels = _per_axis(kernel, len(grid), "kernel")
     dilations = _per_axis(dilation, len(grid), "dilation")
-    tiles = (
-        _default_tile(grid, kernels, dilations)
-        if tile is None
-        else _per_axis(tile, len(grid), "tile")
-    )
+    tiles = _default_tile(grid, dilations) if tile is None else _per_axis(tile, len(grid), "tile")
     mask4, bias4 = mask_to_4d(mask, "mask"), mask_to_4d(bias, "bias")
     if all(kn >= g for kn, g in zip(kernels, grid)):  # every window is the whole grid
         record_computed(stats, seq * seq, seq * seq)
         return dense_attention(q, k, v, scale=scale, causal=False, mask=mask, bias=bias)
-    per_axis = [
-        _axis_tiles(g, kn, d, min(t, g)) for g, kn, d, t in zip(grid, kernels, dilations, tiles)
-    ]
-    q_tok, k_tok, vis = (t.to(q.device) for t in _combine_axes(per_axis, grid))
+    q_tok, k_tok, vis = _tile_plan(grid, kernels, dilations, tiles, num_global, q.device)
     num_tiles, tile_q = q_tok.shape
-    globals_ = torch.arange(num_global, device=q.device).expand(num_tiles, num_global)
-    k_tok = torch.cat([globals_, k_tok + num_global], dim=1)
-    vis = torch.cat([vis.new_ones(num_tiles, tile_q, num_global), vis], dim=2)
-    q_tok = q_tok + num_global
     k_full, v_full = (x.repeat_interleave(group, dim=1) if group > 1 else x for x in (k, v))
     q_flat = q.reshape(batch * q_heads, seq, head_dim)
     k_flat = k_full.reshape(batch * q_heads, seq, head_dim)
@@ -242,7 +246,7 @@ def neighborhood_attention(
         1, slot[num_global:]
     )
     computed = num_tiles * tile_q * width
-    if num_global > 0:
+    if num_global > 0:  # global queries see every key: one small dense call
         rows = torch.arange(num_global, device=q.device).unsqueeze(1)
         cols = torch.arange(seq, device=q.device).unsqueeze(0)
         glob_user = [None if t is None else gather_pairs(t, rows, cols) for t in (mask4, bias4)]

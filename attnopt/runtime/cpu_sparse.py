@@ -155,7 +155,7 @@ def sliding_window_attention(
     out = q.new_empty(batch, q_heads, q_len, value_dim)
     computed = 0
     if first <= last:
-        interior = _window_interior(q, k_flat, v_flat, first, last, chunk, left, right, sinks)
+        interior = _WindowInterior(q, k_flat, v_flat, first, last, chunk, left, right, sinks)
         computed += interior.run(out, mask4, bias4, scale)
     edge_runs = [(0, min(first, num_chunks)), (max(last + 1, first), num_chunks)]
     for start, stop in _edge_groups(edge_runs, chunk, q_len, kv_len, left, right, sinks):
@@ -166,7 +166,7 @@ def sliding_window_attention(
     return out
 
 
-class _window_interior:
+class _WindowInterior:
     """The chunks whose window lies inside ``[sinks, Sk)``: one strided, batched flash call."""
 
     def __init__(self, q, k_flat, v_flat, first, last, chunk, left, right, sinks) -> None:
@@ -254,7 +254,7 @@ def _edge_groups(runs, chunk, q_len, kv_len, left, right, sinks) -> list[tuple[i
 def _window_edge(
     q, k_flat, v_flat, out, start, stop, left, right, sinks, causal, mask4, bias4, scale
 ) -> int:
-    """One edge chunk of queries ``[start, stop)`` on its exact key range plus the sinks."""
+    """Edge queries ``[start, stop)`` (a group of chunks) on their exact key range plus sinks."""
     batch, heads, q_len, _ = q.shape
     kv_len, device = k_flat.shape[1], q.device
     offset = kv_len - q_len

@@ -158,7 +158,10 @@ def kernel_sources_for(graph: Graph) -> dict[str, str]:
                 import dataclasses
 
                 config = dataclasses.replace(
-                    config, sparsity="block_sparse", block_q=attrs.block, block_k=attrs.block
+                    config,
+                    sparsity="block_sparse",
+                    block_q=attrs.query_block or attrs.block,
+                    block_k=attrs.block,
                 )
             kernel = render_attention_kernel(config)
         except (ValueError, TypeError):

@@ -50,7 +50,7 @@ def block_meta_for(inputs: list[Any], attrs: AttentionAttrs) -> BlockMeta:
     if attrs.routing == "static":
         if counts is None or indices is None:
             raise ValueError("static block-sparse attention needs kv_counts and kv_indices inputs")
-        return BlockMeta(attrs.block, attrs.block, counts, indices)
+        return BlockMeta(attrs.query_block or attrs.block, attrs.block, counts, indices)
     return route_blocks(
         q,
         k,
@@ -62,6 +62,7 @@ def block_meta_for(inputs: list[Any], attrs: AttentionAttrs) -> BlockMeta:
         causal=attrs.causal,
         mask=mask,
         scale=attrs.scale,
+        block_q=attrs.query_block or None,
     )
 
 

@@ -68,12 +68,17 @@ def _run_cases() -> dict[str, bool]:
         else:
             max_len = max(q_len, kv_len)
             q_positions = torch.arange(q_len) + kv_len - q_len
-            phi_q = feature_map(q, is_query=True, positions=q_positions, max_len=max_len).values
             k_positions = torch.arange(kv_len)
-            phi_k = feature_map(k, is_query=False, positions=k_positions, max_len=max_len).values
+            fq = feature_map(q, is_query=True, positions=q_positions, max_len=max_len)
+            fk = feature_map(k, is_query=False, positions=k_positions, max_len=max_len)
+            eps = 1e-6  # in the kernel's true units, as linear_attention adds it
+            if fq.log_scale is not None:
+                log_k = fk.log_scale.repeat_interleave(q_heads // kv_heads, dim=1)
+                eps = 1e-6 * torch.exp(-(fq.log_scale + log_k))[..., 0]
             actual = triton_linear_attention(
-                phi_q, phi_k, v, "identity", causal=causal, mask=mask, chunk=16, interpret=True
-            )
+                fq.values, fk.values, v, "identity", causal=causal, mask=mask, eps=eps,
+                chunk=16, interpret=True,
+            )  # fmt: skip
         close = torch.allclose(actual, expected, atol=tolerance.atol, rtol=tolerance.rtol)
         results[_case_id(case)] = bool(close)
         if not close:

@@ -196,3 +196,39 @@ def test_sensitivity_reports_every_site():
     rows = attnopt.sensitivity(model, attnopt.passes.Linearize(), [(args, kwargs)])
     assert [r["site"] for r in rows] == list(range(6))
     assert all(0 < r["cosine"] < 1 for r in rows)
+
+
+def test_block_sparse_query_block_option():
+    q, k, v, keep = _inputs(64, 64)
+    cm = attnopt.compile(
+        Attn(), (q, k, v, keep), passes=FUSE + "block-sparse{block=8,query_block=16,density=1.0}"
+    )
+    assert cm.graph.find("attention")[0].attrs.query_block == 16
+    assert_close(cm(q, k, v, keep), Attn()(q, k, v, keep))
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "vit", "minilm"])
+def test_head_prune_slices_weights(name):
+    model = zoo_model(name, "eager")
+    args, kwargs = zoo.get(name).example(2, 12)
+    full = attnopt.compile(model, args, kwargs, passes=FUSE + "head-prune{keep=1.0}")
+    assert_matches_eager(model, full, args, kwargs)
+    half = attnopt.compile(model, args, kwargs, passes=FUSE + "head-prune{keep=0.5}")
+    before = [s.num_heads for s in full.sites]
+    assert [s.num_heads for s in half.sites] == [h // 2 for h in before]
+    assert all(s.heads_kept == h // 2 for s, h in zip(half.sites, before))
+    pruned = [n for n in half.graph.tensors if n.endswith(".pruned")]
+    assert pruned, "weights must be sliced, not masked"
+    with torch.no_grad():
+        out = zoo.primary_output(half(*args, **kwargs))
+    assert out.shape == zoo.primary_output(model(*args, **kwargs)).shape
+
+
+def test_head_prune_refuses_fused_qkv_with_a_reason():
+    model = zoo_model("gpt2", "eager")
+    args, kwargs = zoo.get("gpt2").example(2, 12)
+    cm = attnopt.compile(model, args, kwargs, passes=FUSE + "head-prune{keep=0.5}")
+    assert [s.num_heads for s in cm.sites] == [4, 4]
+    notes = " ".join(n for record in cm.history for n in record["notes"])
+    assert "not pruned" in notes
+    assert_matches_eager(model, cm, args, kwargs)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from attnopt.runtime import cpu_hybrid, linear_features
 from attnopt.runtime.cpu_linear import (
     FavorFeatureMap,
     hybrid_attention,
@@ -62,9 +63,7 @@ def test_chunked_matches_naive(name, causal, lengths, heads):
 @pytest.mark.parametrize("lengths", [(150, 150), (130, 210), (210, 130)])
 def test_row_blocks_match_naive(monkeypatch, name, causal, lengths):
     """Several row blocks (64 rows each): carried state, FAVOR+ stabilisers rescaled per block."""
-    import attnopt.runtime.cpu_linear as cpu_linear
-
-    monkeypatch.setattr(cpu_linear, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(linear_features, "_BLOCK_BYTES", 1)
     q, k, v = _qkv(4, 2, *lengths, dv=8)
     q, k = q * 2.0, k * 2.0  # spread the FAVOR+ stabilisers of different blocks
     mask = _padding_mask(2, lengths[1], "float")
@@ -188,6 +187,23 @@ def test_hybrid_matches_naive(name, causal, lengths, window):
     expected = hybrid_attention_naive(q, k, v, feature_map, window=window, causal=causal)
     actual = hybrid_attention(q, k, v, feature_map, window=window, causal=causal, chunk=8)
     assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("name", ["elu", "favor", "cosformer"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lengths", [(90, 90), (60, 140), (140, 60)])
+def test_hybrid_steps_match_naive(monkeypatch, name, causal, lengths):
+    """One query block per step and small key blocks: carried prefix/suffix sums and FAVOR+
+    stabilisers rescaled between steps."""
+    monkeypatch.setattr(linear_features, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(cpu_hybrid, "_HYBRID_STEP_BYTES", 1)
+    q, k, v = _qkv(4, 2, *lengths)
+    q, k = q * 1.5, k * 1.5
+    mask = _padding_mask(2, lengths[1], "bool")
+    feature_map = _feature_map(name)
+    kwargs = {"window": 20, "causal": causal, "mask": mask}
+    expected = hybrid_attention_naive(q, k, v, feature_map, **kwargs)
+    assert_close(hybrid_attention(q, k, v, feature_map, chunk=16, **kwargs), expected)
 
 
 @pytest.mark.parametrize("dv", [16, 8])  # CPU flash kernel path, and the plain torch path

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from attnopt.runtime import cpu_sparse
+from attnopt.runtime import cpu_block_sparse, cpu_sparse
 from attnopt.runtime.cpu_sparse import (
     BlockMeta,
     apply_permutation,
@@ -181,7 +181,7 @@ BLOCK_CASES = [
 @pytest.mark.parametrize("case", BLOCK_CASES)
 @pytest.mark.parametrize("extras", ["none", "padding", "float_mask_bias", "per_batch"])
 def test_block_sparse_matches_reference(case, extras, monkeypatch):
-    monkeypatch.setattr(cpu_sparse, "GATHER_BUDGET", 4096)  # several slices, reused buffers
+    monkeypatch.setattr(cpu_block_sparse, "GATHER_BUDGET", 4096)  # several slices, reused buffers
     q_len, kv_len, block_q, block_k, causal, batch_meta, heads_meta = case
     q, k, v = _qkv(q_len=q_len, kv_len=kv_len)
     meta = _random_meta(batch_meta, heads_meta, q_len, kv_len, block_q, block_k)
@@ -262,6 +262,33 @@ def test_routed_block_sparse_matches_reference(causal):
         q, k, v, mask=keep, causal=causal, visible=block_meta_visible(meta, 80, 80)
     )
     assert_close(out, expected)
+
+
+@pytest.mark.parametrize("extras", ["none", "float_mask_bias", "per_batch"])
+def test_threshold_routed_causal_cross_attention(extras, monkeypatch):
+    # uneven counts (rows sorted by count), causal diagonal split, several slices
+    monkeypatch.setattr(cpu_block_sparse, "GATHER_BUDGET", 2048)
+    q, k, v = _qkv(q_len=48, kv_len=80)
+    mask, bias = _extras(extras, 2, 4, 48, 80)
+    meta = route_blocks(q, k, block=16, threshold=0.5, causal=True, sinks=2)
+    assert meta.kv_counts.unique().numel() > 1
+    out = block_sparse_attention(q, k, v, meta, causal=True, mask=mask, bias=bias)
+    visible = block_meta_visible(meta, 48, 80)
+    assert_close(
+        out, attention_reference(q, k, v, mask=mask, bias=bias, causal=True, visible=visible)
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_routing_ragged_lengths_full_mask_and_value_dim(causal):
+    q, k, v = _qkv(q_len=37, kv_len=53, value_dim=8)
+    keep = torch.rand(2, 1, 37, 53, generator=torch.Generator().manual_seed(3)) > 0.3
+    for choice in ({"density": 0.3}, {"threshold": 0.7}):
+        meta = route_blocks(q, k, block=16, block_q=8, causal=causal, mask=keep, sinks=3, **choice)
+        _check_meta_invariants(meta, 4)
+        out = block_sparse_attention(q, k, v, meta, causal=causal, mask=keep)
+        visible = block_meta_visible(meta, 37, 53)
+        assert_close(out, attention_reference(q, k, v, mask=keep, causal=causal, visible=visible))
 
 
 def test_static_pattern_from_calibration():

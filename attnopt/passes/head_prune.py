@@ -1,0 +1,227 @@
+"""``head-prune``: remove the least important attention heads by slicing weights.
+
+Entry point: :class:`HeadPrune`.
+
+For each selected site whose q/k/v come from ``linear`` projections (through reshapes, transposes
+and per-head elementwise ops such as rotary embeddings) and whose output reaches an output
+``linear``, the pass keeps the ``keep`` most important heads (whole key/value groups under GQA):
+the q/k/v projection rows and the output projection columns of the other heads are sliced away, and
+shapes are re-inferred. Importance is measured on calibration data: the mean norm of each head's
+attention output times the norm of its output-projection columns (its contribution to the
+layer's output). Sites where slicing cannot be proven to keep the graph consistent are left alone,
+with the reason in the pass notes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from attnopt.errors import PassError
+from attnopt.ir import Graph, Node, Value, verify
+from attnopt.passes.base import Pass, PassContext, PassResult
+from attnopt.passes.helpers import VIEW_OPS
+from attnopt.passes.select import Site, check_fraction, sites_for
+
+__all__ = ["HeadPrune"]
+
+#: Ops allowed between a projection and the attention input (they act per head or per position).
+_PER_HEAD_OPS = {*VIEW_OPS, "mul", "add", "sub", "neg", "cast", "aten"}
+
+
+def _projection(value: Value, graph: Graph, users: dict) -> Node | None:
+    """The ``linear`` that produces ``value`` through per-head ops, each read once."""
+    current = value
+    for _ in range(64):
+        node = current.producer
+        if node is None:
+            return None
+        if node.op == "linear":
+            return node
+        if node.op not in _PER_HEAD_OPS:
+            return None
+        tensor_inputs = [
+            v
+            for v in node.inputs
+            if v is not None and v.producer is not None and v.producer.op != "param"
+        ]
+        chained = [v for v in tensor_inputs if _depends_on_linear(v)]
+        if not chained:
+            return None
+        current = chained[0]
+    return None
+
+
+def _depends_on_linear(value: Value, depth: int = 64) -> bool:
+    while depth and value.producer is not None:
+        node = value.producer
+        if node.op == "linear":
+            return True
+        inputs = [
+            v
+            for v in node.inputs
+            if v is not None and v.producer is not None and v.producer.op != "param"
+        ]
+        if not inputs:
+            return False
+        value = inputs[0]
+        depth -= 1
+    return False
+
+
+def _output_projection(value: Value, users: dict[Value, list[Node]]) -> Node | None:
+    current = value
+    for _ in range(16):
+        readers = users.get(current, [])
+        if len(readers) != 1:
+            return None
+        node = readers[0]
+        if node.op == "linear" and node.inputs[0] is current:
+            return node
+        if node.op not in VIEW_OPS:
+            return None
+        current = node.output
+    return None
+
+
+def _param_tensor(graph: Graph, value: Value | None) -> torch.Tensor | None:
+    if value is None or value.producer is None or value.producer.op != "param":
+        return None
+    return graph.tensors.get(value.producer.attrs.name)
+
+
+@dataclass(frozen=True)
+class HeadPrune(Pass):
+    """Keep the most important fraction of heads per site (lossy; ``keep=1.0`` is exact).
+
+    Options:
+        keep: fraction of query heads kept per site (rounded to whole key/value groups).
+        layers: layer indices to prune (None: all).
+        sites: site indices to prune (None: all).
+    """
+
+    name: ClassVar[str] = "head-prune"
+    exact: ClassVar[bool] = False
+    keep: float = 0.5
+    layers: tuple[int, ...] | None = None
+    sites: tuple[int, ...] | None = None
+
+    def validate(self) -> None:
+        """``keep`` in (0, 1]."""
+        super().validate()
+        check_fraction(self.name, "keep", self.keep)
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        """Score heads on calibration data, then slice the weights of the dropped heads."""
+        notes: list[str] = []
+        chosen = sites_for(graph, self, variant=None)
+        importance = self._importance(graph, ctx, chosen) if chosen and self.keep < 1.0 else {}
+        pruned = 0
+        for index in [site.index for site in chosen]:
+            site = next(s for s in sites_for(graph, self, variant=None) if s.index == index)
+            snapshot = graph.copy()
+            try:
+                reason = self._prune(graph, site, importance.get(index))
+                if reason is None:
+                    graph.infer_types()
+                    verify(graph)
+            except Exception as err:  # noqa: BLE001 - any inconsistency means: leave the site alone
+                reason = f"shapes do not re-infer after slicing ({type(err).__name__}: {err})"
+            if reason is not None:
+                _restore(graph, snapshot)
+                notes.append(f"site {index}: not pruned: {reason}")
+                continue
+            pruned += 1
+        return PassResult(changed=bool(pruned), rewrites=pruned, notes=notes)
+
+    def _importance(
+        self, graph: Graph, ctx: PassContext, chosen: list[Site]
+    ) -> dict[int, torch.Tensor]:
+        if ctx.executor is None:
+            raise PassError(f"{self.name}: needs a runtime to score heads")
+        batches = ctx.calibration_batches()
+        if not batches:
+            raise PassError(f"{self.name}: needs calibration=[(args, kwargs), ...] to score heads")
+        norms: dict[int, torch.Tensor] = {}
+        for args, kwargs in batches:
+            _, taps = ctx.executor(graph, args, kwargs)
+            for site in chosen:
+                out = taps.get(site.index)
+                if out is None:
+                    continue
+                per_head = out.float().pow(2).sum(dim=(0, 2, 3)).sqrt()
+                norms[site.index] = norms.get(site.index, 0) + per_head
+        return norms
+
+    def _prune(self, graph: Graph, site: Site, head_norms: Any) -> str | None:
+        users = graph.users()
+        heads, kv_heads = site.num_heads, int(site.k.shape[1])
+        head_dim, value_dim = int(site.q.shape[3]), int(site.v.shape[3])
+        group = heads // kv_heads
+        keep_groups = max(1, round(self.keep * kv_heads))
+        if keep_groups >= kv_heads:
+            return "nothing to prune at this keep fraction"
+        for extra in site.node.inputs[3:5]:
+            if extra is not None and len(extra.shape) == 4 and extra.shape[1] not in (1,):
+                return "a per-head mask or bias"
+        projections = [_projection(v, graph, users) for v in (site.q, site.k, site.v)]
+        out_proj = _output_projection(site.node.output, users)
+        if any(p is None for p in projections) or out_proj is None:
+            return "q/k/v or output projections not found"
+        if len({id(p) for p in projections}) != 3:
+            return "q, k and v share a projection"
+        for proj in projections:
+            if len(users.get(proj.output, [])) != 1:
+                return "a projection output is read elsewhere"
+        if head_norms is None:
+            return "the site did not run during calibration"
+        out_weight = _param_tensor(graph, out_proj.inputs[1])
+        if out_weight is None or out_weight.shape[1] != heads * value_dim:
+            return "output projection weight does not match the heads"
+        column_norms = (
+            out_weight.float().reshape(out_weight.shape[0], heads, value_dim).norm(dim=(0, 2))
+        )
+        scores = (head_norms * column_norms).reshape(kv_heads, group).sum(dim=1)
+        kept_groups = torch.topk(scores, keep_groups).indices.sort().values
+        kept_q = (kept_groups[:, None] * group + torch.arange(group)[None, :]).reshape(-1)
+        for proj, kept, dim in (
+            (projections[0], kept_q, head_dim),
+            (projections[1], kept_groups, head_dim),
+            (projections[2], kept_groups, value_dim),
+        ):
+            self._slice_rows(graph, proj, kept, dim)
+        self._slice_columns(graph, out_proj, kept_q, value_dim)
+        site.node.meta.setdefault("site", {})["heads_kept"] = int(kept_q.numel())
+        return None
+
+    @staticmethod
+    def _slice_rows(graph: Graph, proj: Node, kept: torch.Tensor, dim: int) -> None:
+        rows = (kept[:, None] * dim + torch.arange(dim)[None, :]).reshape(-1)
+        for position in (1, 2):
+            tensor = _param_tensor(graph, proj.inputs[position])
+            if tensor is None:
+                if position == 2 and proj.inputs[2] is None:
+                    continue
+                raise ValueError("projection weight or bias is not a parameter")
+            new = graph.add_tensor(
+                f"{proj.inputs[position].producer.attrs.name}.pruned",
+                tensor.index_select(0, rows).contiguous(),
+            )  # type: ignore[union-attr]
+            proj.inputs[position] = new
+
+    @staticmethod
+    def _slice_columns(graph: Graph, proj: Node, kept: torch.Tensor, dim: int) -> None:
+        columns = (kept[:, None] * dim + torch.arange(dim)[None, :]).reshape(-1)
+        tensor = _param_tensor(graph, proj.inputs[1])
+        assert tensor is not None
+        name = proj.inputs[1].producer.attrs.name  # type: ignore[union-attr]
+        proj.inputs[1] = graph.add_tensor(
+            f"{name}.pruned", tensor.index_select(1, columns).contiguous()
+        )
+
+
+def _restore(graph: Graph, snapshot: Graph) -> None:
+    graph.inputs, graph.nodes, graph.outputs = snapshot.inputs, snapshot.nodes, snapshot.outputs
+    graph._names = snapshot._names  # noqa: SLF001 - restoring the same object's state
