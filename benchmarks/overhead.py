@@ -12,11 +12,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import bert_base, bert_inputs, measure, render, run_matrix, worker_main  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    TIMINGS,
+    bert_base,
+    bert_inputs,
+    measure,
+    render,
+    run_matrix,
+    worker_main,
+)
 
 VARIANTS = ["hf-eager", "hf-sdpa", "torch.compile", "attnopt-none", "attnopt-exact"]
 
@@ -40,7 +49,9 @@ def run(variant: str, config: dict) -> dict:
             compiled = torch.compile(model)
             return lambda: compiled(**inputs)
         passes = variant.removeprefix("attnopt-")
+        start = time.perf_counter()
         cm = attnopt.compile(model, (), inputs, passes=passes)
+        TIMINGS["compile_s"] = time.perf_counter() - start
         return lambda: cm(**inputs)
 
     return measure(setup, config["repeats"])

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import measure, render, run_matrix, worker_main  # noqa: E402
+from benchmarks.common import TIMINGS, measure, render, run_matrix, worker_main  # noqa: E402
 
 VARIANTS = ["hf-eager", "hf-sdpa", "torch.compile", "attnopt-exact", "attnopt-window1024-sinks4"]
 WINDOW = "canonicalize,fuse-attention,sliding-window{window=1024,sinks=4}"
@@ -62,7 +63,9 @@ def run(variant: str, config: dict) -> dict:
             compiled = torch.compile(model)
             return lambda: compiled(input_ids=ids)
         passes = "exact" if variant == "attnopt-exact" else WINDOW
+        start = time.perf_counter()
         cm = attnopt.compile(model, (), {"input_ids": ids}, passes=passes)
+        TIMINGS["compile_s"] = time.perf_counter() - start
         return lambda: cm(input_ids=ids)
 
     return measure(setup, config["repeats"])
