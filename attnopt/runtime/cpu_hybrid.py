@@ -39,8 +39,9 @@ def _softmax_lse(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tenso
     return torch.matmul(weights, v), torch.where(finite, lse, 0.0)
 
 
-#: Bytes of the per-step temporaries of the hybrid form (query rows per step follow from it).
-_HYBRID_STEP_BYTES = 16 << 20
+#: Bytes of the per-step temporaries of the hybrid form (query rows per step follow from it):
+#: large enough that a step is a few big calls, small enough to stay out of fresh-page territory.
+_HYBRID_STEP_BYTES = 32 << 20
 
 
 class _Layout(NamedTuple):
@@ -150,9 +151,13 @@ class _Hybrid:
         self.layout = _hybrid_layout(q_len, self.kv_len, window, causal, chunk)
         self.compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         self.log_weight = log_weight
-        width = max(feature_map.feature_dim, q.shape[-1] + v.shape[-1], self.layout.band // 4)
-        rows = _HYBRID_STEP_BYTES // (4 * batch * q_heads * width)
-        self.blocks_per_step = max(1, min(rows, 4096) // chunk)
+        # Per query row and head: phi(q), q, two [num, den] rows and the edge kernels; plus one
+        # mask row of the band per row (shared by the heads).
+        per_head = (
+            feature_map.feature_dim + q.shape[-1] + 2 * (v.shape[-1] + 1) + 2 * self.layout.edge
+        )
+        row_bytes = 4 * (batch * q_heads * per_head + self.layout.band)
+        self.blocks_per_step = max(1, min(_HYBRID_STEP_BYTES // row_bytes, 8192) // chunk)
         group = q_heads // self.kv_heads
         inside, linear = _band_masks(self.layout, window, causal, group, q.device)
         self.window_bias = torch.zeros(inside.shape, dtype=self.compute, device=q.device)
@@ -227,6 +232,7 @@ class _Hybrid:
                 if logs is None:
                     logs = log.new_empty(*log.shape[:2], layout.num_blocks, *log.shape[3:])
                 logs[:, :, first : first + count] = log
+            del phi_k, value, within, phi_q, part
         return parts, logs
 
     def softmax_part(self, q_blocks, start: int, stop: int, count: int):
@@ -284,6 +290,8 @@ class _Hybrid:
             if out is None:
                 out = merged.new_empty(*merged.shape[:2], layout.num_blocks, *merged.shape[3:])
             out[:, :, first : first + count] = merged
+            # Free this step's temporaries before the next step allocates its own.
+            del phi_k, value, inclusive, exclusive, phi_q, q_blocks, lin, parts, soft, merged
         batch, kv_heads, q_len, dv = (
             self.q.shape[0],
             self.kv_heads,
@@ -324,14 +332,18 @@ def hybrid_attention(
     this approximates softmax; for elu/relu/cosformer ``b_i = 0`` and the kernel values are mixed
     with ``e^{s_ij}`` as they are.
 
-    Computation: query blocks of ``chunk`` rows, all alike after padding the keys. The softmax
-    part of a block runs over a key band of ``chunk + 2 ceil(window / chunk) chunk`` keys with the
-    window as an additive mask (the CPU flash kernel, which also returns ``a_i``; all blocks of a
-    step in one call, the bands as overlapping views). Keys beyond the band enter through chunk
-    prefix (non-causal: and suffix) sums of ``phi(K_c)^T [V_c, 1]``, which add up exactly the
-    wanted keys so nothing cancels; band keys outside a row's window, which only occur within
-    ``edge`` keys of the band's ends, through a masked ``phi(Q) phi(K)^T`` of that width.
-    Time O(N (chunk + 2 window) D + N F Dv), memory O(N (D + F) + N F Dv / chunk).
+    Computation, over query blocks of ``chunk`` rows (all alike once the keys are padded), a step
+    of blocks at a time. Softmax part: each block scores a band of ``chunk + 2 reach`` keys
+    (causal ``chunk + reach``; ``reach`` = window rounded up to whole chunks) with the window as
+    an additive mask, in the CPU flash kernel, which also returns ``a_i`` (one call per step and
+    batch entry, the bands as overlapping views). Linear part: band keys outside a row's window,
+    which only occur within ``edge`` keys of the band's ends, via a masked ``phi(Q) phi(K)^T`` of
+    that width; keys before the band via a prefix sum of chunk states ``phi(K_c)^T [V_c, 1]``
+    carried forward; non-causal keys after the band via suffix sums from a first, backward sweep
+    (kept as per-row ``phi(q_i) [S, z]``). Every sum adds exactly the wanted keys (a total minus
+    the window would cancel badly). FAVOR+ stabilisers of different key blocks are reconciled
+    through the running reference of ``linear_features``. Time O(N (chunk + 2 window) D +
+    N F Dv); memory O(N Dv) plus per-step temporaries (``_HYBRID_STEP_BYTES``).
 
     Args:
         q: ``[B, Hq, Sq, D]``.

@@ -1,0 +1,351 @@
+"""Turn a proven attention match (or an SDPA call) into one ``attention`` node.
+
+Entry points: :func:`rewrite_match`, :func:`build_attention`, :func:`mask_implies_causal`.
+
+``k`` is defined as the transpose of the right matmul operand, so no assumption about how the model
+laid keys out is needed. Additive terms derived from trainable parameters become the bias input,
+the others the mask input; constant masks that are exactly the causal pattern become the
+``causal`` attribute.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from attnopt.ir import Graph, Node, Value
+from attnopt.ir.attention import AttentionAttrs
+from attnopt.ir.ops import CastAttrs, DimAttrs, ScalarOperandAttrs, ShapeAttrs, TransposeAttrs
+from attnopt.passes.attention_match import (
+    ADDITIVE_MASK_LIMIT,
+    AttentionMatch,
+    NoMatch,
+    ScaledTerm,
+)
+from attnopt.passes.helpers import (
+    constant_tensor,
+    emit_aten_before,
+    emit_before,
+    view_chain_source,
+)
+from attnopt.runtime.reference import causal_mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Rewrite
+# ----------------------------------------------------------------------------------------------
+def derived_from_parameter(graph: Graph, value: Value, budget: int = 64) -> bool:
+    """Whether ``value`` is computed from a trainable parameter (a learned bias, not a mask)."""
+    parameters = set(graph.meta.get("parameters", ()))
+    stack, seen = [value], set()
+    while stack and budget > 0:
+        current = stack.pop()
+        if id(current) in seen or current.producer is None:
+            continue
+        seen.add(id(current))
+        budget -= 1
+        node = current.producer
+        if node.op == "param":
+            if node.attrs.name in parameters:
+                return True
+            continue
+        stack.extend(v for v in node.inputs if v is not None)
+    return False
+
+
+def _to_canonical(graph: Graph, anchor: Node, term: Value, at_shape: tuple, canon: tuple) -> Value:
+    """Map a term added at ``at_shape`` (a reshape of the scores) onto the canonical layout."""
+    if tuple(at_shape) == tuple(canon):
+        return term
+    expanded = emit_before(graph, anchor, "expand", [term], ShapeAttrs(shape=tuple(at_shape)))
+    return emit_before(graph, anchor, "reshape", [expanded], ShapeAttrs(shape=tuple(canon)))
+
+
+def _materialise(graph: Graph, anchor: Node, item: Any) -> Value:
+    if isinstance(item, ScaledTerm):
+        inner = _materialise(graph, anchor, item.term)
+        return emit_before(graph, anchor, "mul", [inner], ScalarOperandAttrs(scalar=item.factor))
+    return item
+
+
+def _constant_keep(graph: Graph, mask: Value, masked_when: bool) -> torch.Tensor | None:
+    tensor = constant_tensor(graph, mask)
+    if tensor is None:
+        return None
+    keep = tensor.bool()
+    return ~keep if masked_when else keep
+
+
+def is_causal_pattern(keep: torch.Tensor, q_len: int, kv_len: int) -> bool:
+    """Whether a bool visibility tensor is exactly the bottom-right causal pattern (no empty row)."""
+    if keep.dim() < 2 or keep.shape[-2] not in (1, q_len) or keep.shape[-1] != kv_len:
+        return False
+    if kv_len < q_len:
+        return False
+    pattern = causal_mask(q_len, kv_len, keep.device)
+    return bool((keep == pattern).all())
+
+
+def additive_is_causal(tensor: torch.Tensor, q_len: int, kv_len: int) -> bool:
+    """Whether an additive mask is 0 exactly on the causal pattern and a mask value elsewhere."""
+    if not tensor.dtype.is_floating_point or tensor.dim() < 2 or tensor.shape[-1] != kv_len:
+        return False
+    keep = tensor == 0
+    masked = tensor <= ADDITIVE_MASK_LIMIT
+    if not bool((keep | masked).all()):
+        return False
+    return is_causal_pattern(keep, q_len, kv_len)
+
+
+_AND_TARGETS = ("aten.__and__.Tensor", "aten.logical_and.default")
+
+
+def mask_implies_causal(graph: Graph, mask: Value, q_len: int, kv_len: int) -> bool:
+    """Whether ``mask`` can only let a query see keys the causal rule allows.
+
+    True when the mask is (a broadcast, cast or where-fill of) a conjunction one of whose constant
+    operands, or all of them together, is the causal pattern. The mask itself stays in place: this
+    only tells lossy passes the site is causal (a row whose every key the mask hides keeps eager's
+    behaviour because the mask, not the causal flag, is applied).
+    """
+    constants: list[torch.Tensor] = []
+    stack, seen = [mask], set()
+    while stack:
+        value = stack.pop()
+        if id(value) in seen or value.producer is None:
+            continue
+        seen.add(id(value))
+        node = value.producer
+        if node.op in ("expand", "cast", "reshape"):
+            stack.append(node.inputs[0])  # type: ignore[arg-type]
+        elif node.op == "aten" and node.attrs.target in _AND_TARGETS:
+            for operand in node.inputs:
+                tensor = constant_tensor(graph, operand)
+                if tensor is not None and tensor.dtype == torch.bool:
+                    constants.append(tensor)
+                elif operand is not None:
+                    stack.append(operand)
+        elif node.op == "aten" and node.attrs.target in (
+            "aten.where.ScalarOther",
+            "aten.where.self",
+        ):
+            stack.append(node.inputs[0])  # type: ignore[arg-type]
+        elif node.op == "where":
+            stack.append(node.inputs[0])  # type: ignore[arg-type]
+    if not constants:
+        return False
+    combined = constants[0]
+    for tensor in constants[1:]:
+        combined = combined & tensor
+    return is_causal_pattern(combined, q_len, kv_len) if combined.dim() >= 2 else False
+
+
+def _to_rank4(graph: Graph, anchor: Node, value: Value) -> Value:
+    rank = value.tensor_type.rank
+    while rank < 4:
+        value = emit_before(graph, anchor, "unsqueeze", [value], DimAttrs(dim=0))
+        rank += 1
+    return value
+
+
+def _broadcast_batch(graph: Graph, anchor: Node, value: Value, batch: int) -> Value:
+    if value.shape[0] == batch:
+        return value
+    if value.shape[0] != 1:
+        raise NoMatch("key/value batch does not broadcast to the query batch")
+    return emit_before(
+        graph, anchor, "expand", [value], ShapeAttrs(shape=(batch, *value.shape[1:]))
+    )
+
+
+def build_attention(
+    graph: Graph,
+    anchor: Node,
+    q: Value,
+    k: Value,
+    v: Value,
+    *,
+    masks: list[Value],
+    biases: list[Value],
+    scale: float,
+    causal: bool,
+    softcap: float | None,
+    out_shape: tuple,
+    out_dtype: torch.dtype,
+    meta: dict[str, Any],
+) -> Value:
+    """Insert an ``attention`` node for rank-2..4 q/k/v and return a value of ``out_shape``.
+
+    Args:
+        graph: the graph.
+        anchor: insert before this node.
+        q: ``[..., Sq, D]``.
+        k: ``[..., Sk, D]``.
+        v: ``[..., Sk, Dv]``.
+        masks: additive float or bool (True = keep) masks in the canonical score layout.
+        biases: additive biases in the canonical score layout.
+        scale: score scale.
+        causal: bottom-right aligned causal rule.
+        softcap: tanh soft-capping.
+        out_shape: shape of the value the attention replaces.
+        out_dtype: dtype of the value the attention replaces.
+        meta: node metadata.
+
+    Returns:
+        The replacement value.
+    """
+    rank = q.tensor_type.rank
+    if rank > 4 or rank < 2:
+        raise NoMatch(f"rank-{rank} attention (only ranks 2 to 4 are laid out as [B, H, S, D])")
+    dtypes = {q.dtype, k.dtype, v.dtype}
+    if len(dtypes) != 1 or not q.dtype.is_floating_point:
+        raise NoMatch(f"q, k, v dtypes differ or are not floating ({sorted(map(str, dtypes))})")
+    q4, k4, v4 = (_to_rank4(graph, anchor, x) for x in (q, k, v))
+    if k4.shape[0] != q4.shape[0] or v4.shape[0] != q4.shape[0]:
+        k4 = _broadcast_batch(graph, anchor, k4, q4.shape[0])
+        v4 = _broadcast_batch(graph, anchor, v4, q4.shape[0])
+    if k4.shape[1] != v4.shape[1]:
+        raise NoMatch("k and v have different head counts")
+    if q4.shape[1] % k4.shape[1]:
+        raise NoMatch("query heads are not a multiple of key/value heads")
+    mask = _combine_masks(graph, anchor, [_to_rank4(graph, anchor, x) for x in masks], q.dtype)
+    bias = None
+    for term in biases:
+        term = _to_rank4(graph, anchor, term)
+        bias = term if bias is None else emit_before(graph, anchor, "add", [bias, term])
+    attrs = AttentionAttrs(scale=float(scale), causal=causal, softcap=softcap)
+    node = graph.make_node("attention", [q4, k4, v4, mask, bias], attrs)
+    node.meta.update(meta)
+    graph.insert_before(anchor, node)
+    out = node.output
+    if out.dtype != out_dtype:
+        out = emit_before(graph, anchor, "cast", [out], CastAttrs(dtype=out_dtype))
+    if tuple(out.shape) != tuple(out_shape):
+        out = emit_before(graph, anchor, "reshape", [out], ShapeAttrs(shape=tuple(out_shape)))
+    return out
+
+
+def _combine_masks(
+    graph: Graph, anchor: Node, masks: list[Value], dtype: torch.dtype
+) -> Value | None:
+    if not masks:
+        return None
+    if len(masks) == 1:
+        return masks[0]
+    bools = [m for m in masks if m.dtype == torch.bool]
+    floats = [m for m in masks if m.dtype != torch.bool]
+    keep = None
+    for m in bools:
+        keep = (
+            m
+            if keep is None
+            else emit_aten_before(graph, anchor, "aten.logical_and.default", [keep, m])
+        )
+    additive = None
+    for m in floats:
+        additive = m if additive is None else emit_before(graph, anchor, "add", [additive, m])
+    if additive is None:
+        return keep
+    if keep is None:
+        return additive
+    return emit_before(
+        graph, anchor, "masked_fill", [additive, _not(graph, anchor, keep)], _fill(-math.inf)
+    )
+
+
+def _not(graph: Graph, anchor: Node, value: Value) -> Value:
+    return emit_aten_before(graph, anchor, "aten.logical_not.default", [value])
+
+
+def _fill(value: float) -> Any:
+    from attnopt.ir.ops import FillAttrs
+
+    return FillAttrs(value=value)
+
+
+def site_meta(graph: Graph, softmax: Node, q: Value, k: Value) -> dict[str, Any]:
+    """Site metadata: self or cross, the q/k projections around it, the module path."""
+    q_src, _ = view_chain_source(q)
+    k_src, _ = view_chain_source(k)
+    block: dict[str, Any] = {}
+    kind = "self"
+    if q_src.producer is not None and q_src.producer.op == "linear":
+        block["q_proj"] = q_src.producer.inputs[1].name  # type: ignore[union-attr]
+    if k_src.producer is not None and k_src.producer.op == "linear":
+        block["k_proj"] = k_src.producer.inputs[1].name  # type: ignore[union-attr]
+        if q_src.producer is not None and q_src.producer.op == "linear":
+            if k_src.producer.inputs[0] is not q_src.producer.inputs[0]:
+                kind = "cross"
+    if q.shape[-2] != k.shape[-2]:
+        kind = "cross"
+    meta: dict[str, Any] = {"site": {"kind": kind, "block": block}}
+    if "module" in softmax.meta:
+        meta["module"] = softmax.meta["module"]
+    return meta
+
+
+def rewrite_match(graph: Graph, m: AttentionMatch) -> Value:
+    """Replace a proven match by an ``attention`` node; returns the new output value."""
+    q, kt = m.qk.inputs[0], m.qk.inputs[1]
+    v = m.pv.inputs[1]
+    assert q is not None and kt is not None and v is not None
+    anchor = m.pv
+    canon = tuple(m.qk.output.shape)
+    q_len, kv_len = int(canon[-2]), int(canon[-1])
+    masks: list[Value] = []
+    biases: list[Value] = []
+    causal = False
+    for item, shape in m.additive:
+        raw = item
+        while isinstance(raw, ScaledTerm):
+            raw = raw.term
+        constant = constant_tensor(graph, raw)
+        if (
+            not causal
+            and constant is not None
+            and tuple(shape) == canon
+            and additive_is_causal(constant, q_len, kv_len)
+        ):
+            causal = True
+            continue
+        term = _to_canonical(graph, anchor, _materialise(graph, anchor, item), shape, canon)
+        (biases if derived_from_parameter(graph, raw) else masks).append(term)
+    for mask, masked_when, value, shape in m.fills:  # type: ignore[misc]
+        keep_const = _constant_keep(graph, mask, masked_when)
+        if not causal and keep_const is not None and tuple(shape) == canon:
+            if is_causal_pattern(keep_const, q_len, kv_len):
+                causal = True
+                continue
+        keep = _not(graph, anchor, mask) if masked_when else mask
+        if math.isinf(value):
+            masks.append(_to_canonical(graph, anchor, keep, shape, canon))
+        else:
+            masked = mask if masked_when else _not(graph, anchor, mask)
+            dtype = m.softmax.inputs[0].dtype  # type: ignore[union-attr]
+            fill_value = graph.add_tensor("mask_fill", torch.tensor(value, dtype=dtype))
+            zero = graph.add_tensor("mask_zero", torch.zeros((), dtype=dtype))
+            zero_or_fill = emit_before(graph, anchor, "where", [masked, fill_value, zero])
+            masks.append(_to_canonical(graph, anchor, zero_or_fill, shape, canon))
+    k = emit_before(graph, anchor, "transpose", [kt], TransposeAttrs(dim0=-2, dim1=-1))
+    meta = site_meta(graph, m.softmax, q, k)
+    if not causal and any(mask_implies_causal(graph, x, q_len, kv_len) for x in masks + biases):
+        meta["site"]["mask_causal"] = True
+    out = build_attention(
+        graph,
+        anchor,
+        q,
+        k,
+        v,
+        masks=masks,
+        biases=biases,
+        scale=m.scale,
+        causal=causal,
+        softcap=m.softcap,
+        out_shape=tuple(m.pv.output.shape),
+        out_dtype=m.pv.output.dtype,
+        meta=meta,
+    )
+    graph.replace_all_uses(m.pv.output, out)
+    return out

@@ -1,0 +1,282 @@
+"""The attention detector: prove that a softmax is the middle of an attention computation.
+
+Entry points: :func:`match_attention`, :class:`AttentionMatch`, :class:`NoMatch`.
+
+Starting at a ``softmax`` over the last axis, the weights (through dtype casts) must have exactly
+one reader, ``matmul(weights, v)``; backward, every value between ``q @ k^T`` and the softmax must
+have one reader, and each op on the way must be one whose effect the ``attention`` op reproduces
+exactly: a scalar scale, tanh soft-capping, additive tensors, masked_fill / where with a very
+negative fill, dtype casts, constant shifts and reshapes that keep the last two axes. Nothing is
+edited here; :mod:`attnopt.passes.attention_build` turns a match into an ``attention`` node.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from attnopt.ir import Graph, Node, Value, aten_call_args
+from attnopt.ir.ops import ScalarOperandAttrs
+from attnopt.passes.helpers import (
+    constant_scalar,
+)
+
+#: A fill at or below this value masks a key (its softmax weight underflows to exactly zero).
+MASK_FILL_LIMIT = -1.0e4
+#: An additive constant at or below this value is a mask entry, not a bias.
+ADDITIVE_MASK_LIMIT = -1.0e30
+
+
+class NoMatch(Exception):
+    """Raised inside the detector with the reason a candidate is not attention."""
+
+
+@dataclass
+class AttentionMatch:
+    """What the detector proved about one site (before any graph edit)."""
+
+    softmax: Node
+    qk: Node
+    pv: Node
+    scale: float = 1.0
+    softcap: float | None = None
+    additive: list[tuple[Value, tuple]] = field(default_factory=list)  # (term, shape it adds at)
+    fills: list[tuple[Value, bool, float]] = field(default_factory=list)  # (mask, True=masked, v)
+    out_cast: torch.dtype | None = None
+
+
+def _readers(graph_users: dict[Value, list[Node]], graph: Graph, value: Value) -> int:
+    return len(graph_users.get(value, [])) + sum(1 for v in graph.outputs if v is value)
+
+
+def _is_float_const_like(graph: Graph, value: Value) -> float | None:
+    return constant_scalar(graph, value)
+
+
+def _reaches_matmul(value: Value, depth: int = 32) -> bool:
+    allowed = {"cast", "mul", "div", "add", "sub", "masked_fill", "where", "tanh", "reshape"}
+    while depth > 0 and value.producer is not None:
+        node = value.producer
+        if node.op == "matmul":
+            return True
+        if node.op == "aten" and node.attrs.target.startswith(("aten.where.", "aten.masked_fill.")):
+            value = _aten_chain_input(node)
+        elif node.op not in allowed:
+            return False
+        elif node.op in ("add", "sub") and node.attrs.scalar is None:
+            a, b = node.inputs[0], node.inputs[1]
+            return _reaches_matmul(a, depth - 1) or _reaches_matmul(b, depth - 1)  # type: ignore[arg-type]
+        elif node.op == "where":
+            a, b = node.inputs[1], node.inputs[2]
+            return _reaches_matmul(a, depth - 1) or _reaches_matmul(b, depth - 1)  # type: ignore[arg-type]
+        else:
+            value = node.inputs[0]  # type: ignore[assignment]
+        depth -= 1
+    return False
+
+
+def _aten_chain_input(node: Node) -> Value:
+    args, _ = aten_call_args(node)
+    if node.attrs.target == "aten.where.ScalarSelf":
+        return args[2]
+    if node.attrs.target.startswith("aten.where."):
+        return args[1]
+    return args[0]
+
+
+def match_attention(graph: Graph, softmax: Node, users: dict[Value, list[Node]]) -> AttentionMatch:
+    """Prove that ``softmax`` is the middle of an attention computation.
+
+    Args:
+        graph: the graph.
+        softmax: a ``softmax`` node.
+        users: ``graph.users()``.
+
+    Returns:
+        The proven match.
+
+    Raises:
+        NoMatch: with the reason.
+    """
+    scores = softmax.inputs[0]
+    assert scores is not None
+    rank = scores.tensor_type.rank
+    if rank < 2 or softmax.attrs.dim % rank != rank - 1:
+        raise NoMatch(
+            f"softmax over axis {softmax.attrs.dim} of a rank-{rank} tensor, not the key axis"
+        )
+    # Forward: weights -> (casts) -> matmul(weights, v).
+    weights = softmax.output
+    out_cast = None
+    while True:
+        readers = users.get(weights, [])
+        if _readers(users, graph, weights) != 1:
+            raise NoMatch(
+                f"the attention weights %{weights.name} are used {_readers(users, graph, weights)} "
+                "times (returned or reused); fusing would lose them"
+            )
+        reader = readers[0]
+        if reader.op == "cast" and reader.attrs.dtype.is_floating_point:
+            weights, out_cast = reader.output, reader.attrs.dtype
+            continue
+        break
+    if reader.op != "matmul" or reader.inputs[0] is not weights:
+        raise NoMatch(f"the softmax output feeds {reader.op}, not matmul(weights, v)")
+    pv = reader
+    # Backward: softmax input -> ... -> matmul(q, k^T).
+    steps: list[tuple[str, Any]] = []
+    value = scores
+    while True:
+        node = value.producer
+        if node is None:
+            raise NoMatch(f"the scores %{value.name} are a graph input, not q @ k^T")
+        if node is not softmax and _readers(users, graph, value) != 1 and value is not scores:
+            raise NoMatch(f"the scores %{value.name} are also used elsewhere")
+        if value is scores and _readers(users, graph, value) != 1:
+            raise NoMatch(f"the scores %{value.name} are also used elsewhere")
+        if node.op == "matmul":
+            qk = node
+            break
+        value = _step_back(graph, node, steps)
+    if qk.inputs[0].tensor_type.rank != qk.inputs[1].tensor_type.rank:  # type: ignore[union-attr]
+        raise NoMatch("q and k^T have different ranks")
+    if qk.output.shape != steps_final_shape(qk, steps):
+        raise NoMatch("reshapes between q @ k^T and softmax change the score layout")
+    m = AttentionMatch(softmax=softmax, qk=qk, pv=pv, out_cast=out_cast)
+    _canonical_form(graph, m, list(reversed(steps)))
+    return m
+
+
+def steps_final_shape(qk: Node, steps: list[tuple[str, Any]]) -> tuple:
+    """The score shape at the softmax, replaying the recorded reshapes from ``qk``."""
+    shape = qk.output.shape
+    for kind, payload in reversed(steps):
+        if kind == "reshape":
+            shape = payload[1]
+    return shape
+
+
+def _step_back(graph: Graph, node: Node, steps: list[tuple[str, Any]]) -> Value:
+    """Record one op between q @ k^T and softmax; return the value closer to the matmul."""
+    op = node.op
+    if op == "cast":
+        if not node.attrs.dtype.is_floating_point:
+            raise NoMatch(f"scores cast to {node.attrs.dtype}")
+        return node.inputs[0]  # type: ignore[return-value]
+    if op in ("mul", "div") and node.attrs.scalar is not None:
+        c = node.attrs.scalar if op == "mul" else 1.0 / node.attrs.scalar
+        inner = node.inputs[0]
+        if op == "mul" and inner.producer is not None and inner.producer.op == "tanh":  # type: ignore[union-attr]
+            cap = _softcap_inner(inner.producer, c)  # type: ignore[arg-type]
+            if cap is not None:
+                steps.append(("softcap", c))
+                return cap
+        steps.append(("scale", c))
+        return inner  # type: ignore[return-value]
+    if op in ("mul", "div"):
+        raise NoMatch(
+            f"scores {'multiplied' if op == 'mul' else 'divided'} by the tensor "
+            f"%{node.inputs[1].name}: a scale that varies per element"  # type: ignore[union-attr]
+        )
+    if op in ("add", "sub") and node.attrs.scalar is not None:
+        return node.inputs[0]  # type: ignore[return-value]  # softmax ignores a constant shift
+    if op == "add":
+        a, b = node.inputs[0], node.inputs[1]
+        a_chain, b_chain = _reaches_matmul(a), _reaches_matmul(b)  # type: ignore[arg-type]
+        if a_chain == b_chain:
+            raise NoMatch(f"cannot tell scores from mask in %{node.output.name}")
+        chain, term = (a, b) if a_chain else (b, a)
+        if node.attrs.alpha != 1.0:
+            raise NoMatch("add with alpha on the scores")
+        steps.append(("add", (term, node.output.shape)))
+        return chain  # type: ignore[return-value]
+    if op == "masked_fill":
+        steps.append(("fill", (node.inputs[1], True, node.attrs.value, node.output.shape)))
+        return node.inputs[0]  # type: ignore[return-value]
+    if op == "where":
+        cond, a, b = node.inputs
+        for chain, fill, masked_when in ((a, b, False), (b, a, True)):
+            value = constant_scalar(graph, fill)
+            if value is not None and _reaches_matmul(chain):  # type: ignore[arg-type]
+                steps.append(("fill", (cond, masked_when, value, node.output.shape)))
+                return chain  # type: ignore[return-value]
+        raise NoMatch("where() on the scores without a constant fill")
+    if op == "aten" and node.attrs.target in (
+        "aten.where.ScalarOther",
+        "aten.where.ScalarSelf",
+        "aten.masked_fill.Tensor",
+    ):
+        args, _ = aten_call_args(node)
+        if node.attrs.target == "aten.masked_fill.Tensor":
+            value = constant_scalar(graph, args[2])
+            if value is None:
+                raise NoMatch("masked_fill with a non-constant fill")
+            steps.append(("fill", (args[1], True, value, node.output.shape)))
+            return args[0]
+        other = node.attrs.target == "aten.where.ScalarOther"
+        chain, fill = (args[1], args[2]) if other else (args[2], args[1])
+        steps.append(("fill", (args[0], not other, float(fill), node.output.shape)))
+        return chain
+    if op == "reshape":
+        source = node.inputs[0]
+        if source.shape[-2:] != node.output.shape[-2:]:  # type: ignore[union-attr]
+            raise NoMatch("a reshape between q @ k^T and softmax moves the query/key axes")
+        steps.append(("reshape", (source.shape, node.output.shape)))  # type: ignore[union-attr]
+        return source  # type: ignore[return-value]
+    name = node.attrs.target if op == "aten" else op
+    raise NoMatch(f"{name} between q @ k^T and softmax is not part of attention")
+
+
+def _softcap_inner(tanh: Node, cap: float) -> Value | None:
+    inner = tanh.inputs[0]
+    producer = inner.producer  # type: ignore[union-attr]
+    if producer is None or producer.attrs.__class__ is not ScalarOperandAttrs:
+        return None
+    if producer.op == "div" and producer.attrs.scalar is not None:
+        divisor = producer.attrs.scalar
+    elif producer.op == "mul" and producer.attrs.scalar:
+        divisor = 1.0 / producer.attrs.scalar
+    else:
+        return None
+    if not math.isclose(divisor, cap, rel_tol=1e-6):
+        return None
+    return producer.inputs[0]
+
+
+def _canonical_form(graph: Graph, m: AttentionMatch, steps: list[tuple[str, Any]]) -> None:
+    """Fold the steps (from q @ k^T outward) into scale, softcap, additive terms and fills."""
+    for kind, payload in steps:
+        if kind == "scale":
+            c = payload
+            if m.softcap is not None:
+                raise NoMatch("a scale after soft-capping")
+            if m.additive or m.fills:
+                if c <= 0:
+                    raise NoMatch("a non-positive scale after the mask")
+                m.additive = [(ScaledTerm(term, c), shape) for term, shape in m.additive]  # type: ignore[misc]
+            m.scale *= c
+        elif kind == "softcap":
+            if m.softcap is not None or m.additive or m.fills:
+                raise NoMatch("soft-capping after a mask or bias")
+            m.softcap = payload
+        elif kind == "add":
+            m.additive.append(payload)
+        elif kind == "fill":
+            mask, masked_when, value, shape = payload
+            if value > MASK_FILL_LIMIT:
+                raise NoMatch(
+                    f"a fill value {value} that does not mask (must be <= {MASK_FILL_LIMIT})"
+                )
+            m.fills.append((mask, masked_when, value, shape))  # type: ignore[arg-type]
+    if not math.isfinite(m.scale) or m.scale == 0:
+        raise NoMatch(f"scale {m.scale} is not usable")
+
+
+class ScaledTerm:
+    """An additive term multiplied by the scales that follow it (materialised on rewrite)."""
+
+    def __init__(self, term: Any, factor: float):
+        self.term, self.factor = term, factor
