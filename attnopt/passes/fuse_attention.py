@@ -31,12 +31,12 @@ from attnopt.ir import Graph, Node, Value, aten_call_args
 from attnopt.ir.attention import AttentionAttrs
 from attnopt.passes.attention_build import (
     additive_is_causal,
+    build_attention,
     derived_from_parameter,
     is_causal_pattern,
-    site_meta,
-    build_attention,
     mask_implies_causal,
     rewrite_match,
+    site_meta,
 )
 from attnopt.passes.attention_match import NoMatch, match_attention
 from attnopt.passes.base import Pass, PassContext, PassResult
