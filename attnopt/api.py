@@ -28,6 +28,7 @@ def compile(  # noqa: A001 - the public name is fixed by the design
     budget: Any = None,
     method: str = "auto",
     max_signatures: int = 8,
+    retain_memory: bool = True,
 ) -> CompiledModule:
     """Compile ``model`` for the attention in it.
 
@@ -44,6 +45,8 @@ def compile(  # noqa: A001 - the public name is fixed by the design
         budget: an accuracy budget (``attnopt.Budget``) for budgeted passes.
         method: capture method: "auto", "export", "export-strict" or "fx".
         max_signatures: input signatures kept compiled at once.
+        retain_memory: on the CPU, tune glibc malloc (process-wide) so freed activations are reused
+            instead of unmapped and faulted in again on every op; see attnopt.runtime.memory.
 
     Returns:
         A :class:`CompiledModule` with the model's call signature.
@@ -81,6 +84,7 @@ def compile(  # noqa: A001 - the public name is fixed by the design
         budget=budget,
         max_signatures=max_signatures,
         method=method,
+        retain_memory=retain_memory,
     )
     if args or kwargs:
         compiled.compile_for(args, kwargs or {})

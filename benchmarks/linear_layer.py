@@ -99,34 +99,8 @@ def _run_subprocess(variant: str, seq_len: int, repeats: int, threads: int) -> d
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run every variant at every size, print the table, write the JSON results.
-
-    Args:
-        argv: command line arguments (default ``sys.argv[1:]``).
-    """
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--causal", action="store_true", help="also run the causal forms")
-    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
-    parser.add_argument("--worker", nargs=4, metavar=("VARIANT", "N", "REPEATS", "THREADS"))
-    args = parser.parse_args(argv)
-    if args.worker:
-        variant, seq_len, repeats, threads = args.worker
-        print(json.dumps(_worker(variant, int(seq_len), int(repeats), int(threads))))
-        return
-    console = Console()
-    variants = _variants(args.causal)
-    rows = []
-    for threads in args.threads:
-        for seq_len in args.sizes:
-            for variant in variants:
-                repeats = 3 if variant.startswith("sdpa") else args.repeats
-                rows.append(_run_subprocess(variant, seq_len, repeats, threads))
-                console.log(
-                    f"threads={threads} N={seq_len} {variant}: {rows[-1]['median_ms']:.1f} ms"
-                )
+def _table(rows: list[dict]) -> Table:
+    """The results as a rich table (speed-ups against SDPA of the same threads, N, causality)."""
     dense = {(r["threads"], r["seq_len"], r["variant"].endswith("_causal")): r["median_ms"]
              for r in rows if r["variant"].startswith("sdpa")}  # fmt: skip
     table = Table(title=f"One attention layer, B=1 H={HEADS} d={HEAD_DIM} fp32 (CPU)")
@@ -138,13 +112,49 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(
             str(row["threads"]),
             str(row["seq_len"]),
-            variants[row["variant"]],
+            row["variant"],
             f"{row['median_ms']:.1f}",
             f"{row['speedup_vs_sdpa']:.1f}x",
             f"{row['peak_extra_mb']:.0f}",
             f"{row['load_average_1min']:.1f}",
         )
-    console.print(table)
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every variant at every size, print the table, write the JSON results.
+
+    Args:
+        argv: command line arguments (default ``sys.argv[1:]``).
+    """
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--causal", action="store_true", help="also run the causal forms")
+    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
+    parser.add_argument("--show", action="store_true", help="print the saved results, run nothing")
+    parser.add_argument("--worker", nargs=4, metavar=("VARIANT", "N", "REPEATS", "THREADS"))
+    args = parser.parse_args(argv)
+    if args.worker:
+        variant, seq_len, repeats, threads = args.worker
+        print(json.dumps(_worker(variant, int(seq_len), int(repeats), int(threads))))
+        return
+    console = Console(width=110)
+    if args.show:
+        console.print(_table(json.loads(RESULTS.read_text())["results"]))
+        return
+    variants = _variants(args.causal)
+    console.print("variants: " + "; ".join(f"{name} = {text}" for name, text in variants.items()))
+    rows = []
+    for threads in args.threads:
+        for seq_len in args.sizes:
+            for variant in variants:
+                repeats = 3 if variant.startswith("sdpa") else args.repeats
+                rows.append(_run_subprocess(variant, seq_len, repeats, threads))
+                console.log(
+                    f"threads={threads} N={seq_len} {variant}: {rows[-1]['median_ms']:.1f} ms"
+                )
+    console.print(_table(rows))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "torch": torch.__version__,
@@ -155,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         "head_dim": HEAD_DIM,
         "window": WINDOW,
         "favor_features": FAVOR_FEATURES,
+        "variants": variants,
     }
     RESULTS.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     console.print(f"wrote {RESULTS}")

@@ -11,14 +11,15 @@ cosFormer the positions) and passes ``phi(Q)``, ``phi(K)`` here with ``"identity
 imports nothing from ``attnopt.runtime`` (imports flow runtime -> codegen).
 
 Kernels (all accumulate in fp32; state lives in registers, ``[BLOCK_F, BLOCK_DV]``):
-- ``_linattn_fwd_<map>_kvstate``: one program per (batch, kv head) sums ``phi(K)^T V`` and
+- ``_linattn_fwd_<map>_full_kvstate``: one program per (batch, kv head) sums ``phi(K)^T V`` and
   ``phi(K)^T 1`` over all keys; ``_linattn_fwd_<map>_full`` then maps each block of queries
   through that state (non-causal; GQA reads the state of ``h // group``).
 - ``_linattn_fwd_<map>_causal``: one program per (batch, query head) walks the sequence in chunks
   (flash-linear-attention's chunk form): per chunk ``phi(Q_c) S + tril(phi(Q_c) phi(K_c)^T) V_c``,
-  then ``S += phi(K_c)^T V_c``. Keys before the bottom-right aligned diagonal
-  (``Sk > Sq``) are folded into the state first.
-Output ``num / (den + eps)`` as :func:`attnopt.runtime.cpu_linear.linear_attention`.
+  then ``S += phi(K_c)^T V_c``. Keys before the bottom-right aligned diagonal (``Sk > Sq``) are
+  folded into the state first; rows before the first key (``Sq > Sk``) give zeros.
+Output ``num / (den + eps)`` as :func:`attnopt.runtime.cpu_linear.linear_attention`; ``eps`` may
+be per row (precomputed FAVOR+ features: ``eps exp(-(lq + lk))``, the kernel's true units).
 """
 
 from __future__ import annotations
@@ -28,14 +29,16 @@ import importlib.util
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import torch
 
 __all__ = [
     "FEATURE_EXPRESSIONS",
+    "ModuleLoader",
     "LinearKernelConfig",
     "load_linear_kernels",
     "render_linear_kernel",
@@ -258,48 +261,67 @@ def render_linear_kernel(config: LinearKernelConfig) -> str:
     return _HEADER.format(**fields) + body.format(**fields)
 
 
-def _default_cache_dir() -> Path:
-    return Path(tempfile.gettempdir()) / "attnopt-kernels"
+#: ``(module name, source) -> module``: how generated sources become modules. The runtime can
+#: pass its kernel cache here (``attnopt.runtime.kernel_cache``); codegen does not import it.
+ModuleLoader = Callable[[str, str], ModuleType]
+
+
+def _temp_dir_loader(cache_dir: Path | None) -> ModuleLoader:
+    """Write the source atomically under ``cache_dir`` (default: a temp-dir folder) and import it."""
+    if cache_dir is None:
+        directory = Path(tempfile.gettempdir()) / "attnopt-linear-kernels"
+    else:
+        directory = Path(cache_dir)
+
+    def load(module_name: str, source: str) -> ModuleType:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{module_name}.py"
+        if not path.exists() or path.read_text() != source:
+            temporary = path.with_suffix(f".{os.getpid()}.tmp")
+            temporary.write_text(source)
+            os.replace(temporary, path)
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 _LOADED: dict[tuple[str, bool], SimpleNamespace] = {}
 
 
 def load_linear_kernels(
-    config: LinearKernelConfig, *, interpret: bool = False, cache_dir: Path | None = None
+    config: LinearKernelConfig,
+    *,
+    interpret: bool = False,
+    cache_dir: Path | None = None,
+    module_loader: ModuleLoader | None = None,
 ) -> SimpleNamespace:
-    """Render, write (atomically, content-addressed) and import the kernels of ``config``.
+    """Render the kernels of ``config`` and import them (content-addressed, memoised).
 
     Args:
         config: the kernel configuration.
         interpret: require Triton's interpreter (CPU tensors, no GPU). Triton picks the
             interpreter when it decorates a kernel, from ``TRITON_INTERPRET=1`` set before it was
             imported; this flag only checks that it did.
-        cache_dir: where the generated module is written (default: a temp-dir subfolder).
+        cache_dir: where the default loader writes the generated module.
+        module_loader: ``(module name, source) -> module`` replacing the default loader.
 
     Returns:
         Namespace with ``main`` (``_linattn_fwd_<variant>``), ``kvstate`` (non-causal, else
-        None), ``source`` and ``path``.
+        None), ``source`` and ``module``.
     """
-    import triton  # noqa: F401  (imported by the generated module; fail early with a clear error)
+    import triton  # the generated module imports it; fail here with a clear error
 
     source = render_linear_kernel(config)
     digest = hashlib.sha256(f"{source}\0{triton.__version__}".encode()).hexdigest()[:20]
     key = (digest, interpret)
     if key in _LOADED:
         return _LOADED[key]
-    directory = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"linattn_{config.variant}_{digest}.py"
-    if not path.exists():
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(source)
-        os.replace(temporary, path)
-    module_name = f"attnopt_generated_linattn_{config.variant}_{digest}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
+    load = module_loader if module_loader is not None else _temp_dir_loader(cache_dir)
+    module = load(f"linattn_{config.variant}_{digest}", source)
 
     def kernel(name: str):
         compiled = getattr(module, name)
@@ -315,7 +337,7 @@ def load_linear_kernels(
         main=kernel(name),
         kvstate=None if config.causal else kernel(f"{name}_kvstate"),
         source=source,
-        path=path,
+        module=module,
     )
     _LOADED[key] = loaded
     return loaded
@@ -350,6 +372,7 @@ def triton_linear_attention(
     block_m: int = 32,
     interpret: bool = False,
     cache_dir: Path | None = None,
+    module_loader: ModuleLoader | None = None,
 ) -> torch.Tensor:
     """Linear attention ``phi(Q)(phi(K)^T V) / phi(Q)(phi(K)^T 1)`` with the Triton kernels.
 
@@ -368,13 +391,16 @@ def triton_linear_attention(
         chunk: causal chunk length (power of two, >= 16).
         block_m: query rows per program of the non-causal output kernel (power of two, >= 16).
         interpret: run in Triton's interpreter (CPU tensors).
-        cache_dir: where generated kernel modules are written.
+        cache_dir: where the default loader writes generated kernel modules.
+        module_loader: ``(module name, source) -> module`` replacing the default loader.
 
     Returns:
         ``[B, Hq, Sq, Dv]`` in q's dtype.
     """
     config = LinearKernelConfig(feature_map=feature_map_name, causal=causal)
-    kernels = load_linear_kernels(config, interpret=interpret, cache_dir=cache_dir)
+    kernels = load_linear_kernels(
+        config, interpret=interpret, cache_dir=cache_dir, module_loader=module_loader
+    )
     batch, q_heads, q_len, feature_dim = q.shape
     kv_heads, kv_len, value_dim = k.shape[1], k.shape[2], v.shape[-1]
     if q_heads % kv_heads != 0 or k.shape[-1] != feature_dim:

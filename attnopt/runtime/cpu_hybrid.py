@@ -363,6 +363,9 @@ def hybrid_attention(
     q_heads, kv_heads = q.shape[1], k.shape[1]
     if q_heads % kv_heads != 0:
         raise ValueError(f"query heads {q_heads} are not a multiple of key/value heads {kv_heads}")
+    if window < 0:
+        raise ValueError(f"window must be >= 0, got {window}")
+    window = min(window, q.shape[2] + k.shape[2])  # wider windows see the same keys
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     log_weight = _key_log_weight(mask, q_heads, kv_heads, compute)
     hybrid = _Hybrid(

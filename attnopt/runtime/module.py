@@ -138,6 +138,8 @@ class CompiledModule(torch.nn.Module):
         budget: accuracy budget for budgeted passes.
         max_signatures: how many input signatures to keep compiled (LRU).
         method: capture method (see :func:`attnopt.capture`).
+        retain_memory: keep freed activation memory mapped between ops (glibc malloc tuning,
+            process-wide; see :mod:`attnopt.runtime.memory`).
     """
 
     def __init__(
@@ -150,6 +152,7 @@ class CompiledModule(torch.nn.Module):
         budget: Any = None,
         max_signatures: int = 8,
         method: str = "auto",
+        retain_memory: bool = True,
     ):
         super().__init__()
         if backend not in BACKENDS:
@@ -163,6 +166,7 @@ class CompiledModule(torch.nn.Module):
         self.budget = budget
         self.max_signatures = max_signatures
         self.method = method
+        self.retain_memory = retain_memory
         self._entries: OrderedDict[tuple, CompiledEntry] = OrderedDict()
         self._last: CompiledEntry | None = None
         self._structure: Any = None
@@ -227,6 +231,10 @@ class CompiledModule(torch.nn.Module):
         kernels = KernelNamespace(backend)
         program = load_program(graph, kernels)
         self._structure = captured.in_spec
+        if self.retain_memory and device.type == "cpu":
+            from attnopt.runtime.memory import retain_freed_memory
+
+            retain_freed_memory()
         return CompiledEntry(
             captured=captured,
             graph=graph,
