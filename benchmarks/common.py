@@ -41,6 +41,32 @@ def bert_inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
     }
 
 
+def bert_variant(variant: str, batch: int, seq: int, max_positions: int = 512) -> Callable[[], Any]:
+    """The zero-argument call of one BERT-base variant (built now).
+
+    Variants: ``hf-eager``, ``hf-sdpa``, ``hf-sdpa+retain-memory`` (HF's sdpa path with the malloc
+    tuning attnopt's runtime applies), ``torch.compile`` (of the eager model) and
+    ``attnopt-<passes>`` (compiled from the eager model; records ``compile_s``).
+    """
+    import attnopt
+
+    inputs = bert_inputs(batch, seq)
+    if variant == "hf-sdpa+retain-memory":
+        from attnopt.runtime.memory import retain_freed_memory
+
+        retain_freed_memory()
+    model = bert_base("sdpa" if variant.startswith("hf-sdpa") else "eager", max_positions)
+    if variant.startswith("hf-"):
+        return lambda: model(**inputs)
+    if variant == "torch.compile":
+        compiled = torch.compile(model)
+        return lambda: compiled(**inputs)
+    start = time.perf_counter()
+    cm = attnopt.compile(model, (), inputs, passes=variant.removeprefix("attnopt-"))
+    TIMINGS["compile_s"] = time.perf_counter() - start
+    return lambda: cm(**inputs)
+
+
 def measure(setup: Callable[[], Callable[[], Any]], repeats: int) -> dict[str, float]:
     """Build, make the first call (both timed: ``setup_s``; the first call alone: ``first_call_s``,
     which for torch.compile is its compilation), then time ``repeats`` calls; peak RSS growth.

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    TIMINGS,
-    bert_base,
-    bert_inputs,
+    bert_variant,
     measure,
     render,
     run_matrix,
@@ -34,31 +31,10 @@ VARIANTS = ["hf-eager", "hf-sdpa", "hf-sdpa+retain-memory", "torch.compile", "at
 
 def run(variant: str, config: dict) -> dict:
     """Build and time one variant."""
-    import torch
-
-    import attnopt
-
-    inputs = bert_inputs(config["batch"], config["seq"])
-
-    def setup():
-        impl = "sdpa" if variant.startswith("hf-sdpa") else "eager"
-        if variant == "hf-sdpa+retain-memory":
-            # The malloc tuning attnopt's runtime applies, given to HF too, for a fair comparison.
-            from attnopt.runtime.memory import retain_freed_memory
-
-            retain_freed_memory()
-        model = bert_base(impl, max_positions=2048)
-        if variant.startswith("hf-"):
-            return lambda: model(**inputs)
-        if variant == "torch.compile":
-            compiled = torch.compile(model)
-            return lambda: compiled(**inputs)
-        start = time.perf_counter()
-        cm = attnopt.compile(model, (), inputs, passes="exact")
-        TIMINGS["compile_s"] = time.perf_counter() - start
-        return lambda: cm(**inputs)
-
-    return measure(setup, config["repeats"])
+    return measure(
+        lambda: bert_variant(variant, config["batch"], config["seq"], max_positions=2048),
+        config["repeats"],
+    )
 
 
 def main() -> None:

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    TIMINGS,
-    bert_base,
-    bert_inputs,
+    bert_variant,
     measure,
     render,
     run_matrix,
@@ -32,29 +29,10 @@ VARIANTS = ["hf-eager", "hf-sdpa", "torch.compile", "attnopt-none", "attnopt-exa
 
 def run(variant: str, config: dict) -> dict:
     """Build and time one variant."""
-    import torch
-
-    import attnopt
-
-    inputs = bert_inputs(config["batch"], config["seq"])
-
-    def setup():
-        if variant == "hf-sdpa":
-            model = bert_base("sdpa")
-            return lambda: model(**inputs)
-        model = bert_base("eager")
-        if variant == "hf-eager":
-            return lambda: model(**inputs)
-        if variant == "torch.compile":
-            compiled = torch.compile(model)
-            return lambda: compiled(**inputs)
-        passes = variant.removeprefix("attnopt-")
-        start = time.perf_counter()
-        cm = attnopt.compile(model, (), inputs, passes=passes)
-        TIMINGS["compile_s"] = time.perf_counter() - start
-        return lambda: cm(**inputs)
-
-    return measure(setup, config["repeats"])
+    return measure(
+        lambda: bert_variant(variant, config["batch"], config["seq"], max_positions=512),
+        config["repeats"],
+    )
 
 
 def main() -> None:
