@@ -172,11 +172,10 @@ def build_attention(
     scale: float,
     causal: bool,
     softcap: float | None,
-    out_shape: tuple,
-    out_dtype: torch.dtype,
-    meta: dict[str, Any],
+    source: Node,
+    replaces: Value,
 ) -> Value:
-    """Insert an ``attention`` node for rank-2..4 q/k/v and return a value of ``out_shape``.
+    """Insert an ``attention`` node for rank-2..4 q/k/v in place of ``replaces``.
 
     Args:
         graph: the graph.
@@ -189,13 +188,16 @@ def build_attention(
         scale: score scale.
         causal: bottom-right aligned causal rule.
         softcap: tanh soft-capping.
-        out_shape: shape of the value the attention replaces.
-        out_dtype: dtype of the value the attention replaces.
-        meta: node metadata.
+        source: the node the site was found at (softmax or SDPA call), for its module path.
+        replaces: the value the attention computes; its readers read the new value.
 
     Returns:
-        The replacement value.
+        The replacement value (same shape and dtype as ``replaces``).
     """
+    q_len, kv_len = int(q.shape[-2]), int(k.shape[-2])
+    meta = site_meta(graph, source, q, k)
+    if not causal and any(mask_implies_causal(graph, x, q_len, kv_len) for x in masks + biases):
+        meta["site"]["mask_causal"] = True
     rank = q.tensor_type.rank
     if rank > 4 or rank < 2:
         raise NoMatch(f"rank-{rank} attention (only ranks 2 to 4 are laid out as [B, H, S, D])")
@@ -220,10 +222,11 @@ def build_attention(
     node.meta.update(meta)
     graph.insert_before(anchor, node)
     out = node.output
-    if out.dtype != out_dtype:
-        out = emit_before(graph, anchor, "cast", [out], CastAttrs(dtype=out_dtype))
-    if tuple(out.shape) != tuple(out_shape):
-        out = emit_before(graph, anchor, "reshape", [out], ShapeAttrs(shape=tuple(out_shape)))
+    if out.dtype != replaces.dtype:
+        out = emit_before(graph, anchor, "cast", [out], CastAttrs(dtype=replaces.dtype))
+    if tuple(out.shape) != tuple(replaces.shape):
+        out = emit_before(graph, anchor, "reshape", [out], ShapeAttrs(shape=tuple(replaces.shape)))
+    graph.replace_all_uses(replaces, out)
     return out
 
 
@@ -329,10 +332,7 @@ def rewrite_match(graph: Graph, m: AttentionMatch) -> Value:
             zero_or_fill = emit_before(graph, anchor, "where", [masked, fill_value, zero])
             masks.append(_to_canonical(graph, anchor, zero_or_fill, shape, canon))
     k = emit_before(graph, anchor, "transpose", [kt], TransposeAttrs(dim0=-2, dim1=-1))
-    meta = site_meta(graph, m.softmax, q, k)
-    if not causal and any(mask_implies_causal(graph, x, q_len, kv_len) for x in masks + biases):
-        meta["site"]["mask_causal"] = True
-    out = build_attention(
+    return build_attention(
         graph,
         anchor,
         q,
@@ -343,9 +343,6 @@ def rewrite_match(graph: Graph, m: AttentionMatch) -> Value:
         scale=m.scale,
         causal=causal,
         softcap=m.softcap,
-        out_shape=tuple(m.pv.output.shape),
-        out_dtype=m.pv.output.dtype,
-        meta=meta,
+        source=m.softmax,
+        replaces=m.pv.output,
     )
-    graph.replace_all_uses(m.pv.output, out)
-    return out

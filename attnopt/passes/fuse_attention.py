@@ -34,9 +34,7 @@ from attnopt.passes.attention_build import (
     build_attention,
     derived_from_parameter,
     is_causal_pattern,
-    mask_implies_causal,
     rewrite_match,
-    site_meta,
 )
 from attnopt.passes.attention_match import NoMatch, match_attention
 from attnopt.passes.base import Pass, PassContext, PassResult
@@ -91,10 +89,7 @@ def fuse_sdpa(graph: Graph, node: Node) -> Value:
             biases.append(attn_mask)
         else:
             masks.append(attn_mask)
-    meta = site_meta(graph, node, q, k)
-    if not causal and any(mask_implies_causal(graph, m, q_len, kv_len) for m in masks + biases):
-        meta["site"]["mask_causal"] = True
-    out = build_attention(
+    return build_attention(
         graph,
         node,
         q,
@@ -105,12 +100,9 @@ def fuse_sdpa(graph: Graph, node: Node) -> Value:
         scale=float(scale),
         causal=causal,
         softcap=None,
-        out_shape=tuple(node.outputs[0].shape),
-        out_dtype=node.outputs[0].dtype,
-        meta=meta,
+        source=node,
+        replaces=node.outputs[0],
     )
-    graph.replace_all_uses(node.outputs[0], out)
-    return out
 
 
 def _repeat_source(value: Value) -> tuple[Value, int] | None:
