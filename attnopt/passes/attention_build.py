@@ -10,6 +10,7 @@ the others the mask input; constant masks that are exactly the causal pattern be
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -30,7 +31,7 @@ from attnopt.passes.helpers import (
     emit_before,
     view_chain_source,
 )
-from attnopt.runtime.reference import causal_mask
+from attnopt.runtime.reference import visible_keys_mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,25 +79,52 @@ def _constant_keep(graph: Graph, mask: Value, masked_when: bool) -> torch.Tensor
     return ~keep if masked_when else keep
 
 
+def causal_window(keep: torch.Tensor, q_len: int, kv_len: int) -> int | None:
+    """The window of a bool visibility tensor that is exactly a bottom-right causal pattern.
+
+    Args:
+        keep: bool visibility broadcastable to ``[..., q_len, kv_len]`` (True = visible).
+        q_len: number of queries.
+        kv_len: number of keys.
+
+    Returns:
+        ``window_left`` such that query ``i`` sees keys ``[i + off - window_left, i + off]``
+        (``off = kv_len - q_len``): ``kv_len - 1`` or more is the plain causal pattern. None when
+        ``keep`` is not such a pattern (or some query would see no key).
+    """
+    if keep.dtype != torch.bool or keep.dim() < 2 or keep.shape[-1] != kv_len:
+        return None
+    if kv_len < q_len or keep.shape[-2] != q_len:
+        return None
+    width = int(keep.reshape(-1, q_len, kv_len)[0, -1].sum())
+    if width == 0:
+        return None
+    window = width - 1
+    expected = visible_keys_mask(
+        q_len, kv_len, window_left=window, window_right=0, device=keep.device
+    )
+    return window if bool((keep == expected).all()) else None
+
+
 def is_causal_pattern(keep: torch.Tensor, q_len: int, kv_len: int) -> bool:
     """Whether a bool visibility tensor is exactly the bottom-right causal pattern (no empty row)."""
-    if keep.dim() < 2 or keep.shape[-2] not in (1, q_len) or keep.shape[-1] != kv_len:
-        return False
-    if kv_len < q_len:
-        return False
-    pattern = causal_mask(q_len, kv_len, keep.device)
-    return bool((keep == pattern).all())
+    window = causal_window(keep, q_len, kv_len)
+    return window is not None and window >= kv_len - 1
 
 
-def additive_is_causal(tensor: torch.Tensor, q_len: int, kv_len: int) -> bool:
-    """Whether an additive mask is 0 exactly on the causal pattern and a mask value elsewhere."""
+def additive_window(tensor: torch.Tensor, q_len: int, kv_len: int) -> int | None:
+    """:func:`causal_window` of an additive mask that is 0 where visible and a mask value elsewhere."""
     if not tensor.dtype.is_floating_point or tensor.dim() < 2 or tensor.shape[-1] != kv_len:
-        return False
+        return None
     keep = tensor == 0
     masked = tensor <= ADDITIVE_MASK_LIMIT
     if not bool((keep | masked).all()):
-        return False
-    return is_causal_pattern(keep, q_len, kv_len)
+        return None
+    return causal_window(keep, q_len, kv_len)
+
+
+def _narrower(window: int | None, other: int) -> int:
+    return other if window is None else min(window, other)
 
 
 _AND_TARGETS = ("aten.__and__.Tensor", "aten.logical_and.default")
@@ -174,6 +202,7 @@ def build_attention(
     softcap: float | None,
     source: Node,
     replaces: Value,
+    window_left: int | None = None,
 ) -> Value:
     """Insert an ``attention`` node for rank-2..4 q/k/v in place of ``replaces``.
 
@@ -190,6 +219,8 @@ def build_attention(
         softcap: tanh soft-capping.
         source: the node the site was found at (softmax or SDPA call), for its module path.
         replaces: the value the attention computes; its readers read the new value.
+        window_left: with ``causal``, keys further back than this are not visible (an exact
+            sliding window found in a constant mask); None or ``>= kv_len - 1``: plain causal.
 
     Returns:
         The replacement value (same shape and dtype as ``replaces``).
@@ -218,6 +249,12 @@ def build_attention(
         term = _to_rank4(graph, anchor, term)
         bias = term if bias is None else emit_before(graph, anchor, "add", [bias, term])
     attrs = AttentionAttrs(scale=float(scale), causal=causal, softcap=softcap)
+    if causal and window_left is not None and window_left < kv_len - 1 and softcap is None:
+        attrs = dataclasses.replace(
+            attrs, variant="sliding_window", window_left=int(window_left), window_right=0
+        )
+    elif causal and window_left is not None and window_left < kv_len - 1:
+        raise NoMatch("a sliding-window mask with soft-capping")
     node = graph.make_node("attention", [q4, k4, v4, mask, bias], attrs)
     node.meta.update(meta)
     graph.insert_before(anchor, node)
@@ -299,27 +336,28 @@ def rewrite_match(graph: Graph, m: AttentionMatch) -> Value:
     q_len, kv_len = int(canon[-2]), int(canon[-1])
     masks: list[Value] = []
     biases: list[Value] = []
-    causal = False
+    window: int | None = None  # a constant causal(-window) pattern replaced by attributes
     for item, shape in m.additive:
         raw = item
         while isinstance(raw, ScaledTerm):
             raw = raw.term
         constant = constant_tensor(graph, raw)
-        if (
-            not causal
-            and constant is not None
-            and tuple(shape) == canon
-            and additive_is_causal(constant, q_len, kv_len)
-        ):
-            causal = True
+        found = (
+            additive_window(constant, q_len, kv_len)
+            if constant is not None and tuple(shape) == canon
+            else None
+        )
+        if found is not None:
+            window = _narrower(window, found)
             continue
         term = _to_canonical(graph, anchor, _materialise(graph, anchor, item), shape, canon)
         (biases if derived_from_parameter(graph, raw) else masks).append(term)
     for mask, masked_when, value, shape in m.fills:  # type: ignore[misc]
         keep_const = _constant_keep(graph, mask, masked_when)
-        if not causal and keep_const is not None and tuple(shape) == canon:
-            if is_causal_pattern(keep_const, q_len, kv_len):
-                causal = True
+        if keep_const is not None and tuple(shape) == canon:
+            found = causal_window(keep_const, q_len, kv_len)
+            if found is not None:
+                window = _narrower(window, found)
                 continue
         keep = _not(graph, anchor, mask) if masked_when else mask
         if math.isinf(value):
@@ -341,8 +379,9 @@ def rewrite_match(graph: Graph, m: AttentionMatch) -> Value:
         masks=masks,
         biases=biases,
         scale=m.scale,
-        causal=causal,
+        causal=window is not None,
         softcap=m.softcap,
+        window_left=window,
         source=m.softmax,
         replaces=m.pv.output,
     )

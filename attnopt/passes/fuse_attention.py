@@ -30,10 +30,10 @@ import torch
 from attnopt.ir import Graph, Node, Value, aten_call_args
 from attnopt.ir.attention import AttentionAttrs
 from attnopt.passes.attention_build import (
-    additive_is_causal,
+    additive_window,
     build_attention,
+    causal_window,
     derived_from_parameter,
-    is_causal_pattern,
     rewrite_match,
 )
 from attnopt.passes.attention_match import NoMatch, match_attention
@@ -75,16 +75,18 @@ def fuse_sdpa(graph: Graph, node: Node) -> Value:
         else:  # SDPA's is_causal is top-left aligned
             tri = torch.ones(q_len, kv_len, dtype=torch.bool).tril()
             masks.append(graph.add_tensor("sdpa_causal_top_left", tri))
+    window = kv_len if causal else None
     if attn_mask is not None:
         constant = constant_tensor(graph, attn_mask)
-        if (
-            constant is not None
-            and constant.dtype == torch.bool
-            and is_causal_pattern(constant, q_len, kv_len)
-        ):
-            causal = True
-        elif constant is not None and additive_is_causal(constant, q_len, kv_len):
-            causal = True
+        found = None
+        if constant is not None:
+            found = (
+                causal_window(constant, q_len, kv_len)
+                if constant.dtype == torch.bool
+                else additive_window(constant, q_len, kv_len)
+            )
+        if found is not None:
+            window = found
         elif attn_mask.dtype != torch.bool and derived_from_parameter(graph, attn_mask):
             biases.append(attn_mask)
         else:
@@ -98,8 +100,9 @@ def fuse_sdpa(graph: Graph, node: Node) -> Value:
         masks=masks,
         biases=biases,
         scale=float(scale),
-        causal=causal,
+        causal=window is not None,
         softcap=None,
+        window_left=window,
         source=node,
         replaces=node.outputs[0],
     )

@@ -677,3 +677,46 @@ def test_training_mode_dropout_is_not_fused():
         cm = attnopt.compile(module, (q, k, v))
     assert cm.graph.find("attention") == []
     assert cm.explain()
+
+
+def test_constant_sliding_window_mask_becomes_exact_window_variant():
+    from attnopt.runtime.reference import visible_keys_mask
+
+    q, k, v = _qkv(q_len=S, kv_len=S)
+    band = visible_keys_mask(S, S, window_left=3, window_right=0)
+    module = Fn(
+        lambda m, q, k, v: (
+            torch.softmax((q @ k.transpose(-1, -2) * SCALE).masked_fill(~m.band, float("-inf")), -1)
+            @ v
+        ),
+        band=band,
+    )
+    cm = attnopt.compile(module.eval(), (q, k, v))
+    node = cm.graph.find("attention")[0]
+    assert node.attrs.variant == "sliding_window" and node.attrs.causal
+    assert (node.attrs.window_left, node.attrs.window_right) == (3, 0)
+    assert cm.sites[0].kept_fraction < 1.0 and not cm.sites[0].has_mask
+    with torch.no_grad():
+        assert_close(cm(q, k, v), module(q, k, v))
+
+
+def test_mistral_sliding_window_is_recognised_exactly():
+    import transformers
+
+    config = transformers.MistralConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        sliding_window=6,
+        use_cache=False,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    model = transformers.MistralModel(config).eval()
+    ids = torch.randint(3, 90, (1, 24), generator=torch.Generator().manual_seed(0))
+    cm = attnopt.compile(model, (), {"input_ids": ids})
+    assert [n.attrs.window_left for n in cm.graph.find("attention")] == [5, 5]
+    assert attnopt.validate(model, cm, (), {"input_ids": ids}, sites=False).ok
