@@ -33,6 +33,7 @@ class AttentionAttrs:
         softcap: tanh soft-capping value, or None.
         site: index of the attention site in the model (-1: not a detected site).
         variant: one of :data:`VARIANTS`.
+        heads: query heads that run ``variant``; the others run dense (empty: all heads).
         window_left: sliding window: keys visible before the aligned position (None: all).
         window_right: sliding window: keys visible after it (None: all).
         sinks: leading keys visible to every query (sliding window, block sparse).
@@ -59,6 +60,7 @@ class AttentionAttrs:
     softcap: float | None = None
     site: int = -1
     variant: str = "dense"
+    heads: tuple[int, ...] = ()
     window_left: int | None = None
     window_right: int | None = None
     sinks: int = 0

@@ -26,7 +26,7 @@ import torch
 from attnopt.errors import PassError, PipelineError
 from attnopt.ir import Graph
 from attnopt.passes.base import Pass, PassContext, PassResult
-from attnopt.passes.select import Site, check_fraction, check_positive, sites_for
+from attnopt.passes.select import Site, check_fraction, check_heads, check_positive, sites_for
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class BlockSparse(Pass):
         permute_keys: PBS-style key permutation before routing (non-causal sites without masks).
         layers: layer indices to rewrite (None: all).
         sites: site indices to rewrite (None: all).
+        heads: query heads that get the sparse pattern; the others stay dense (None: all).
     """
 
     name: ClassVar[str] = "block-sparse"
@@ -61,6 +62,7 @@ class BlockSparse(Pass):
     permute_keys: bool = False
     layers: tuple[int, ...] | None = None
     sites: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
 
     def validate(self) -> None:
         """Check ranges and that the routing has what it needs."""
@@ -69,6 +71,7 @@ class BlockSparse(Pass):
         check_positive(self.name, "query_block", self.query_block)
         check_positive(self.name, "sinks", self.sinks, allow_zero=True)
         check_positive(self.name, "min_len", self.min_len, allow_zero=True)
+        check_heads(self.name, self.heads)
         check_fraction(self.name, "density", self.density)
         check_fraction(self.name, "threshold", self.threshold)
         if self.routing == "topk" and self.density is None:
@@ -91,7 +94,11 @@ class BlockSparse(Pass):
             )
             if self.permute_keys and not permute:
                 notes.append(f"site {site.index}: keys not permuted (causal, mask or bias)")
+            if self.heads is not None and max(self.heads) >= site.num_heads:
+                notes.append(f"site {site.index}: has {site.num_heads} heads, heads={self.heads}")
+                continue
             site.update(
+                heads=tuple(self.heads or ()),
                 variant="block_sparse",
                 block=self.block,
                 query_block=self.query_block or 0,

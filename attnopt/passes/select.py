@@ -189,3 +189,15 @@ def check_fraction(owner: str, name: str, value: float | None) -> None:
 
     if value is not None and not 0.0 < value <= 1.0:
         raise PipelineError(f"{owner}: option {name}={value} must be in (0, 1]")
+
+
+def check_heads(owner: str, heads: tuple[int, ...] | None) -> None:
+    """Raise PipelineError unless ``heads`` is None or a non-empty list of distinct indices >= 0."""
+    from attnopt.errors import PipelineError
+
+    if heads is None:
+        return
+    if not heads or min(heads) < 0 or len(set(heads)) != len(heads):
+        raise PipelineError(
+            f"{owner}: option heads={list(heads)} must be distinct head indices >= 0"
+        )

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from attnopt.ir import Graph
 from attnopt.passes.base import Pass, PassContext, PassResult
-from attnopt.passes.select import check_positive, sites_for
+from attnopt.passes.select import check_heads, check_positive, sites_for
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class SlidingWindow(Pass):
         sinks: leading keys visible to every query.
         layers: layer indices to rewrite (None: all).
         sites: site indices to rewrite (None: all).
+        heads: query heads that get the sparse pattern; the others stay dense (None: all).
         min_len: leave sites with fewer keys than this dense.
     """
 
@@ -35,6 +36,7 @@ class SlidingWindow(Pass):
     sinks: int = 0
     layers: tuple[int, ...] | None = None
     sites: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
     min_len: int = 0
 
     def validate(self) -> None:
@@ -43,6 +45,7 @@ class SlidingWindow(Pass):
         check_positive(self.name, "window", self.window)
         check_positive(self.name, "sinks", self.sinks, allow_zero=True)
         check_positive(self.name, "min_len", self.min_len, allow_zero=True)
+        check_heads(self.name, self.heads)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         """Turn every selected dense site into a sliding-window site."""
@@ -52,7 +55,11 @@ class SlidingWindow(Pass):
             if site.attrs.softcap is not None:
                 notes.append(f"site {site.index}: soft-capped sites stay dense")
                 continue
+            if self.heads is not None and max(self.heads) >= site.num_heads:
+                notes.append(f"site {site.index}: has {site.num_heads} heads, heads={self.heads}")
+                continue
             site.update(
+                heads=tuple(self.heads or ()),
                 variant="sliding_window",
                 window_left=self.window,
                 window_right=0 if site.causal else self.window,

@@ -166,7 +166,51 @@ def attention_torch(inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor:
         runner = _VARIANT_RUNNERS.get(variant)
     if runner is None:
         raise NotImplementedError(f"attention variant {variant!r} has no torch kernel")
+    if attrs.heads and len(set(attrs.heads)) < q.shape[1]:
+        return _per_head(inputs, attrs, runner)
     return runner(inputs, attrs)
+
+
+def _per_head(
+    inputs: list[Any],
+    attrs: AttentionAttrs,
+    runner: Callable[[list[Any], AttentionAttrs], torch.Tensor],
+) -> torch.Tensor:
+    """``attrs.heads`` run the variant, the other query heads run dense attention."""
+    import dataclasses
+
+    q, k, v = inputs[0], inputs[1], inputs[2]
+    heads = q.shape[1]
+    group = heads // k.shape[1]
+    if group > 1:  # align key/value heads with query heads so any subset can be taken
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    chosen = torch.tensor(sorted(set(attrs.heads)), device=q.device)
+    others = torch.tensor([h for h in range(heads) if h not in set(attrs.heads)], device=q.device)
+
+    def take(t: Any, index: torch.Tensor) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[1] == 1:
+            return t
+        return t.index_select(1, index)
+
+    rest = list(inputs[3:])
+    sparse = runner(
+        [take(q, chosen), take(k, chosen), take(v, chosen), *[take(t, chosen) for t in rest]],
+        dataclasses.replace(attrs, heads=()),
+    )
+    dense = dense_attention_cpu(
+        take(q, others),
+        take(k, others),
+        take(v, others),
+        mask=take(rest[0], others) if rest else None,
+        bias=take(rest[1], others) if len(rest) > 1 else None,
+        scale=attrs.scale,
+        causal=attrs.causal,
+        softcap=attrs.softcap,
+    )
+    out = sparse.new_empty((q.shape[0], heads, q.shape[2], sparse.shape[-1]))
+    out[:, chosen] = sparse
+    out[:, others] = dense
+    return out
 
 
 _VARIANT_RUNNERS: dict[str, Callable[[list[Any], AttentionAttrs], torch.Tensor]] = {}

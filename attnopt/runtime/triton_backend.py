@@ -74,6 +74,8 @@ def run_attention_triton(
 
     if attrs.variant not in TRITON_VARIANTS:
         return None, f"no Triton kernel for the {attrs.variant} variant"
+    if attrs.heads and attrs.variant != "dense":
+        return None, "per-head variants run on the torch path"
     if attrs.variant == "block_sparse" and attrs.permute_keys:
         return None, "key permutation runs on the torch path"
     padded = list(inputs) + [None] * (5 - len(inputs))

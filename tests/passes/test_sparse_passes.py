@@ -232,3 +232,30 @@ def test_head_prune_refuses_fused_qkv_with_a_reason():
     notes = " ".join(n for record in cm.history for n in record["notes"])
     assert "not pruned" in notes
     assert_matches_eager(model, cm, args, kwargs)
+
+
+@pytest.mark.parametrize(
+    "pipeline",
+    ["sliding-window{window=4,sinks=1,heads=[0,2]}", "block-sparse{block=8,density=0.5,heads=[1]}"],
+)
+def test_per_head_configuration(pipeline):
+    q, k, v, keep = _inputs(32, 32, heads=4)
+    cm = attnopt.compile(Attn(), (q, k, v, keep), passes=FUSE + pipeline)
+    node = cm.graph.find("attention")[0]
+    assert node.attrs.heads
+    out = cm(q, k, v, keep)
+    dense = Attn()(q, k, v, keep)
+    untouched = [h for h in range(4) if h not in node.attrs.heads]
+    assert_close(out[:, untouched], dense[:, untouched])
+    assert not torch.allclose(out[:, list(node.attrs.heads)], dense[:, list(node.attrs.heads)])
+    if node.attrs.variant == "sliding_window":
+        visible = visible_keys_mask(32, 32, window_left=4, window_right=4, sinks=1)
+        expected = attention_reference(
+            q, k, v, mask=keep[:, None, None, :], visible=visible, scale=8**-0.5
+        )
+        assert_close(out[:, [0, 2]], expected[:, [0, 2]])
+
+
+def test_per_head_option_is_checked():
+    with pytest.raises(attnopt.PipelineError, match="heads"):
+        attnopt.PassManager.parse("sliding-window{window=4,heads=[1,1]}")
