@@ -6,6 +6,7 @@ Entry points: :func:`run_attention_triton` (used by the ``K`` namespace of gener
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Any
@@ -15,8 +16,10 @@ import torch
 from attnopt.ir import Graph, TensorType
 from attnopt.ir.attention import AttentionAttrs
 
-#: Variants the Triton template family renders.
-TRITON_VARIANTS = ("dense", "sliding_window", "block_sparse")
+#: Variants the Triton template family renders (neighbourhoods as block-sparse plus a mask).
+TRITON_VARIANTS = ("dense", "sliding_window", "block_sparse", "neighborhood")
+#: Block size used for neighbourhood block lists.
+NEIGHBORHOOD_BLOCK = 32
 
 
 def prepare_interpreter() -> bool:
@@ -56,6 +59,38 @@ def _block_meta(inputs: list[Any], attrs: AttentionAttrs) -> Any:
     )
 
 
+@functools.lru_cache(maxsize=16)
+def _neighborhood_plan(
+    grid: tuple[int, ...], kernel: tuple[int, ...], dilation: int, num_global: int, kv_len: int
+) -> tuple[torch.Tensor, Any]:
+    """Visibility and the block lists that skip key blocks no query of a block can see."""
+    from attnopt.runtime.cpu_neighborhood import neighborhood_visible
+    from attnopt.runtime.triton_launch import BlockSparseMeta
+
+    visible = neighborhood_visible(grid, kernel, dilation, num_global)
+    block = NEIGHBORHOOD_BLOCK
+    padded = -(-kv_len // block) * block
+    grid_mask = torch.zeros(padded, padded, dtype=torch.bool)
+    grid_mask[:kv_len, :kv_len] = visible
+    blocks = grid_mask.reshape(padded // block, block, padded // block, block).any(dim=(1, 3))
+    meta = BlockSparseMeta.from_block_mask(
+        blocks, block, block, q_len=kv_len, kv_len=kv_len, split_full=False
+    )
+    return visible, meta
+
+
+def _neighborhood_inputs(q: torch.Tensor, mask: Any, attrs: AttentionAttrs) -> tuple[Any, Any]:
+    visible, meta = _neighborhood_plan(
+        tuple(attrs.grid), tuple(attrs.kernel), attrs.dilation, attrs.num_global, q.shape[2]
+    )
+    visible = visible.to(q.device)
+    if mask is None:
+        return visible, meta
+    if mask.dtype == torch.bool:
+        return mask & visible, meta
+    return mask.masked_fill(~visible, float("-inf")), meta
+
+
 def run_attention_triton(
     inputs: list[Any], attrs: AttentionAttrs, *, interpret: bool
 ) -> tuple[torch.Tensor | None, str | None]:
@@ -83,6 +118,9 @@ def run_attention_triton(
     if attrs.variant != "dense" and k.shape[2] < attrs.min_len:
         attrs_window: dict[str, Any] = {}
         block_meta = None
+    elif attrs.variant == "neighborhood":
+        attrs_window = {}
+        mask, block_meta = _neighborhood_inputs(q, mask, attrs)
     else:
         attrs_window = _window(attrs)
         block_meta = _block_meta(inputs, attrs) if attrs.variant == "block_sparse" else None
@@ -138,7 +176,7 @@ def kernel_sources_for(graph: Graph) -> dict[str, str]:
     sources: dict[str, str] = {}
     for node in graph.find("attention"):
         attrs: AttentionAttrs = node.attrs
-        if attrs.variant not in TRITON_VARIANTS:
+        if attrs.variant not in TRITON_VARIANTS or attrs.variant == "neighborhood":
             continue
         tensors = [None if v is None else _meta_tensor(v.type) for v in node.inputs[:5]]
         tensors += [None] * (5 - len(tensors))

@@ -71,3 +71,18 @@ def test_triton_backend_on_cpu_tensors_is_refused_clearly():
         attnopt.compile(model, args, kwargs, backend="triton")
     with pytest.raises(attnopt.BackendError, match="backend must be one of"):
         attnopt.compile(model, args, kwargs, backend="cuda")
+
+
+def test_neighborhood_runs_on_generated_kernels():
+    model = zoo_model("vit", "eager")
+    args, kwargs = zoo.get("vit").example(2, 0)
+    pipeline = "canonicalize,fuse-attention,neighborhood{kernel=3}"
+    torch_cm = attnopt.compile(model, args, kwargs, passes=pipeline, backend="torch")
+    triton_cm = attnopt.compile(model, args, kwargs, passes=pipeline, backend="triton-interpret")
+    from attnopt.tolerances import assert_close
+
+    assert_close(
+        triton_cm(*args, **kwargs).last_hidden_state, torch_cm(*args, **kwargs).last_hidden_state
+    )
+    calls = triton_cm.compile_for(args, kwargs).kernels.calls
+    assert calls["triton"] == len(triton_cm.sites) and calls["torch"] == 0
