@@ -10,7 +10,6 @@ traced module). ``"auto"`` tries export, then the others, and reports every fail
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,12 +152,7 @@ def _input_positions(ep: Any, flat: list[Any]) -> list[int]:
         raise CaptureError(
             f"export kept {len(user_specs)} user inputs for {len(flat)} flattened inputs"
         )
-    positions = []
-    for index, (spec, leaf) in enumerate(zip(user_specs, flat)):
-        if isinstance(leaf, torch.Tensor):
-            positions.append(index)
-        del spec
-    return positions
+    return [index for index, leaf in enumerate(flat) if isinstance(leaf, torch.Tensor)]
 
 
 def capture(
@@ -181,5 +175,4 @@ def capture(
     Returns:
         The IR graph.
     """
-    with contextlib.nullcontext():
-        return capture_program(model, args, kwargs, dynamic=dynamic, method=method).graph
+    return capture_program(model, args, kwargs, dynamic=dynamic, method=method).graph

@@ -52,10 +52,6 @@ def _readers(graph_users: dict[Value, list[Node]], graph: Graph, value: Value) -
     return len(graph_users.get(value, [])) + sum(1 for v in graph.outputs if v is value)
 
 
-def _is_float_const_like(graph: Graph, value: Value) -> float | None:
-    return constant_scalar(graph, value)
-
-
 def _reaches_matmul(value: Value, depth: int = 32) -> bool:
     allowed = {"cast", "mul", "div", "add", "sub", "masked_fill", "where", "tanh", "reshape"}
     while depth > 0 and value.producer is not None:

@@ -89,7 +89,7 @@ def attention_reference(
         ``[B, Hq, Sq, Dv]`` in q's dtype. Rows with no visible key are zeros.
     """
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    batch, q_heads, q_len, head_dim = q.shape
+    _, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     if q_heads % kv_heads != 0:
         raise ValueError(f"query heads {q_heads} are not a multiple of key/value heads {kv_heads}")
@@ -121,5 +121,4 @@ def attention_reference(
     denom = weights.sum(dim=-1, keepdim=True)
     probs = torch.where(denom > 0, weights / denom.clamp_min(torch.finfo(compute).tiny), 0.0)
     out = torch.matmul(probs, v.to(compute))
-    del batch
     return out.to(q.dtype)
