@@ -85,7 +85,7 @@ def run_demo(batch_size: int = 16, repeats: int = 3) -> dict[str, Any]:
     import attnopt
     from attnopt import zoo
 
-    console = Console()
+    console = Console(width=max(Console().width, 110))
     tokenizer = zoo.minilm_tokenizer()
     encoded = tokenizer(TEXTS, padding=True, truncation=True, return_tensors="pt")
     batches = [
