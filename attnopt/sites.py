@@ -82,7 +82,7 @@ def collect_sites(graph: Graph) -> list[AttentionSite]:
     Returns:
         One :class:`AttentionSite` per attention node.
     """
-    from attnopt.ir.attention import _kept_fraction
+    from attnopt.ir.attention import kept_fraction
 
     sites = []
     for node in graph.find("attention"):
@@ -111,7 +111,7 @@ def collect_sites(graph: Graph) -> list[AttentionSite]:
                 variant=attrs.variant,
                 heads_kept=info.get("heads_kept"),
                 tokens_kept=info.get("tokens_kept", 1.0),
-                kept_fraction=node.meta.get("kept_fraction", _kept_fraction(attrs, q_len, kv_len)),
+                kept_fraction=node.meta.get("kept_fraction", kept_fraction(attrs, q_len, kv_len)),
                 block=dict(info.get("block", {})),
                 mask_causal=bool(info.get("mask_causal", False)),
             )

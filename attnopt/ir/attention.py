@@ -98,7 +98,7 @@ def _cost(inputs: list[Type | None], outputs: list[Type], attrs: AttentionAttrs)
     pairs = float(q_len) * kv_len  # type: ignore[arg-type]
     if attrs.causal:
         pairs -= float(q_len) * (q_len - 1) / 2  # type: ignore[operator]
-    pairs *= _kept_fraction(attrs, int(q_len), kv_len)  # type: ignore[arg-type]
+    pairs *= kept_fraction(attrs, int(q_len), kv_len)  # type: ignore[arg-type]
     flops = 2.0 * batch * heads * pairs * (head_dim + dim_v)  # type: ignore[operator]
     if attrs.variant == "linear":
         features = attrs.num_features or int(head_dim)  # type: ignore[arg-type]
@@ -107,7 +107,9 @@ def _cost(inputs: list[Type | None], outputs: list[Type], attrs: AttentionAttrs)
     return Cost(flops=flops, bytes=float(moved))
 
 
-def _kept_fraction(attrs: AttentionAttrs, q_len: int, kv_len: int) -> float:
+def kept_fraction(attrs: AttentionAttrs, q_len: int, kv_len: int) -> float:
+    """Fraction of query-key pairs a variant computes, from its attributes (an estimate for
+    content-routed variants, whose kept blocks are only known at run time)."""
     if attrs.variant == "sliding_window":
         width = (attrs.window_left or kv_len) + (attrs.window_right or 0) + 1 + attrs.sinks
         return min(1.0, width / max(kv_len, 1))

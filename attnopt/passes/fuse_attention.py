@@ -66,16 +66,15 @@ def fuse_sdpa(graph: Graph, node: Node) -> Value:
     scale = bound["scale"] if bound["scale"] is not None else q.shape[-1] ** -0.5
     masks, biases = [], []
     attn_mask = bound["attn_mask"]
-    causal = False
+    window: int | None = None  # set when the site is causal (kv_len: no window limit)
     if bound["is_causal"]:
         if attn_mask is not None:
             raise NoMatch("SDPA with both attn_mask and is_causal")
         if q_len == kv_len:
-            causal = True
+            window = kv_len
         else:  # SDPA's is_causal is top-left aligned
             tri = torch.ones(q_len, kv_len, dtype=torch.bool).tril()
             masks.append(graph.add_tensor("sdpa_causal_top_left", tri))
-    window = kv_len if causal else None
     if attn_mask is not None:
         constant = constant_tensor(graph, attn_mask)
         found = None

@@ -31,8 +31,9 @@ __all__ = ["HeadPrune"]
 _PER_HEAD_OPS = {*VIEW_OPS, "mul", "add", "sub", "neg", "cast", "aten"}
 
 
-def _projection(value: Value, graph: Graph, users: dict) -> Node | None:
-    """The ``linear`` that produces ``value`` through per-head ops, each read once."""
+def _projection(value: Value) -> Node | None:
+    """The ``linear`` that produces ``value`` through per-head ops (its own readers are checked
+    by the caller)."""
     current = value
     for _ in range(64):
         node = current.producer
@@ -166,7 +167,7 @@ class HeadPrune(Pass):
         for extra in site.node.inputs[3:5]:
             if extra is not None and len(extra.shape) == 4 and extra.shape[1] not in (1,):
                 return "a per-head mask or bias"
-        projections = [_projection(v, graph, users) for v in (site.q, site.k, site.v)]
+        projections = [_projection(v) for v in (site.q, site.k, site.v)]
         out_proj = _output_projection(site.node.output, users)
         if any(p is None for p in projections) or out_proj is None:
             return "q/k/v or output projections not found"

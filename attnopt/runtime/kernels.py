@@ -242,6 +242,13 @@ class KernelNamespace:
         self.calls: dict[str, int] = {"triton": 0, "torch": 0}
         self._warned: set[str] = set()
 
+    @staticmethod
+    def run_op(op: str, inputs: list[Any], attrs: Any) -> Any:
+        """Run any registered op through its reference implementation (ops without an emitter)."""
+        from attnopt.ir import get_op
+
+        return get_op(op).impl(inputs, attrs)
+
     def attention(self, inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor:
         """Run one attention node (see :func:`attention_torch`) on this namespace's backend."""
         if self.input_taps is not None and attrs.site >= 0:
@@ -278,13 +285,3 @@ class KernelNamespace:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def run_op(op: str, inputs: list[Any], attrs: Any) -> Any:
-    """Run any registered op through its reference implementation (ops without an emitter)."""
-    from attnopt.ir import get_op
-
-    return get_op(op).impl(inputs, attrs)
-
-
-KernelNamespace.run_op = staticmethod(run_op)  # type: ignore[attr-defined]

@@ -183,23 +183,25 @@ class CompiledModule(torch.nn.Module):
         Returns:
             The compiled entry.
         """
-        kwargs = kwargs or {}
+        return self._entry(args, kwargs or {})[0]
+
+    def _entry(self, args: tuple, kwargs: dict) -> tuple[CompiledEntry, list[Any]]:
+        """The entry for this signature and the flattened inputs it was looked up with."""
         flat, spec = pytree.tree_flatten((args, kwargs))
         key = _signature(flat, spec)
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
             self.stats["cache_hits"] += 1
-            self._last = entry
-            return entry
-        entry = self._compile(args, kwargs, flat)
-        self._entries[key] = entry
-        self.stats["compilations"] += 1
-        if len(self._entries) > self.max_signatures:
-            self._entries.popitem(last=False)
-            self.stats["evictions"] += 1
+        else:
+            entry = self._compile(args, kwargs, flat)
+            self._entries[key] = entry
+            self.stats["compilations"] += 1
+            if len(self._entries) > self.max_signatures:
+                self._entries.popitem(last=False)
+                self.stats["evictions"] += 1
         self._last = entry
-        return entry
+        return entry, flat
 
     def _compile(self, args: tuple, kwargs: dict, flat: list[Any]) -> CompiledEntry:
         start = time.perf_counter()
@@ -249,15 +251,13 @@ class CompiledModule(torch.nn.Module):
     # --- calling ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the compiled program; same outputs and structure as ``model(*args, **kwargs)``."""
-        entry = self.compile_for(args, kwargs)
-        return self._run(entry, args, kwargs)
+        entry, flat = self._entry(args, kwargs)
+        return self._run(entry, flat)
 
-    def _run(self, entry: CompiledEntry, args: tuple, kwargs: dict) -> Any:
-        flat, _ = pytree.tree_flatten((args, kwargs))
+    def _run(self, entry: CompiledEntry, flat: list[Any]) -> Any:
         inputs = [flat[i] for i in entry.captured.input_positions]
-        with (
-            torch.no_grad()
-        ):  # an inference compiler: sparse and generated kernels have no backward
+        # An inference compiler: the sparse and generated kernels have no backward.
+        with torch.no_grad():
             outputs = entry.program.fn(*inputs)
         return pytree.tree_unflatten(list(outputs), entry.captured.out_spec)
 
@@ -267,10 +267,10 @@ class CompiledModule(torch.nn.Module):
         Returns:
             ``(outputs, {site_index: tensor})``.
         """
-        entry = self.compile_for(args, kwargs)
+        entry, flat = self._entry(args, kwargs)
         entry.kernels.taps = {}
         try:
-            outputs = self._run(entry, args, kwargs)
+            outputs = self._run(entry, flat)
             taps = entry.kernels.taps
         finally:
             entry.kernels.taps = None
