@@ -1,5 +1,10 @@
-"""One attention layer: dense SDPA vs linear (elu+1) vs FAVOR+ vs hybrid (window softmax + linear).
+"""One attention layer: eager, SDPA, torch.compile and attnopt (linear / hybrid), side by side.
 
+The layer is ``softmax(q k^T / sqrt(d)) v``: written out (``eager``), as one SDPA call (``sdpa``),
+SDPA under ``torch.compile``, and SDPA compiled by ``attnopt.compile`` with the ``linearize`` pass
+(elu+1 linear, and the hybrid with a softmax window of 256: what a user runs; ``attnopt.compile``
+also applies its malloc tuning, see ``attnopt.runtime.memory``). The kernels are also called
+directly (``linear_elu``, ``favor_256``, ``hybrid_*``: no compile, no malloc tuning).
 B=1, H=12, d=64, fp32, N in (4096, 8192), non-causal (``--causal`` adds the causal forms), at
 torch's default thread count (``--threads 1 2`` runs each count). Each variant runs in its own
 subprocess so its peak memory (``ru_maxrss`` after the runs minus after building the inputs) is
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -28,6 +34,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+import attnopt
 from attnopt.runtime.cpu_linear import hybrid_attention, linear_attention, make_feature_map
 
 HEADS, HEAD_DIM, WINDOW, FAVOR_FEATURES = 12, 64, 256, 256
@@ -37,7 +44,13 @@ RESULTS = Path(__file__).resolve().parent / "results" / "linear_layer.json"
 def _variants(causal: bool) -> dict[str, str]:
     """Variant name -> description (in table order)."""
     names = {
+        "eager": "dense softmax(q k^T / sqrt(d)) v, as eager model code writes it",
         "sdpa": "dense F.scaled_dot_product_attention",
+        "torch_compile": "torch.compile of the SDPA layer (inductor, first call excluded)",
+        "attnopt_linear_elu": "attnopt.compile of the SDPA layer, linearize{feature_map=elu}",
+        "attnopt_hybrid_elu_w256": (
+            f"attnopt.compile of the SDPA layer, linearize{{feature_map=elu,local_window={WINDOW}}}"
+        ),
         "linear_elu": "linear attention, elu+1",
         "favor_256": f"linear attention, FAVOR+ {FAVOR_FEATURES} features",
         "hybrid_elu_w256": f"hybrid: softmax window {WINDOW} + elu+1 linear",
@@ -48,10 +61,39 @@ def _variants(causal: bool) -> dict[str, str]:
     return names
 
 
+class _Layer(torch.nn.Module):
+    """The attention layer as model code writes it: SDPA, or explicit softmax (``eager``)."""
+
+    def __init__(self, causal: bool, explicit: bool = False) -> None:
+        super().__init__()
+        self.causal, self.explicit = causal, explicit
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if not self.explicit:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        if self.causal:
+            keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+            scores = scores.masked_fill(~keep, float("-inf"))
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
 def _make_call(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """The zero-argument callable that runs ``variant`` once."""
     causal = variant.endswith("_causal")
     base = variant.removesuffix("_causal")
+    if base == "eager":
+        layer = _Layer(causal, explicit=True)
+        return lambda: layer(q, k, v)
+    if base == "torch_compile":
+        compiled = torch.compile(_Layer(causal))
+        return lambda: compiled(q, k, v)
+    if base.startswith("attnopt_"):
+        options = "feature_map=elu" + (f",local_window={WINDOW}" if "hybrid" in base else "")
+        cm = attnopt.compile(
+            _Layer(causal).eval(), (q, k, v), passes=f"fuse-attention,linearize{{{options}}}"
+        )
+        return lambda: cm(q, k, v)
     elu = make_feature_map("elu", HEAD_DIM)
     favor = make_feature_map("favor", HEAD_DIM, num_features=FAVOR_FEATURES, seed=0)
     calls = {
@@ -149,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     for threads in args.threads:
         for seq_len in args.sizes:
             for variant in variants:
-                repeats = 3 if variant.startswith("sdpa") else args.repeats
+                dense = variant.startswith(("sdpa", "eager", "torch_compile"))
+                repeats = 3 if dense else args.repeats
                 rows.append(_run_subprocess(variant, seq_len, repeats, threads))
                 console.log(
                     f"threads={threads} N={seq_len} {variant}: {rows[-1]['median_ms']:.1f} ms"

@@ -13,15 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from attnopt.runtime.linear_features import (
-    FeatureMap,
-    _block_rows,
-    _key_log_weight,
-    _Keys,
-    _prepare,
-    _query_rows,
-    _row_log_scale,
-)
+from attnopt.runtime.linear_features import FeatureMap, _key_log_weight, _prepare
 from attnopt.runtime.reference import causal_mask, visible_keys_mask
 
 __all__ = ["hybrid_attention", "hybrid_attention_naive"]
@@ -39,71 +31,75 @@ def _softmax_lse(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tenso
     return torch.matmul(weights, v), torch.where(finite, lse, 0.0)
 
 
-#: Bytes of the per-step temporaries of the hybrid form (query rows per step follow from it):
-#: large enough that a step is a few big calls, small enough to stay out of fresh-page territory.
-_HYBRID_STEP_BYTES = 32 << 20
+#: Bytes of the per-step temporaries (states, edge kernels, materialised window biases); the
+#: number of query blocks per step follows from it.
+_HYBRID_STEP_BYTES = 64 << 20
 
 
-class _Layout(NamedTuple):
-    """Geometry of the hybrid form in padded key coordinates (key ``j`` at ``j + left_pad``).
+def _merge(soft, log_soft, lin, log_lin) -> torch.Tensor:
+    """``(e^{a-m} soft + e^{b-m} num) / (e^{a-m} + e^{b-m} den)`` with ``m = max(a, b)``.
 
-    Query block ``b`` (rows ``[b C, b C + C)``, C = ``chunk``) starts at padded key ``first + b C``,
-    a chunk multiple, and scores the band ``[start(b), start(b) + band)`` with
-    ``start(b) = first - reach + b C``; ``reach`` is the window rounded up to whole chunks.
-    Linear terms inside the band only occur within ``edge`` keys of its two ends.
+    ``soft`` is normalised softmax output with log-sum-exp ``a`` (``-inf``: no window key);
+    ``lin = [num, den]`` on the last axis with log-scale ``b`` (None = 0).
     """
+    dv = soft.shape[-1]
+    log_lin = torch.zeros((), dtype=soft.dtype, device=soft.device) if log_lin is None else log_lin
+    row_max = torch.maximum(log_soft, log_lin)
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    weight_soft = torch.exp(log_soft - row_max)
+    weight_lin = torch.exp(log_lin - row_max)
+    num = soft.mul_(weight_soft).add_(lin[..., :dv] * weight_lin)
+    den = lin[..., dv:].mul(weight_lin).add_(weight_soft)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
 
+
+class _Geometry(NamedTuple):
+    """Query blocks of ``chunk`` rows (``blocks`` of them, the last zero padded) and sizes."""
+
+    batch: int
+    kv_heads: int
+    group: int
+    q_len: int
+    kv_len: int
     chunk: int
-    reach: int
-    left_pad: int
-    num_blocks: int
-    band: int
-    edge: int
-    first: int
+    blocks: int
 
-    def band_start(self, block: int) -> int:
-        """Padded key where block ``block``'s band starts (a chunk multiple)."""
-        return self.first - self.reach + block * self.chunk
+    @property
+    def offset(self) -> int:
+        """Position of query 0 among the keys (bottom-right alignment)."""
+        return self.kv_len - self.q_len
 
+    def to_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows ``[B, Hkv, G, Sq, X]`` -> block-major ``[blocks, B, Hkv, G C, X]`` (zero padded).
 
-def _hybrid_layout(q_len: int, kv_len: int, window: int, causal: bool, chunk: int) -> _Layout:
-    offset = kv_len - q_len
-    reach = -(-window // chunk) * chunk
-    left_pad = max(0, reach - offset)
-    left_pad += -(offset + left_pad) % chunk
-    band = chunk + reach * (1 if causal else 2)
-    edge = min(band, reach - window + chunk - 1)
-    return _Layout(chunk, reach, left_pad, -(-q_len // chunk), band, edge, offset + left_pad)
+        Block-major, a step's slice of blocks stays one uniformly strided batch for ``matmul``.
+        """
+        padded = self.blocks * self.chunk
+        if padded != x.shape[-2]:
+            x = F.pad(x, (0, 0, 0, padded - x.shape[-2]))
+        x = x.reshape(self.batch, self.kv_heads, self.group, self.blocks, self.chunk, -1)
+        shape = (self.blocks, self.batch, self.kv_heads, self.group * self.chunk, -1)
+        return x.permute(3, 0, 1, 2, 4, 5).reshape(shape).contiguous()
 
+    def from_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_blocks`: ``[blocks, B, Hkv, G C, X]`` -> ``[B, Hkv, G, Sq, X]``."""
+        x = x.reshape(self.blocks, self.batch, self.kv_heads, self.group, self.chunk, -1)
+        x = x.permute(1, 2, 3, 0, 4, 5).reshape(
+            self.batch, self.kv_heads, self.group, -1, x.shape[-1]
+        )
+        return x[:, :, :, : self.q_len]
 
-def _band_masks(layout: _Layout, window: int, causal: bool, group: int, device):
-    """Row x band masks: ``inside`` the window, and ``linear`` (visible but outside it)."""
-    rows = torch.arange(layout.chunk, device=device).unsqueeze(1)
-    diff = torch.arange(layout.band, device=device).unsqueeze(0) - layout.reach - rows
-    inside = (diff >= -window) & (diff <= (0 if causal else window))
-    linear = diff < -window if causal else ~inside
-    return inside.repeat(group, 1), linear.repeat(group, 1)
-
-
-def _edges(linear: torch.Tensor, layout: _Layout, causal: bool) -> list:
-    """``(band offset, mask)`` of the band columns where the linear part applies."""
-    if layout.edge <= 0:
-        return []
-    if causal:
-        return [(0, linear[:, : layout.edge])]
-    if 2 * layout.edge >= layout.band:  # the two edges overlap: one span, the whole band
-        return [(0, linear)]
-    return [(0, linear[:, : layout.edge]), (layout.band - layout.edge, linear[:, -layout.edge :])]
-
-
-def _windows(x: torch.Tensor, start: int, size: int, chunk: int, count: int) -> torch.Tensor:
-    """Views ``x[..., start + c chunk : ... + size, :]`` for ``c < count``, stacked (no copy)."""
-    return x[..., start:, :].unfold(-2, size, chunk)[..., :count, :, :].transpose(-1, -2)
+    def blocks_per_step(self, bytes_per_block: int) -> int:
+        """Query blocks per step so that a step's temporaries stay near the step budget."""
+        return max(1, min(self.blocks, _HYBRID_STEP_BYTES // max(1, bytes_per_block)))
 
 
 def _rows(x: torch.Tensor, start: int, stop: int, fill: float = 0.0) -> torch.Tensor:
-    """Rows ``[start, stop)`` of ``x [..., S, X]``, ``fill`` where outside ``[0, S)``."""
+    """Rows ``[start, stop)`` of ``x [..., S, X]``: a view inside ``[0, S)``, else a copy padded
+    with ``fill``."""
     length = x.shape[-2]
+    if 0 <= start and stop <= length:
+        return x[..., start:stop, :]
     lo, hi = min(max(start, 0), length), min(max(stop, 0), length)
     out = x.new_full((*x.shape[:-2], stop - start, x.shape[-1]), fill)
     if hi > lo:
@@ -111,197 +107,195 @@ def _rows(x: torch.Tensor, start: int, stop: int, fill: float = 0.0) -> torch.Te
     return out
 
 
-def _chunk_states(phi_k: torch.Tensor, value: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``phi(K_c)^T [V_c, 1]`` of consecutive chunks: ``[B, Hkv, n, F, Dv + 1]``."""
-    batch, kv_heads, length, features = phi_k.shape
-    phi_k = phi_k.reshape(batch, kv_heads, length // chunk, chunk, features)
-    value = value.reshape(batch, kv_heads, length // chunk, chunk, value.shape[-1])
-    return torch.matmul(phi_k.transpose(-1, -2), value)
-
-
-def _merge(soft, log_soft, parts) -> torch.Tensor:
-    """``(e^{a-m} soft + sum e^{b-m} num_b) / (e^{a-m} + sum e^{b-m} den_b)``, m the max exponent.
-
-    ``soft`` is normalised softmax output with log-sum-exp ``a``; ``parts`` are ``(lin, b)`` with
-    ``lin = [num, den]`` on the last axis and log-scale ``b`` (None = 0).
-    """
-    zero = torch.zeros((), dtype=soft.dtype, device=soft.device)
-    logs = [zero if log is None else log for _, log in parts]
-    row_max = log_soft
-    for log in logs:
-        row_max = torch.maximum(row_max, log)
-    den = torch.exp(log_soft - row_max)
-    num = soft.mul_(den)
-    dv = soft.shape[-1]
-    for (lin, _), log in zip(parts, logs):
-        weight = torch.exp(log - row_max)
-        num.add_(lin[..., :dv] * weight)
-        den = den + lin[..., dv:] * weight
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
-
-
 class _Hybrid:
-    """One hybrid-attention call: query blocks in steps, linear sums carried between steps."""
+    """One hybrid-attention call over query blocks of ``chunk`` rows, a step of blocks at a time.
 
-    def __init__(self, q, k, v, feature_map, log_weight, *, window, causal, scale, chunk):
-        self.q, self.k, self.v, self.feature_map = q, k, v, feature_map
-        self.window, self.causal, self.scale = window, causal, scale
-        batch, q_heads, q_len, _ = q.shape
-        self.kv_heads, self.kv_len = k.shape[1], k.shape[2]
-        self.layout = _hybrid_layout(q_len, self.kv_len, window, causal, chunk)
-        self.compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        self.log_weight = log_weight
-        # Per query row and head: phi(q), q, two [num, den] rows and the edge kernels; plus one
-        # mask row of the band per row (shared by the heads).
-        per_head = (
-            feature_map.feature_dim + q.shape[-1] + 2 * (v.shape[-1] + 1) + 2 * self.layout.edge
+    Keys are read on three grids, each a view of the key rows away from the sequence ends:
+    the softmax band of block ``b`` (``chunk + 2 window`` keys, causal ``chunk + window``, from
+    ``p_{b C} - window``), and two chunk grids for the linear part, ``L`` starting at
+    ``p_0 - window`` and ``R`` (non-causal) at ``p_0 + window + 1``. Row ``r`` of block ``b``
+    takes, linearly, every ``L`` chunk before ``b`` and rows ``< r`` of ``L`` chunk ``b`` (the keys
+    ``j < p - window``), and every ``R`` chunk after ``b`` and rows ``>= r`` of ``R`` chunk ``b``
+    (the keys ``j > p + window``): whole chunks as carried prefix / suffix sums of chunk states
+    ``phi(K_c)^T [V_c, 1]``, the two partial chunks as one masked ``phi(Q) [phi(K_L); phi(K_R)]^T``
+    of width ``2 chunk``. Every sum adds exactly the wanted keys.
+    """
+
+    def __init__(self, geo: _Geometry, q, k, v, phi_q, log_lin, phi_k, key_bias, **options):
+        self.geo, self.q, self.k, self.v = geo, q, k, v
+        self.window, self.causal, self.scale = (
+            options["window"],
+            options["causal"],
+            options["scale"],
         )
-        row_bytes = 4 * (batch * q_heads * per_head + self.layout.band)
-        self.blocks_per_step = max(1, min(_HYBRID_STEP_BYTES // row_bytes, 8192) // chunk)
-        group = q_heads // self.kv_heads
-        inside, linear = _band_masks(self.layout, window, causal, group, q.device)
-        self.window_bias = torch.zeros(inside.shape, dtype=self.compute, device=q.device)
-        self.window_bias.masked_fill_(~inside, float("-inf"))
-        self.edges = _edges(linear, self.layout, causal)
-        no_mask = torch.zeros(1, 1, self.kv_len, 1, dtype=self.compute, device=q.device)
-        self.key_bias = no_mask if log_weight is None else log_weight.transpose(-1, -2)
+        self.masked = key_bias is not None
+        if key_bias is None:
+            key_bias = torch.zeros(1, 1, geo.kv_len, 1, dtype=q.dtype, device=q.device)
+        self.key_bias = key_bias
+        self.phi_q = geo.to_blocks(phi_q)
+        self.log_lin = log_lin
+        self.phi_k = phi_k
+        self.values = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # [V, 1]
+        chunk, window = geo.chunk, self.window
+        self.band = chunk + window * (1 if self.causal else 2)
+        self.left = geo.offset - window  # first key of L chunk 0 and of block 0's band
+        self.right = geo.offset + window + 1  # first key of R chunk 0
+        rows = torch.arange(chunk, device=q.device).unsqueeze(1)
+        diff = torch.arange(self.band, device=q.device) - rows
+        inside = (diff >= 0) & (diff <= (window if self.causal else 2 * window))
+        pattern = torch.zeros(inside.shape, dtype=q.dtype, device=q.device)
+        self.pattern = pattern.masked_fill_(~inside, float("-inf")).repeat(geo.group, 1)
+        keys = torch.arange(chunk, device=q.device)
+        drop = keys >= rows  # L chunk: keep rows < r
+        if not self.causal:
+            drop = torch.cat([drop, keys < rows], dim=1)  # R chunk: keep rows >= r
+        # 0/1 weights, not a bool mask: a broadcast multiply is several times faster than
+        # masked_fill (the kernel values are finite).
+        self.keep = (~drop).repeat(geo.group, 1).to(q.dtype)
 
-    def keys(self) -> _Keys:
-        q_len = self.q.shape[2]
-        max_len = max(q_len, self.kv_len)
-        return _Keys(self.k, self.v, self.feature_map, self.log_weight, max_len, True)
+    def _inside(self, start: int, width: int) -> range:
+        """Blocks ``b`` whose rows ``[start + b C, start + b C + width)`` are all keys."""
+        chunk, kv_len = self.geo.chunk, self.geo.kv_len
+        first = -(-max(0, -start) // chunk)
+        last = (kv_len - width - start) // chunk
+        return range(first, max(first, min(self.geo.blocks, last + 1)))
 
-    def zero_state(self) -> torch.Tensor:
-        shape = (self.q.shape[0], self.kv_heads, self.feature_map.feature_dim, self.v.shape[-1] + 1)
-        return torch.zeros(shape, dtype=self.compute, device=self.q.device)
+    def steps(self) -> list[tuple[int, int]]:
+        """``(first, stop)`` block ranges: split where a grid enters or leaves the keys, then by
+        the step budget."""
+        geo = self.geo
+        ranges = [self._inside(self.left, self.band), self._inside(self.left, geo.chunk)]
+        if not self.causal:
+            ranges.append(self._inside(self.right, geo.chunk))
+        cuts = sorted({0, geo.blocks, *(c for r in ranges for c in (r.start, r.stop))})
+        cuts = [c for c in cuts if 0 <= c <= geo.blocks]
+        features, width = self.phi_k.shape[-1], self.values.shape[-1]
+        rows = geo.group * geo.chunk
+        bias = self.band if self.masked else 0  # a materialised window bias
+        per_row = 2 * geo.chunk + 3 * width + bias
+        per_block = 4 * geo.batch * geo.kv_heads * (3 * features * width + rows * per_row)
+        size = geo.blocks_per_step(per_block)
+        steps = []
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            steps += [(first, min(hi, first + size)) for first in range(lo, hi, size)]
+        return steps
 
-    def steps(self, reverse: bool = False):
-        """``(first block, number of blocks)`` of every step."""
-        firsts = range(0, self.layout.num_blocks, self.blocks_per_step)
-        for first in reversed(firsts) if reverse else firsts:
-            yield first, min(self.blocks_per_step, self.layout.num_blocks - first)
+    def _grid(self, x: torch.Tensor, start: int, first: int, stop: int) -> torch.Tensor:
+        """Chunks ``first..stop-1`` of the grid starting at key ``start``: ``[n, B, Hkv, C, X]``."""
+        chunk = self.geo.chunk
+        rows = _rows(x, start + first * chunk, start + stop * chunk)
+        return rows.unflatten(2, (stop - first, chunk)).permute(2, 0, 1, 3, 4)
 
-    def absorb(self, keys: _Keys, total: torch.Tensor, start: int, stop: int) -> None:
-        """Add ``phi(K)^T [V, 1]`` of padded keys ``[start, stop)`` to ``total``."""
-        step = _block_rows(total.shape[0] * total.shape[1], self.feature_map.feature_dim)
-        pad = self.layout.left_pad
-        for lo in range(start, stop, step):
-            phi_k, value = keys.rows(lo - pad, min(stop, lo + step) - pad, [total])
-            total.add_(torch.matmul(phi_k.transpose(-1, -2), value))
+    def _chunks(self, x: torch.Tensor, first: int, stop: int) -> torch.Tensor:
+        """``[L chunk; R chunk]`` (causal: the L chunk) of blocks ``[first, stop)``, block-major:
+        ``[n, B, Hkv, C or 2 C, X]``, one contiguous copy."""
+        geo, chunk = self.geo, self.geo.chunk
+        width = chunk if self.causal else 2 * chunk
+        out = x.new_empty(stop - first, geo.batch, geo.kv_heads, width, x.shape[-1])
+        out[:, :, :, :chunk] = self._grid(x, self.left, first, stop)
+        if not self.causal:
+            out[:, :, :, chunk:] = self._grid(x, self.right, first, stop)
+        return out
 
-    def query_blocks(self, first: int, count: int):
-        """``phi(Q)``, its log-scale (or None) and q of ``count`` blocks: ``[B, Hkv, n, R, X]``."""
-        chunk, q_len = self.layout.chunk, self.q.shape[2]
-        start, stop = first * chunk, min(q_len, (first + count) * chunk)
-        phi, log_q = _query_rows(self.q, self.feature_map, start, stop, self.kv_heads, self.kv_len)
-        q = self.q[:, :, start:stop].to(self.compute).reshape(*phi.shape[:4], -1)
-        return [None if x is None else self.to_blocks(x, count) for x in (phi, log_q, q)]
+    def _sum(self, start: int, stop: int) -> torch.Tensor:
+        """``phi(K)^T [V, 1]`` over keys ``[start, stop)`` clipped to the keys."""
+        lo, hi = max(start, 0), min(max(stop, 0), self.geo.kv_len)
+        hi = max(lo, hi)
+        return torch.matmul(self.phi_k[:, :, lo:hi].transpose(-1, -2), self.values[:, :, lo:hi])
 
-    def to_blocks(self, x: torch.Tensor, count: int) -> torch.Tensor:
-        """``[B, Hkv, G, rows, X]`` -> ``[B, Hkv, count, G C, X]`` (zero padded rows)."""
-        batch, kv_heads, group, length, width = x.shape
-        chunk = self.layout.chunk
-        if length != count * chunk:
-            x = F.pad(x, (0, 0, 0, count * chunk - length))
-        x = x.reshape(batch, kv_heads, group, count, chunk, width).transpose(2, 3)
-        return x.reshape(batch, kv_heads, count, group * chunk, width)
+    def right_carries(self, steps) -> list[torch.Tensor]:
+        """Per step, the linear sum over the keys after its last R chunk."""
+        chunk = self.geo.chunk
+        carry = self._sum(self.right + self.geo.blocks * chunk, self.geo.kv_len)
+        carries = []
+        for first, stop in reversed(steps):
+            carries.append(carry)
+            if first > 0:
+                carry = carry + self._sum(self.right + first * chunk, self.right + stop * chunk)
+        return carries[::-1]
 
-    def right_parts(self):
-        """Non-causal: per row ``phi(q) [S, z]`` over the keys after its block's band.
+    def linear(self, first: int, stop: int, carry_left, carry_right):
+        """Linear ``[num, den]`` of blocks ``[first, stop)`` and the new left carry."""
+        chunk = self.geo.chunk
+        phi = self.phi_q[first:stop]
+        keys, vals = self._chunks(self.phi_k, first, stop), self._chunks(self.values, first, stop)
+        left = torch.matmul(keys[..., :chunk, :].transpose(-1, -2), vals[..., :chunk, :])
+        outside = torch.empty_like(left)  # exclusive prefix sums, then the suffix sums added
+        outside[0] = carry_left
+        torch.cumsum(left[:-1], 0, out=outside[1:])
+        outside[1:] += carry_left
+        carry_left = outside[-1] + left[-1]
+        del left
+        if not self.causal:
+            right = torch.matmul(keys[..., chunk:, :].transpose(-1, -2), vals[..., chunk:, :])
+            for index in range(right.shape[0] - 2, -1, -1):  # suffix sums, in place
+                right[index] += right[index + 1]
+            outside.add_(carry_right)
+            outside[:-1] += right[1:]
+            del right
+        lin = torch.matmul(phi, outside)
+        del outside
+        kernel = torch.matmul(phi, keys.transpose(-1, -2)).mul_(self.keep)
+        width = vals.shape[-2]
+        lin.view(-1, *lin.shape[-2:]).baddbmm_(
+            kernel.view(-1, kernel.shape[-2], width), vals.view(-1, width, vals.shape[-1])
+        )
+        return lin, carry_left
 
-        Runs backwards, so each block's suffix is a sum of exactly its keys (no cancellation).
-        Returns ``[B, Hkv, n, R, Dv + 1]`` and the log-scale per row (None without one).
-        """
-        layout, chunk = self.layout, self.layout.chunk
-        keys, suffix = self.keys(), self.zero_state()
-        after_last = layout.band_start(layout.num_blocks - 1) + layout.band
-        self.absorb(keys, suffix, after_last, layout.left_pad + self.kv_len)
-        parts = logs = None
-        for first, count in self.steps(reverse=True):
-            start = layout.band_start(first) + layout.band - layout.left_pad
-            phi_k, value = keys.rows(start, start + count * chunk, [suffix])
-            within = _chunk_states(phi_k, value, chunk).flip(2).cumsum(2).flip(2)
-            phi_q, log_q, _ = self.query_blocks(first, count)
-            part = torch.matmul(phi_q, within.add_(suffix.unsqueeze(2)))
-            suffix.copy_(within[:, :, 0])
-            if parts is None:
-                parts = part.new_empty(*part.shape[:2], layout.num_blocks, *part.shape[3:])
-            parts[:, :, first : first + count] = part
-            log = _row_log_scale(log_q, keys.reference)
-            if log is not None:
-                if logs is None:
-                    logs = log.new_empty(*log.shape[:2], layout.num_blocks, *log.shape[3:])
-                logs[:, :, first : first + count] = log
-            del phi_k, value, within, phi_q, part
-        return parts, logs
-
-    def softmax_part(self, q_blocks, start: int, stop: int, count: int):
-        """Windowed softmax of ``count`` blocks over padded keys ``[start, stop)``, and its lse."""
-        layout, chunk, pad = self.layout, self.layout.chunk, self.layout.left_pad
-        keys = _rows(self.k, start - pad, stop - pad).to(self.compute)
-        values = _rows(self.v, start - pad, stop - pad).to(self.compute)
-        key_bias = _rows(self.key_bias, start - pad, stop - pad, float("-inf"))
-        band_bias = _windows(key_bias, 0, layout.band, chunk, count).transpose(-1, -2)
-        bias = self.window_bias + band_bias  # [B | 1, Hkv | 1, count, R, band]
-        has_key = (bias > float("-inf")).any(-1, keepdim=True)
-        soft = q_blocks.new_empty(*q_blocks.shape[:-1], self.v.shape[-1])
-        log_soft = q_blocks.new_empty(*q_blocks.shape[:-1], 1)
-        for index in range(q_blocks.shape[0]):
-            bias_index = min(index, bias.shape[0] - 1)
-            bias_b = bias[bias_index].expand(self.kv_heads, *bias.shape[2:])
-            window_keys = _windows(keys[index], 0, layout.band, chunk, count)
-            window_values = _windows(values[index], 0, layout.band, chunk, count)
-            out, lse = _softmax_lse(q_blocks[index], window_keys, window_values, bias_b, self.scale)
-            soft[index] = out
-            log_soft[index] = torch.where(has_key[bias_index], lse.unsqueeze(-1), float("-inf"))
-        return soft, log_soft
+    def softmax(self, first: int, stop: int, plain: bool):
+        """Window softmax of blocks ``[first, stop)`` and its log-sum-exp (``-inf``: no key)."""
+        geo, chunk, band = self.geo, self.geo.chunk, self.band
+        lo = self.left + first * chunk
+        hi = self.left + (stop - 1) * chunk + band
+        band_keys = _rows(self.k, lo, hi).unfold(2, band, chunk).transpose(-1, -2)
+        band_vals = _rows(self.v, lo, hi).unfold(2, band, chunk).transpose(-1, -2)
+        q_blocks = self.q[first:stop]  # [n, B, Hkv, G C, D]
+        outs, logs = [], []
+        if not plain:
+            key_rows = _rows(self.key_bias, lo, hi, float("-inf"))[..., 0].unfold(-1, band, chunk)
+            bias = self.pattern + key_rows.unsqueeze(-2)  # [B|1, Hkv|1, n, G C, band]
+            has_key = (bias > float("-inf")).any(-1, keepdim=True)
+        for index in range(geo.batch):
+            if plain:
+                bias_b = self.pattern.expand(1, 1, *self.pattern.shape)
+            else:
+                bias_b = bias[min(index, bias.shape[0] - 1)].transpose(0, 1)
+                bias_b = bias_b.expand(-1, geo.kv_heads, -1, -1)
+            out, log = _softmax_lse(
+                q_blocks[:, index],
+                band_keys[index].transpose(0, 1),
+                band_vals[index].transpose(0, 1),
+                bias_b,
+                self.scale,
+            )
+            outs.append(out)
+            logs.append(log.unsqueeze(-1))
+        if geo.batch == 1:
+            soft, lse = outs[0].unsqueeze(1), logs[0].unsqueeze(1)
+        else:
+            soft, lse = torch.stack(outs, dim=1), torch.stack(logs, dim=1)
+        if not plain:
+            lse.masked_fill_(~has_key.permute(2, 0, 1, 3, 4), float("-inf"))
+        return soft, lse
 
     def run(self) -> torch.Tensor:
-        """The hybrid output ``[B, Hq, Sq, Dv]`` (compute dtype)."""
-        layout, chunk = self.layout, self.layout.chunk
-        right, right_log = (None, None) if self.causal else self.right_parts()
-        keys, prefix = self.keys(), self.zero_state()
-        self.absorb(keys, prefix, 0, layout.band_start(0))
+        """The hybrid output ``[B, Hkv, G, Sq, Dv]`` (compute dtype)."""
+        geo = self.geo
+        steps = self.steps()
+        plain = self._inside(self.left, self.band) if not self.masked else range(0, 0)
+        carries = [None] * len(steps) if self.causal else self.right_carries(steps)
+        carry_left = self._sum(0, self.left)
         out = None
-        for first, count in self.steps():
-            start = layout.band_start(first)
-            stop = start + (count - 1) * chunk + layout.band
-            phi_k, value = keys.rows(start - layout.left_pad, stop - layout.left_pad, [prefix])
-            inclusive = _chunk_states(
-                phi_k[:, :, : count * chunk], value[:, :, : count * chunk], chunk
-            )
-            inclusive = inclusive.cumsum_(2)
-            exclusive = torch.cat([torch.zeros_like(inclusive[:, :, :1]), inclusive[:, :, :-1]], 2)
-            phi_q, log_q, q_blocks = self.query_blocks(first, count)
-            lin = torch.matmul(phi_q, exclusive.add_(prefix.unsqueeze(2)))
-            for offset, mask in self.edges:
-                edge_keys = _windows(phi_k, offset, mask.shape[-1], chunk, count)
-                kernel = torch.matmul(phi_q, edge_keys.transpose(-1, -2)).masked_fill_(~mask, 0.0)
-                lin += torch.matmul(kernel, _windows(value, offset, mask.shape[-1], chunk, count))
-            prefix.add_(inclusive[:, :, -1])
-            parts = [(lin, _row_log_scale(log_q, keys.reference))]
-            if right is not None:
-                blocks = slice(first, first + count)
-                parts.append(
-                    (right[:, :, blocks], None if right_log is None else right_log[:, :, blocks])
-                )
-            soft, log_soft = self.softmax_part(q_blocks, start, stop, count)
-            merged = _merge(soft, log_soft, parts)
+        for (first, stop), carry_right in zip(steps, carries):
+            lin, carry_left = self.linear(first, stop, carry_left, carry_right)
+            soft, lse = self.softmax(first, stop, first in plain and stop - 1 in plain)
+            log_lin = None if self.log_lin is None else self.log_lin[first:stop]
+            merged = _merge(soft, lse, lin, log_lin)
             if out is None:
-                out = merged.new_empty(*merged.shape[:2], layout.num_blocks, *merged.shape[3:])
-            out[:, :, first : first + count] = merged
-            # Free this step's temporaries before the next step allocates its own.
-            del phi_k, value, inclusive, exclusive, phi_q, q_blocks, lin, parts, soft, merged
-        batch, kv_heads, q_len, dv = (
-            self.q.shape[0],
-            self.kv_heads,
-            self.q.shape[2],
-            self.v.shape[-1],
-        )
-        group = self.q.shape[1] // kv_heads
-        out = out.view(batch, kv_heads, layout.num_blocks, group, chunk, dv).transpose(2, 3)
-        out = out.reshape(batch, kv_heads, group, layout.num_blocks * chunk, dv)[:, :, :, :q_len]
-        return out.reshape(batch, kv_heads * group, q_len, dv)
+                out = merged.new_empty(geo.blocks, *merged.shape[1:])
+            out[first:stop] = merged
+            del lin, soft, lse, merged
+        return geo.from_blocks(out)
 
 
 def hybrid_attention(
@@ -332,18 +326,17 @@ def hybrid_attention(
     this approximates softmax; for elu/relu/cosformer ``b_i = 0`` and the kernel values are mixed
     with ``e^{s_ij}`` as they are.
 
-    Computation, over query blocks of ``chunk`` rows (all alike once the keys are padded), a step
-    of blocks at a time. Softmax part: each block scores a band of ``chunk + 2 reach`` keys
-    (causal ``chunk + reach``; ``reach`` = window rounded up to whole chunks) with the window as
-    an additive mask, in the CPU flash kernel, which also returns ``a_i`` (one call per step and
-    batch entry, the bands as overlapping views). Linear part: band keys outside a row's window,
-    which only occur within ``edge`` keys of the band's ends, via a masked ``phi(Q) phi(K)^T`` of
-    that width; keys before the band via a prefix sum of chunk states ``phi(K_c)^T [V_c, 1]``
-    carried forward; non-causal keys after the band via suffix sums from a first, backward sweep
-    (kept as per-row ``phi(q_i) [S, z]``). Every sum adds exactly the wanted keys (a total minus
-    the window would cancel badly). FAVOR+ stabilisers of different key blocks are reconciled
-    through the running reference of ``linear_features``. Time O(N (chunk + 2 window) D +
-    N F Dv); memory O(N Dv) plus per-step temporaries (``_HYBRID_STEP_BYTES``).
+    Computation, over query blocks of ``chunk`` rows, a step of blocks at a time (see
+    :class:`_Hybrid`). Softmax part: block ``b`` scores the band of ``chunk + 2 window`` keys
+    (causal ``chunk + window``) starting at ``p_{b chunk} - window`` in the CPU flash kernel, which
+    also returns ``a_i``; the bands are overlapping views of the keys and the window one
+    ``[chunk, band]`` additive mask shared by all blocks (a per-block bias is built only at the
+    sequence ends or under a key mask). Linear part: two chunk grids of the keys aligned to the
+    window's edges, so that each block needs whole-chunk prefix / suffix sums of chunk states
+    ``phi(K_c)^T [V_c, 1]`` plus one masked ``chunk x 2 chunk`` kernel for the two partial chunks.
+    Every sum adds exactly the wanted keys (a total minus the window would cancel badly); all
+    features of a call share one key stabiliser (FAVOR+). Time O(N (chunk + 2 window) D +
+    N F Dv); memory O(N (D + F + Dv)) plus per-step temporaries (``_HYBRID_STEP_BYTES``).
 
     Args:
         q: ``[B, Hq, Sq, D]``.
@@ -360,18 +353,42 @@ def hybrid_attention(
         ``[B, Hq, Sq, Dv]`` in q's dtype; rows that see no key are zeros.
     """
     scale = _hybrid_scale(feature_map, q.shape[-1], scale)
-    q_heads, kv_heads = q.shape[1], k.shape[1]
+    batch, q_heads, q_len, _ = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
     if q_heads % kv_heads != 0:
         raise ValueError(f"query heads {q_heads} are not a multiple of key/value heads {kv_heads}")
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
-    window = min(window, q.shape[2] + k.shape[2])  # wider windows see the same keys
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    window = min(window, q_len + kv_len)  # wider windows see the same keys
+    dtype = q.dtype
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    geo = _Geometry(batch, kv_heads, q_heads // kv_heads, q_len, kv_len, chunk, -(-q_len // chunk))
     log_weight = _key_log_weight(mask, q_heads, kv_heads, compute)
+    key_bias = None if log_weight is None else log_weight.transpose(-1, -2)  # [B|1, Hkv|1, Sk, 1]
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    max_len = max(q_len, kv_len)
+    q_pos = torch.arange(q_len, device=q.device) + geo.offset
+    k_pos = torch.arange(kv_len, device=q.device)
+    fq = feature_map(q, is_query=True, positions=q_pos, max_len=max_len)
+    fk = feature_map(k, is_query=False, positions=k_pos, max_len=max_len, log_weight=key_bias)
+    rows = (batch, kv_heads, geo.group, q_len, -1)
+    log_lin = None
+    if fq.log_scale is not None or fk.log_scale is not None:
+        log_lin = torch.zeros((), dtype=compute, device=q.device)
+        if fq.log_scale is not None:
+            log_lin = log_lin + geo.to_blocks(fq.log_scale.reshape(rows))
+        if fk.log_scale is not None:
+            if fk.log_scale.shape[-2] != 1:
+                raise ValueError("a key log-scale must be constant over keys")
+            log_lin = log_lin + fk.log_scale  # [B, Hkv, 1, 1] against [n, B, Hkv, G C, 1]
     hybrid = _Hybrid(
-        q, k, v, feature_map, log_weight, window=window, causal=causal, scale=scale, chunk=chunk
-    )
-    return hybrid.run().to(q.dtype)
+        geo, geo.to_blocks(q.reshape(rows)), k, v, fq.values.reshape(rows), log_lin, fk.values,
+        key_bias, window=window, causal=causal, scale=scale,
+    )  # fmt: skip
+    out = hybrid.run()
+    return out.reshape(batch, q_heads, q_len, -1).to(dtype)
 
 
 def _hybrid_scale(feature_map: FeatureMap, head_dim: int, scale: float | None) -> float:

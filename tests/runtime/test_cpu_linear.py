@@ -286,3 +286,26 @@ def test_make_feature_map_rejects_unknown_names():
         make_feature_map("softmax", 16)
     assert make_feature_map("cosformer", 16).feature_dim == 32
     assert make_feature_map("favor", 64).feature_dim == 64 * 4
+
+
+@pytest.mark.parametrize("name", ["elu", "favor"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_hybrid_rows_whose_window_keys_are_all_masked(name, causal):
+    """Window 0 on a masked key: the row's softmax part is empty, only the linear part counts."""
+    q, k, v = _qkv(4, 2, 70, 70)
+    mask = _padding_mask(2, 70, "bool")
+    feature_map = _feature_map(name)
+    kwargs = {"window": 0, "causal": causal, "mask": mask}
+    expected = hybrid_attention_naive(q, k, v, feature_map, **kwargs)
+    actual = hybrid_attention(q, k, v, feature_map, chunk=16, **kwargs)
+    assert torch.isfinite(actual).all()
+    assert_close(actual, expected)
+
+
+def test_hybrid_long_rows_cross_the_interior_and_both_ends():
+    """Enough blocks for the unmasked interior path, the padded ends and several steps."""
+    q, k, v = _qkv(2, 2, 333, 333, batch=1)
+    feature_map = _feature_map("elu")
+    for window in (0, 17, 64):
+        expected = hybrid_attention_naive(q, k, v, feature_map, window=window)
+        assert_close(hybrid_attention(q, k, v, feature_map, window=window, chunk=16), expected)
