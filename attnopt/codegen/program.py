@@ -3,7 +3,7 @@
 Entry points: :func:`generate_program` (source text) and :func:`load_program` (a callable).
 
 The program is a closure: parameters are bound once, then every call runs the nodes in order as
-plain torch calls (or ``K.attention`` for attention sites) and deletes each intermediate after its
+plain torch calls (``K.attention`` for attention sites, ``K.linear`` for projections) and deletes each intermediate after its
 last use, so peak memory stays what eager's would be.
 """
 

@@ -398,7 +398,7 @@ register_op(
         "linear",
         NoAttrs,
         lambda inputs, attrs: F.linear(inputs[0], inputs[1], inputs[2]),
-        emit=lambda n, a: f"F.linear({n[0]}, {n[1]}, {n[2]})",
+        emit=lambda n, a: f"K.linear({n[0]}, {n[1]}, {n[2]})",  # attnopt.runtime.dense
         cost=_matmul_cost,
     )
 )

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from attnopt.ir.attention import AttentionAttrs
+from attnopt.runtime.dense import linear as dense_linear
 from attnopt.runtime.reference import attention_reference, causal_mask
 
 
@@ -248,6 +249,11 @@ class KernelNamespace:
         from attnopt.ir import get_op
 
         return get_op(op).impl(inputs, attrs)
+
+    @staticmethod
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The ``linear`` op: oneDNN on the CPU (see :mod:`attnopt.runtime.dense`)."""
+        return dense_linear(x, weight, bias)
 
     def attention(self, inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor:
         """Run one attention node (see :func:`attention_torch`) on this namespace's backend."""
