@@ -4,8 +4,10 @@ Entry point: :func:`linear`, which generated programs call as ``K.linear``.
 
 On x86 CPUs torch's ``F.linear`` runs MKL's sgemm; oneDNN's matmul (shipped in the same torch
 build, the kernel behind Inductor's CPU linear) is 1.1-1.7x faster for fp32 transformer shapes
-on the AMD EPYC (AVX-512) this runtime is measured on, e.g. 45 ms against 61-79 ms for a
-2048 x 768 x 3072 projection (``benchmarks/kernels.py --part linear``). The weight is passed as it
+on the AMD EPYC (AVX-512) this runtime is measured on, e.g. 44-49 ms against 62 ms for a
+2048 x 768 x 3072 projection (``benchmarks/dense_linear.py``); below about a million
+multiply-adds (one token through a 768 x 768 projection) its call overhead loses, and
+``F.linear`` runs those. The weight is passed as it
 is, unpacked, on every call: a prepacked copy would go stale if the model's weights were changed
 after compiling. Both libraries compute the same fp32 product; only the summation order differs.
 """
@@ -18,6 +20,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["linear", "onednn_linear_available"]
+
+#: Products smaller than this many multiply-adds stay with ``F.linear`` (lower call overhead).
+_MIN_MACS = 1 << 20
 
 
 @functools.cache
@@ -56,6 +61,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         and x.dim() >= 2
         and x.shape[-1] == weight.shape[1]
         and (bias is None or (bias.dtype == torch.float32 and bias.shape == weight.shape[:1]))
+        and x.numel() * weight.shape[0] >= _MIN_MACS
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and onednn_linear_available()
     ):
