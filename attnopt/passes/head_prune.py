@@ -8,8 +8,11 @@ and per-head elementwise ops such as rotary embeddings) and whose output reaches
 the q/k/v projection rows and the output projection columns of the other heads are sliced away, and
 shapes are re-inferred. Importance is measured on calibration data: the mean norm of each head's
 attention output times the norm of its output-projection columns (its contribution to the
-layer's output). Sites where slicing cannot be proven to keep the graph consistent are left alone,
-with the reason in the pass notes.
+layer's output). Sites where slicing cannot be shown to keep the graph consistent are left alone,
+with the reason in the pass notes: besides the structural checks and shape re-inference, every
+pruned site is run on the first calibration batch before and after slicing, and the kept heads'
+attention outputs must not change (an opaque op between a projection and the attention that
+mixed heads would change them).
 """
 
 from __future__ import annotations
@@ -120,16 +123,25 @@ class HeadPrune(Pass):
         chosen = sites_for(graph, self, variant=None)
         importance = self._importance(graph, ctx, chosen) if chosen and self.keep < 1.0 else {}
         pruned = 0
+        taps_before = None
         for index in [site.index for site in chosen]:
             site = next(s for s in sites_for(graph, self, variant=None) if s.index == index)
             snapshot = graph.copy()
+            kept: list[torch.Tensor] = []
             try:
-                reason = self._prune(graph, site, importance.get(index))
+                reason = self._prune(graph, site, importance.get(index), kept)
                 if reason is None:
                     graph.infer_types()
                     verify(graph)
             except Exception as err:  # noqa: BLE001 - any inconsistency means: leave the site alone
                 reason = f"shapes do not re-infer after slicing ({type(err).__name__}: {err})"
+            if reason is None:
+                if taps_before is None:
+                    taps_before = self._taps(snapshot, ctx)
+                taps_after = self._taps(graph, ctx)
+                reason = _kept_heads_unchanged(taps_before, taps_after, index, kept[0])
+                if reason is None:
+                    taps_before = taps_after
             if reason is not None:
                 _restore(graph, snapshot)
                 notes.append(f"site {index}: not pruned: {reason}")
@@ -156,7 +168,16 @@ class HeadPrune(Pass):
                 norms[site.index] = norms.get(site.index, 0) + per_head
         return norms
 
-    def _prune(self, graph: Graph, site: Site, head_norms: Any) -> str | None:
+    @staticmethod
+    def _taps(graph: Graph, ctx: PassContext) -> dict[int, torch.Tensor]:
+        """Attention outputs per site on the first calibration batch."""
+        args, kwargs = ctx.calibration_batches()[0]
+        return ctx.executor(graph, args, kwargs)[1]  # type: ignore[misc]
+
+    def _prune(
+        self, graph: Graph, site: Site, head_norms: Any, kept_heads: list[torch.Tensor]
+    ) -> str | None:
+        """Slice one site's projections; ``kept_heads`` receives the kept query heads."""
         users = graph.users()
         heads, kv_heads = site.num_heads, int(site.k.shape[1])
         head_dim, value_dim = int(site.q.shape[3]), int(site.v.shape[3])
@@ -195,6 +216,7 @@ class HeadPrune(Pass):
             self._slice_rows(graph, proj, kept, dim)
         self._slice_columns(graph, out_proj, kept_q, value_dim)
         site.node.meta.setdefault("site", {})["heads_kept"] = int(kept_q.numel())
+        kept_heads.append(kept_q)
         return None
 
     @staticmethod
@@ -221,6 +243,24 @@ class HeadPrune(Pass):
         proj.inputs[1] = graph.add_tensor(
             f"{name}.pruned", tensor.index_select(1, columns).contiguous()
         )
+
+
+def _kept_heads_unchanged(before: dict, after: dict, index: int, kept: torch.Tensor) -> str | None:
+    """None when site ``index``'s kept heads compute what they computed before slicing."""
+    old, new = before.get(index), after.get(index)
+    if old is None or new is None:
+        return "the site did not run on the calibration batch"
+    old = old.index_select(1, kept.to(old.device))
+    if old.shape != new.shape:
+        return f"the pruned site's output has shape {tuple(new.shape)}, not {tuple(old.shape)}"
+    scale = old.abs().max().clamp_min(1e-30)
+    if not torch.allclose(new, old, rtol=1e-4, atol=1e-5 * float(scale)):
+        worst = (new - old).abs().max().item()
+        return (
+            "the kept heads' attention outputs changed after slicing (max diff "
+            f"{worst:.2e}): an op between a projection and the attention mixes heads"
+        )
+    return None
 
 
 def _restore(graph: Graph, snapshot: Graph) -> None:

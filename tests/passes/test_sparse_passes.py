@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import attnopt
@@ -259,3 +260,40 @@ def test_per_head_configuration(pipeline):
 def test_per_head_option_is_checked():
     with pytest.raises(attnopt.PipelineError, match="heads"):
         attnopt.PassManager.parse("sliding-window{window=4,heads=[1,1]}")
+
+
+class _HeadMixingAttention(torch.nn.Module):
+    """Self-attention whose queries pass through ``roll`` over the head axis (an opaque op that
+    mixes heads, so slicing heads away would change the kept heads' inputs)."""
+
+    def __init__(self, mix: bool, heads: int = 4, dim: int = 32):
+        super().__init__()
+        self.mix, self.heads = mix, heads
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        batch, seq, dim = x.shape
+
+        def split(t):
+            return t.view(batch, seq, -1, dim // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        if self.mix:
+            q = torch.roll(q, 1, dims=1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+@pytest.mark.parametrize("mix", [False, True])
+def test_head_prune_refuses_ops_that_mix_heads(mix):
+    torch.manual_seed(0)
+    model = _HeadMixingAttention(mix).eval()
+    x = torch.randn(2, 10, 32)
+    cm = attnopt.compile(model, (x,), passes=FUSE + "head-prune{keep=0.5}")
+    notes = " ".join(n for record in cm.history for n in record["notes"])
+    if mix:
+        assert [s.num_heads for s in cm.sites] == [4]
+        assert "mixes heads" in notes
+        assert_close(cm(x), model(x))
+    else:
+        assert [s.num_heads for s in cm.sites] == [2], notes
