@@ -18,6 +18,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 __all__ = ["linear", "onednn_linear_available"]
 
@@ -41,8 +42,27 @@ def onednn_linear_available() -> bool:
     return out.shape == (2, 4) and bool(torch.all(out == 3))
 
 
+def _plain_inference(*tensors: torch.Tensor | None) -> bool:
+    """No autograd (reverse or forward), autocast, functorch transform or tracing can see the call:
+    oneDNN's op has no derivative formula and no autocast rule."""
+    if torch.compiler.is_compiling() or forward_ad._current_level >= 0:  # noqa: SLF001
+        return False
+    if torch.is_autocast_enabled("cpu") or not torch.backends.mkldnn.enabled:
+        return False
+    grad = torch.is_grad_enabled()
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        if grad and tensor.requires_grad:
+            return False
+        if torch._C._functorch.is_functorch_wrapped_tensor(tensor):  # noqa: SLF001
+            return False
+    return True
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias``: oneDNN for fp32 CPU tensors outside autograd, else ``F.linear``.
+    """``x @ weight.T + bias``: oneDNN for large fp32 CPU products in plain inference, else
+    ``F.linear`` (same results up to summation order).
 
     Args:
         x: ``[..., K]``.
@@ -62,10 +82,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         and x.shape[-1] == weight.shape[1]
         and (bias is None or (bias.dtype == torch.float32 and bias.shape == weight.shape[:1]))
         and x.numel() * weight.shape[0] >= _MIN_MACS
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and _plain_inference(x, weight, bias)
         and onednn_linear_available()
     ):
         return torch.ops.mkldnn._linear_pointwise(
-            x.contiguous(), weight.contiguous(), bias, "none", [], ""
+            x.contiguous(),
+            weight.contiguous(),
+            None if bias is None else bias.contiguous(),
+            "none",
+            [],
+            "",
         )
     return F.linear(x, weight, bias)

@@ -57,3 +57,28 @@ def test_linear_keeps_autograd_through_f_linear():
     out = linear(x, weight, None)
     out.sum().backward()
     torch.testing.assert_close(x.grad, weight.sum(0).expand(512, 256))
+
+
+def test_linear_with_strided_and_expanded_bias():
+    x, weight = torch.randn(256, 512), torch.randn(384, 512)
+    full = torch.randn(768)
+    for bias in (full[::2], torch.tensor([0.5]).expand(384)):
+        torch.testing.assert_close(
+            linear(x, weight, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-4
+        )
+
+
+def test_linear_keeps_bias_gradients_and_forward_ad():
+    x, weight = torch.randn(256, 512), torch.randn(384, 512)
+    bias = torch.randn(384, requires_grad=True)
+    linear(x, weight, bias).sum().backward()
+    torch.testing.assert_close(bias.grad, torch.full((384,), 256.0))
+    tangent = torch.randn(256, 512)
+    _, jvp = torch.func.jvp(lambda t: linear(t, weight, None), (x,), (tangent,))
+    torch.testing.assert_close(jvp, F.linear(tangent, weight), rtol=1e-5, atol=1e-4)
+
+
+def test_linear_follows_autocast():
+    x, weight = torch.randn(256, 512), torch.randn(384, 512)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(x, weight, None).dtype == F.linear(x, weight).dtype == torch.bfloat16
