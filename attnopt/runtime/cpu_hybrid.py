@@ -36,21 +36,32 @@ def _softmax_lse(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tenso
 _HYBRID_STEP_BYTES = 64 << 20
 
 
-def _merge(soft, log_soft, lin, log_lin) -> torch.Tensor:
-    """``(e^{a-m} soft + e^{b-m} num) / (e^{a-m} + e^{b-m} den)`` with ``m = max(a, b)``.
+def _mix(soft, log_soft, lin_avg, log_lin_mass) -> torch.Tensor:
+    """``(e^{a-m} soft + e^{c-m} lin_avg) / (e^{a-m} + e^{c-m})`` with ``m = max(a, c)``.
 
-    ``soft`` is normalised softmax output with log-sum-exp ``a`` (``-inf``: no window key);
-    ``lin = [num, den]`` on the last axis with log-scale ``b`` (None = 0).
+    Two normalised parts with their log masses (``-inf``: empty part); both weights are <= 1 and
+    the larger is 1, so nothing over- or underflows; rows where both parts are empty are zeros.
     """
-    dv = soft.shape[-1]
-    log_lin = torch.zeros((), dtype=soft.dtype, device=soft.device) if log_lin is None else log_lin
-    row_max = torch.maximum(log_soft, log_lin)
+    row_max = torch.maximum(log_soft, log_lin_mass)
     row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
     weight_soft = torch.exp(log_soft - row_max)
-    weight_lin = torch.exp(log_lin - row_max)
-    num = soft.mul_(weight_soft).add_(lin[..., :dv] * weight_lin)
-    den = lin[..., dv:].mul(weight_lin).add_(weight_soft)
+    weight_lin = torch.exp(log_lin_mass - row_max)
+    num = soft.mul_(weight_soft).add_(lin_avg * weight_lin)
+    den = weight_soft.add_(weight_lin)
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+
+
+def _merge(soft, log_soft, lin, log_lin) -> torch.Tensor:
+    """Mix the softmax part (output ``soft``, log-sum-exp ``a``, ``-inf``: no window key) with the
+    linear part ``lin = [num, den]`` (last axis) of log-scale ``b`` (None = 0): its average
+    ``num / den`` has log mass ``c = b + log den`` (see :func:`_mix`)."""
+    dv = soft.shape[-1]
+    den = lin[..., dv:]
+    lin_avg = torch.where(den > 0, lin[..., :dv] / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+    log_mass = torch.log(den)
+    if log_lin is not None:
+        log_mass = log_mass + log_lin
+    return _mix(soft, log_soft, lin_avg, log_mass)
 
 
 class _Geometry(NamedTuple):
@@ -362,6 +373,8 @@ def hybrid_attention(
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     window = min(window, q_len + kv_len)  # wider windows see the same keys
+    if q_len == 0 or kv_len == 0:  # no rows, or rows without keys: zeros
+        return q.new_zeros(batch, q_heads, q_len, v.shape[-1])
     dtype = q.dtype
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     geo = _Geometry(batch, kv_heads, q_heads // kv_heads, q_len, kv_len, chunk, -(-q_len // chunk))
@@ -427,6 +440,8 @@ def hybrid_attention_naive(
         ``[B, Hq, Sq, Dv]`` in q's dtype.
     """
     scale = _hybrid_scale(feature_map, q.shape[-1], scale)
+    if q.shape[2] == 0 or k.shape[2] == 0:  # no rows, or rows without keys: zeros
+        return q.new_zeros(*q.shape[:3], v.shape[-1])
     prep = _prepare(q, k, v, feature_map, mask)
     batch, kv_heads, group, q_len, _ = prep.phi_q.shape
     kv_len = k.shape[2]
@@ -443,12 +458,14 @@ def hybrid_attention_naive(
     )
     visible = causal_mask(q_len, kv_len, q.device) if causal else torch.ones_like(inside)
     scores = scores.masked_fill(~inside, float("-inf"))
-    log_lin = prep.log_q if prep.log_q is not None else torch.zeros((), dtype=scores.dtype)
-    row_max = torch.maximum(scores.amax(-1, keepdim=True), log_lin)
+    values = prep.value.unsqueeze(2)
+    log_soft = torch.logsumexp(scores, dim=-1, keepdim=True)  # -inf: no key in the window
+    weights = torch.exp(scores - torch.where(torch.isfinite(log_soft), log_soft, 0.0))
+    soft = torch.matmul(weights, values)
     kernel = torch.matmul(prep.phi_q, prep.phi_k.unsqueeze(2).transpose(-1, -2))
-    kernel = kernel * torch.exp(log_lin - row_max) * (visible & ~inside)
-    weights = torch.exp(scores - row_max) + kernel
-    num = torch.matmul(weights, prep.value.unsqueeze(2))
-    den = weights.sum(-1, keepdim=True)
-    out = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+    kernel = kernel * (visible & ~inside)
+    lin_den = kernel.sum(-1, keepdim=True)
+    lin_avg = torch.matmul(kernel, values) / lin_den.clamp_min(torch.finfo(lin_den.dtype).tiny)
+    log_mass = torch.log(lin_den) + (0.0 if prep.log_q is None else prep.log_q)
+    out = _mix(soft, log_soft, lin_avg, log_mass)
     return out.reshape(batch, kv_heads * group, q_len, -1).to(q.dtype)

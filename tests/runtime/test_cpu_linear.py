@@ -309,3 +309,25 @@ def test_hybrid_long_rows_cross_the_interior_and_both_ends():
     for window in (0, 17, 64):
         expected = hybrid_attention_naive(q, k, v, feature_map, window=window)
         assert_close(hybrid_attention(q, k, v, feature_map, window=window, chunk=16), expected)
+
+
+@pytest.mark.parametrize("name", ["elu", "favor"])
+def test_hybrid_survives_very_negative_window_scores(name):
+    """Window log-sum-exp far below the linear part's scale (a constant -120 mask on every key):
+    the mix is normalised per part, so the window part does not underflow to nothing."""
+    q, k, v = _qkv(2, 2, 20, 20, batch=1)
+    mask = torch.full((1, 1, 1, 20), -120.0)
+    expected = attention_reference(q, k, v, mask=mask)
+    out = hybrid_attention(q, k, v, _feature_map(name), window=100, mask=mask)
+    assert_close(out, expected)
+    naive = hybrid_attention_naive(q, k, v, _feature_map(name), window=100, mask=mask)
+    assert_close(naive, expected)
+
+
+@pytest.mark.parametrize("lengths", [(0, 9), (9, 0), (0, 0)])
+def test_hybrid_empty_lengths(lengths):
+    q, k, v = _qkv(2, 2, *lengths)
+    for fn in (hybrid_attention, hybrid_attention_naive):
+        out = fn(q, k, v, _feature_map("elu"), window=3)
+        assert out.shape == (2, 2, lengths[0], 16)
+        assert not out.any()
