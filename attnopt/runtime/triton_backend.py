@@ -107,6 +107,8 @@ def run_attention_triton(
     """
     from attnopt.runtime.triton_launch import triton_attention, triton_can_run
 
+    if attrs.variant == "linear":
+        return _run_linear(inputs, attrs, interpret=interpret)
     if attrs.variant not in TRITON_VARIANTS:
         return None, f"no Triton kernel for the {attrs.variant} variant"
     if attrs.heads and attrs.variant != "dense":
@@ -159,6 +161,48 @@ def _meta_tensor(type_: Any) -> torch.Tensor | None:
     return torch.empty(type_.shape, dtype=type_.dtype, device="meta")
 
 
+def _run_linear(
+    inputs: list[Any], attrs: AttentionAttrs, *, interpret: bool
+) -> tuple[torch.Tensor | None, str | None]:
+    """A ``linear`` node through the Triton linear-attention kernels: elu / relu in-kernel,
+    FAVOR+ / cosFormer features computed in torch and passed with the identity map (``eps`` in
+    the kernel's true units, as :func:`attnopt.runtime.cpu_linear.linear_attention` adds it)."""
+    from attnopt.codegen.triton_linear import triton_linear_attention
+    from attnopt.runtime.variants import feature_map_for
+
+    padded = list(inputs) + [None] * (5 - len(inputs))
+    q, k, v, mask, bias = padded[:5]
+    if bias is not None:
+        return None, "an additive bias runs on the torch path"
+    if q.dtype != k.dtype or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None, f"dtype {q.dtype} runs on the torch path"
+    name = attrs.feature_map
+    try:
+        if name in ("elu", "relu"):
+            out = triton_linear_attention(
+                q, k, v, name, causal=attrs.causal, mask=mask, interpret=interpret
+            )
+        else:
+            fmap = feature_map_for(attrs, q.shape[-1])
+            q_len, kv_len = q.shape[2], k.shape[2]
+            max_len = max(q_len, kv_len)
+            q_pos = torch.arange(q_len, device=q.device) + (kv_len - q_len)
+            k_pos = torch.arange(kv_len, device=q.device)
+            fq = fmap(q.float(), is_query=True, positions=q_pos, max_len=max_len)
+            fk = fmap(k.float(), is_query=False, positions=k_pos, max_len=max_len)
+            eps: float | torch.Tensor = 1e-6
+            if fq.log_scale is not None and fk.log_scale is not None:  # FAVOR+ stabilisers
+                log_k = fk.log_scale.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+                eps = 1e-6 * torch.exp(-(fq.log_scale + log_k))[..., 0]
+            out = triton_linear_attention(
+                fq.values, fk.values, v.float(), "identity", causal=attrs.causal, mask=mask,
+                eps=eps, interpret=interpret,
+            ).to(q.dtype)  # fmt: skip
+    except ValueError as err:
+        return None, str(err)
+    return out, None
+
+
 def kernel_sources_for(graph: Graph) -> dict[str, str]:
     """Triton sources of every attention node the template family renders, by kernel name.
 
@@ -176,6 +220,13 @@ def kernel_sources_for(graph: Graph) -> dict[str, str]:
     sources: dict[str, str] = {}
     for node in graph.find("attention"):
         attrs: AttentionAttrs = node.attrs
+        if attrs.variant == "linear":
+            from attnopt.codegen.triton_linear import LinearKernelConfig, render_linear_kernel
+
+            in_kernel = attrs.feature_map if attrs.feature_map in ("elu", "relu") else "identity"
+            config = LinearKernelConfig(feature_map=in_kernel, causal=attrs.causal)
+            sources[f"_linattn_fwd_{config.variant}"] = render_linear_kernel(config)
+            continue
         if attrs.variant not in TRITON_VARIANTS or attrs.variant == "neighborhood":
             continue
         tensors = [None if v is None else _meta_tensor(v.type) for v in node.inputs[:5]]

@@ -99,22 +99,29 @@ def run_neighborhood(inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _feature_map(name: str, head_dim: int, num_features: int, seed: int, scale: float) -> Any:
+    """The feature map of a ``linear`` / ``hybrid`` node (built once per configuration)."""
     return make_feature_map(
         name, head_dim, num_features=num_features or None, seed=seed, scale=scale
     )
 
 
+def feature_map_for(attrs: AttentionAttrs, head_dim: int) -> Any:
+    """The :class:`~attnopt.runtime.linear_features.FeatureMap` a ``linear`` / ``hybrid`` node
+    uses."""
+    return _feature_map(attrs.feature_map, head_dim, attrs.num_features, attrs.seed, attrs.scale)
+
+
 def run_linear(inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor:
     """``linear`` variant: kernelised linear attention with the node's feature map."""
     q, k, v, mask, _, _, _ = _unpack(inputs)
-    fmap = _feature_map(attrs.feature_map, q.shape[-1], attrs.num_features, attrs.seed, attrs.scale)
+    fmap = feature_map_for(attrs, q.shape[-1])
     return linear_attention(q, k, v, fmap, causal=attrs.causal, mask=mask)
 
 
 def run_hybrid(inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor:
     """``hybrid`` variant: exact softmax inside ``local_window``, linear attention outside."""
     q, k, v, mask, _, _, _ = _unpack(inputs)
-    fmap = _feature_map(attrs.feature_map, q.shape[-1], attrs.num_features, attrs.seed, attrs.scale)
+    fmap = feature_map_for(attrs, q.shape[-1])
     return hybrid_attention(
         q,
         k,

@@ -52,16 +52,37 @@ def test_sparse_variants_run_on_generated_kernels():
 def test_unsupported_variant_falls_back_with_one_warning():
     model = zoo_model("minilm", "eager")
     args, kwargs = zoo.get("minilm").example(2, 8)
-    with pytest.warns(RuntimeWarning, match="no Triton kernel for the linear variant"):
+    with pytest.warns(RuntimeWarning, match="no Triton kernel for the hybrid variant"):
         cm = attnopt.compile(
             model,
             args,
             kwargs,
-            passes="canonicalize,fuse-attention,linearize",
+            passes="canonicalize,fuse-attention,linearize{local_window=2}",
             backend="triton-interpret",
         )
         cm(*args, **kwargs)
     assert cm.compile_for(args, kwargs).kernels.calls["torch"] >= len(cm.sites)
+
+
+@pytest.mark.parametrize(
+    "name, feature_map",
+    [("minilm", "elu"), ("gpt2", "relu"), ("minilm", "favor"), ("gpt2", "cosformer")],
+)
+def test_linear_variant_runs_on_generated_kernels(name, feature_map):
+    """Padded encoder (key mask) and causal decoder; elu/relu in-kernel, FAVOR+/cosFormer with
+    torch features and the identity kernel."""
+    model = zoo_model(name, "eager")
+    args, kwargs = zoo.get(name).example(2, 12)
+    pipeline = f"canonicalize,fuse-attention,linearize{{feature_map={feature_map}}}"
+    torch_cm = attnopt.compile(model, args, kwargs, passes=pipeline, backend="torch")
+    triton_cm = attnopt.compile(model, args, kwargs, passes=pipeline, backend="triton-interpret")
+    from attnopt.tolerances import assert_close
+
+    expected = zoo.primary_output(torch_cm(*args, **kwargs))
+    assert_close(zoo.primary_output(triton_cm(*args, **kwargs)), expected)
+    calls = triton_cm.compile_for(args, kwargs).kernels.calls
+    assert calls["triton"] == len(triton_cm.sites) and calls["torch"] == 0
+    assert any(kernel.startswith("_linattn_fwd_") for kernel in triton_cm.kernels)
 
 
 def test_triton_backend_on_cpu_tensors_is_refused_clearly():
