@@ -343,6 +343,108 @@ def _contiguous_of_contiguous(graph: Graph, node: Node, x: Value) -> Value | Non
     return node.inputs[0]
 
 
+def _softmax_output(value: Value) -> bool:
+    """Whether ``value`` is a softmax output, possibly through floating-point casts."""
+    node = value.producer
+    while node is not None and node.op == "cast" and node.attrs.dtype.is_floating_point:
+        node = node.inputs[0].producer  # type: ignore[union-attr]
+    return node is not None and node.op == "softmax"
+
+
+def _weights_reshape_before_pv(graph: Graph, node: Node, w: Value, x: Value) -> Value | None:
+    """``matmul(reshape(P), X)`` -> ``reshape(matmul(P, reshape(X)))`` for attention weights ``P``
+    when the reshape only regroups batch axes (BLOOM, DeBERTa, Falcon-ALiBi: ``[B, H, S, S]``
+    weights flattened to ``[B H, S, S]`` for ``bmm``). Batched matmul is per batch element, so
+    regrouping the batch axes of both operands the same row-major way is the same product."""
+    reshaped = node.inputs[0]
+    if not _softmax_output(w) or reshaped is None or x is None:
+        return None
+    if len(w.shape) < 3 or len(reshaped.shape) < 2 or len(x.shape) != len(reshaped.shape):
+        return None
+    if tuple(reshaped.shape[-2:]) != tuple(w.shape[-2:]):
+        return None  # the query/key axes moved: not a batch regrouping
+    if tuple(x.shape[:-2]) != tuple(reshaped.shape[:-2]) or not _static(w, x, node.output):
+        return None  # broadcasting or symbolic shapes: leave it alone
+    x_grouped = emit_before(
+        graph, node, "reshape", [x], ShapeAttrs(shape=(*w.shape[:-2], *x.shape[-2:]))
+    )
+    product = emit_before(graph, node, "matmul", [w, x_grouped], NoAttrs())
+    return emit_before(
+        graph, node, "reshape", [product], ShapeAttrs(shape=tuple(node.output.shape))
+    )
+
+
+def _sink_batch_reshape(graph: Graph, node: Node, x: Value) -> Value | None:
+    """Move a reshape that only regroups batch axes on its way to a softmax one op closer to
+    ``q @ k^T``: ``reshape(op(a, b))`` -> ``op(reshape(a), reshape(b))`` for matmul, casts, tanh
+    and arithmetic. Repeated, it reaches the matmul, whose operands then carry the attention's
+    batch layout (BLOOM / DeBERTa score ``[B H, S, S]`` then view it as ``[B, H, S, S]``). Exact:
+    every such op works per batch element, and both sides are regrouped the same row-major way."""
+    out_shape = tuple(node.output.shape)
+    if not _static(x, node.output) or len(x.shape) < 3 or len(out_shape) < 2:
+        return None
+    if tuple(x.shape[-2:]) != out_shape[-2:] or tuple(x.shape) == out_shape:
+        return None
+    producer = x.producer
+    ops = ("matmul", "cast", "tanh", "add", "sub", "mul", "div")
+    if producer is None or producer.op not in ops or len(graph.users().get(x, [])) != 1:
+        return None
+    softmax = _feeds_softmax(graph, node.output)
+    if softmax is None or tuple(softmax.inputs[0].shape) != out_shape:  # type: ignore[union-attr]
+        return None  # only the reshape to the softmax's own layout moves
+    batch = tuple(x.shape[:-2])
+
+    def regroup(value: Value | None) -> Value | None:
+        if value is None or not _static(value) or tuple(value.shape[:-2]) != batch:
+            return None
+        shape = (*out_shape[:-2], *value.shape[-2:])
+        return emit_before(graph, node, "reshape", [value], ShapeAttrs(shape=shape))
+
+    operands = [v for v in producer.inputs if v is not None]
+    if producer.op in ("matmul", "add", "sub", "mul", "div") and len(operands) == 2:
+        if any(len(v.shape) != len(x.shape) or tuple(v.shape[:-2]) != batch for v in operands):
+            return None
+    regrouped = [regroup(v) for v in operands]
+    if any(v is None for v in regrouped):
+        return None
+    return emit_before(graph, node, producer.op, regrouped, producer.attrs)
+
+
+def _static(*values: Value) -> bool:
+    return all(all(isinstance(d, int) for d in v.shape) for v in values)
+
+
+def _sub_of_scores(graph: Graph, node: Node, x: Value, y: Value) -> Value | None:
+    """``scores - term`` -> ``scores + (-term)`` when ``scores`` comes from ``q @ k^T`` and the
+    result reaches a softmax (Funnel subtracts its padding penalty): the detector then reads the
+    term as an additive mask. Exact: ``a - b == a + (-b)`` in IEEE arithmetic."""
+    from attnopt.passes.attention_match import _reaches_matmul
+
+    if node.attrs.alpha != 1.0 or not _reaches_matmul(x) or _reaches_matmul(y):
+        return None
+    if _feeds_softmax(graph, node.output) is None:
+        return None
+    negated = emit_before(graph, node, "neg", [y])
+    return emit_before(graph, node, "add", [x, negated], ScalarOperandAttrs())
+
+
+def _feeds_softmax(graph: Graph, value: Value, depth: int = 8) -> Node | None:
+    """The softmax ``value`` reaches through the ops that sit between scores and softmax."""
+    users = graph.users()
+    between = {"add", "sub", "mul", "div", "masked_fill", "where", "cast", "reshape", "aten"}
+    while depth > 0:
+        readers = users.get(value, [])
+        if len(readers) != 1:
+            return None
+        reader = readers[0]
+        if reader.op == "softmax":
+            return reader
+        if reader.op not in between:
+            return None
+        value, depth = reader.output, depth - 1
+    return None
+
+
 VIEW_RULES = [
     Rule("transpose-of-transpose", p.transpose(p.transpose(p.var("x"))), _compose_transposes),
     Rule("permute-of-permute", p.permute(p.permute(p.var("x"))), _compose_permutes),
@@ -404,6 +506,13 @@ RULES = [
     Rule("div-by-constant", p.div(p.var("x"), p.var("c"), scalar=None), _scalar_operand),
     Rule("baddbmm", p.aten("aten.baddbmm.default"), _baddbmm),
     Rule("einsum", p.aten("aten.einsum.default"), _einsum),
+    Rule(
+        "weights-reshape-before-pv",
+        p.matmul(p.reshape(p.var("w")), p.var("x")),
+        _weights_reshape_before_pv,
+    ),
+    Rule("sub-of-scores", p.sub(p.var("x"), p.var("y"), scalar=None), _sub_of_scores),
+    Rule("sink-batch-reshape-to-scores", p.reshape(p.var("x")), _sink_batch_reshape),
 ]
 
 

@@ -489,6 +489,29 @@ def _cases():
             1,
             False,
         ),
+        "bloom-flattened-heads-alibi-baddbmm": (
+            Fn(
+                lambda m, q, k, v, mask: _flattened_heads(q, k, v, mask, m.alibi),
+                alibi=torch.randn(B * H, 1, S, generator=torch.Generator().manual_seed(3)),
+            ),
+            (q, k, v, torch.zeros(B, 1, 1, S).masked_fill(~_padding()[:, None, None], -1e9)),
+            1,
+            False,
+        ),
+        "subtracted-padding-penalty": (
+            Fn(
+                lambda m, q, k, v, keep: (
+                    torch.softmax(
+                        q @ k.transpose(-1, -2) * SCALE - (1.0 - keep.float())[:, None, None] * 1e6,
+                        -1,
+                    )
+                    @ v
+                )
+            ),
+            (q, k, v, _padding()),
+            1,
+            False,
+        ),
         "mask-then-scale": (
             Fn(
                 lambda m, q, k, v, mask: (
@@ -501,6 +524,15 @@ def _cases():
         ),
     }
     return cases
+
+
+def _flattened_heads(q, k, v, mask, alibi):
+    """BLOOM / DeBERTa: scores on ``[B H, S, S]`` (baddbmm with an ALiBi bias), viewed as
+    ``[B, H, S, S]`` for the mask and softmax, flattened back for ``bmm`` with v."""
+    q3, k3, v3 = (t.reshape(B * H, S, D) for t in (q, k, v))
+    scores = torch.baddbmm(alibi, q3, k3.transpose(1, 2), beta=1.0, alpha=SCALE)
+    weights = torch.softmax(scores.view(B, H, S, S) + mask, dim=-1)
+    return torch.bmm(weights.view(B * H, S, S), v3).view(B, H, S, D)
 
 
 def _manual_softmax(x, subtract_max):
@@ -617,6 +649,16 @@ def _refusals():
             Fn(lambda m, q, k, v: torch.softmax(q @ k.transpose(-1, -2), -1).transpose(-1, -2) @ v),
             (q, k, v),
             "not matmul(weights, v)",
+        ),
+        "weights-rows-regrouped-with-heads": (
+            Fn(
+                lambda m, q, k, v: (
+                    torch.softmax(q @ k.transpose(-1, -2) * SCALE, -1).reshape(B, H * S, S)
+                    @ v[:, 0]
+                )
+            ),
+            (q, k, v),
+            "feeds reshape",
         ),
         "weights-on-the-right": (
             Fn(lambda m, q, k, v: v.transpose(-1, -2) @ torch.softmax(q @ k.transpose(-1, -2), -1)),
