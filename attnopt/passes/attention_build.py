@@ -202,6 +202,7 @@ def build_attention(
     softcap: float | None,
     source: Node,
     replaces: Value,
+    empty_rows: tuple[Value, Value] | None = None,
     window_left: int | None = None,
 ) -> Value:
     """Insert an ``attention`` node for rank-2..4 q/k/v in place of ``replaces``.
@@ -219,6 +220,8 @@ def build_attention(
         softcap: tanh soft-capping.
         source: the node the site was found at (softmax or SDPA call), for its module path.
         replaces: the value the attention computes; its readers read the new value.
+        empty_rows: ``(empty, fill)``: rows where ``empty`` (bool, broadcastable to ``replaces``
+            with a last axis of 1) is True take ``fill`` instead of the attention output.
         window_left: with ``causal``, keys further back than this are not visible (an exact
             sliding window found in a constant mask); None or ``>= kv_len - 1``: plain causal.
 
@@ -263,6 +266,8 @@ def build_attention(
         out = emit_before(graph, anchor, "cast", [out], CastAttrs(dtype=replaces.dtype))
     if tuple(out.shape) != tuple(replaces.shape):
         out = emit_before(graph, anchor, "reshape", [out], ShapeAttrs(shape=tuple(replaces.shape)))
+    if empty_rows is not None:
+        out = emit_before(graph, anchor, "where", [empty_rows[0], empty_rows[1], out])
     graph.replace_all_uses(replaces, out)
     return out
 
@@ -337,6 +342,7 @@ def rewrite_match(graph: Graph, m: AttentionMatch) -> Value:
     masks: list[Value] = []
     biases: list[Value] = []
     window: int | None = None  # a constant causal(-window) pattern replaced by attributes
+    fill_keeps: list[Value] = []  # every fill's visibility, canonical layout
     for item, shape in m.additive:
         raw = item
         while isinstance(raw, ScaledTerm):
@@ -358,8 +364,10 @@ def rewrite_match(graph: Graph, m: AttentionMatch) -> Value:
             found = causal_window(keep_const, q_len, kv_len)
             if found is not None:
                 window = _narrower(window, found)
+                fill_keeps.append(graph.add_tensor("fill_keep", keep_const))
                 continue
         keep = _not(graph, anchor, mask) if masked_when else mask
+        fill_keeps.append(_to_canonical(graph, anchor, keep, shape, canon))
         if math.isinf(value):
             masks.append(_to_canonical(graph, anchor, keep, shape, canon))
         else:
@@ -384,4 +392,41 @@ def rewrite_match(graph: Graph, m: AttentionMatch) -> Value:
         window_left=window,
         source=m.softmax,
         replaces=m.pv.output,
+        empty_rows=_uniform_rows(graph, anchor, m, fill_keeps, canon),
     )
+
+
+def _uniform_rows(
+    graph: Graph, anchor: Node, m: AttentionMatch, keeps: list[Value], canon: tuple
+) -> tuple[Value, Value] | None:
+    """Eager semantics of finite fills on a row whose keys are all masked: every score is the fill
+    value, so softmax is uniform and the row is the mean of v. The op's kernels give such rows
+    zeros (or ignore the additive stand-in), so the rows are restored after the op: ``(empty,
+    mean of v)``. Only for fills of one finite value with no additive term after them (then a
+    masked score is exactly the fill); other fill mixes keep the op's semantics."""
+    values = {value for _, _, value, _ in m.fills}  # type: ignore[misc]
+    if not m.fills or len(values) != 1 or not math.isfinite(next(iter(values))):
+        return None
+    out = m.pv.output
+    v = m.pv.inputs[1]
+    if m.add_after_fill or v is None or len(out.shape) != len(canon):
+        return None
+    if tuple(out.shape[:-1]) != tuple(canon[:-1]):
+        return None
+    constants = [constant_tensor(graph, keep) for keep in keeps]
+    if all(c is not None for c in constants):  # e.g. a causal fill alone: decide now
+        visible_now = constants[0].bool()  # type: ignore[union-attr]
+        for c in constants[1:]:
+            visible_now = visible_now & c.bool()  # type: ignore[union-attr]
+        empty_now = ~visible_now.any(-1, keepdim=True)
+        if not bool(empty_now.any()):
+            return None
+        empty = graph.add_tensor("empty_rows", empty_now)
+    else:
+        visible = keeps[0]
+        for keep in keeps[1:]:
+            visible = emit_aten_before(graph, anchor, "aten.logical_and.default", [visible, keep])
+        seen = emit_aten_before(graph, anchor, "aten.any.dim", [visible, -1, True])
+        empty = _not(graph, anchor, seen)
+    mean = emit_aten_before(graph, anchor, "aten.mean.dim", [v, [-2], True])
+    return empty, mean

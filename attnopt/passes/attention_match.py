@@ -46,6 +46,7 @@ class AttentionMatch:
     additive: list[tuple[Value, tuple]] = field(default_factory=list)  # (term, shape it adds at)
     fills: list[tuple[Value, bool, float]] = field(default_factory=list)  # (mask, True=masked, v)
     out_cast: torch.dtype | None = None
+    add_after_fill: bool = False  # an additive term applied after a fill
 
 
 def _readers(graph_users: dict[Value, list[Node]], graph: Graph, value: Value) -> int:
@@ -260,6 +261,7 @@ def _canonical_form(graph: Graph, m: AttentionMatch, steps: list[tuple[str, Any]
             m.softcap = payload
         elif kind == "add":
             m.additive.append(payload)
+            m.add_after_fill = m.add_after_fill or bool(m.fills)
         elif kind == "fill":
             mask, masked_when, value, shape = payload
             if value > MASK_FILL_LIMIT:

@@ -762,3 +762,35 @@ def test_mistral_sliding_window_is_recognised_exactly():
     cm = attnopt.compile(model, (), {"input_ids": ids})
     assert [n.attrs.window_left for n in cm.graph.find("attention")] == [5, 5]
     assert attnopt.validate(model, cm, (), {"input_ids": ids}, sites=False).ok
+
+
+_MIN = torch.finfo(torch.float32).min
+
+
+def _fill_padding(q, k, v, keep):
+    scores = q @ k.transpose(-1, -2) * SCALE
+    return torch.softmax(scores.masked_fill(~keep[:, None, None, :], -1e4), -1) @ v
+
+
+def _fill_causal_and_left_padding(q, k, v, keep):
+    scores = (q @ k.transpose(-1, -2) * SCALE).masked_fill(~TRIL, _MIN)
+    return torch.softmax(scores.masked_fill(~keep[:, None, None, :], _MIN), -1) @ v
+
+
+@pytest.mark.parametrize(
+    "fn, padded",
+    [(_fill_padding, slice(None)), (_fill_causal_and_left_padding, slice(0, 3))],
+    ids=["one-finite-fill-all-keys-masked", "causal-and-left-padding-fills"],
+)
+def test_rows_whose_keys_are_all_filled_average_v_as_eager(fn, padded):
+    """A finite fill replaces every score of a fully masked row: eager's softmax is uniform there
+    (the mean of v), not zeros and not the unmasked softmax."""
+    q, k, v = _qkv()
+    keep = torch.ones(B, S, dtype=torch.bool)
+    keep[1, padded] = False
+    model = Fn(lambda m, q, k, v, keep: fn(q, k, v, keep))
+    cm = attnopt.compile(model, (q, k, v, keep), passes="exact")
+    assert len(cm.sites) == 1
+    expected = model(q, k, v, keep)
+    assert_close(cm(q, k, v, keep), expected)
+    assert_close(expected[1, :, 0], v[1].mean(-2))
