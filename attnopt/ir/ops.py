@@ -360,9 +360,10 @@ def _binary(fn: Callable[..., torch.Tensor], symbol: str) -> tuple[Callable, Cal
         return fn(inputs[0], other)
 
     def emit(names: list[str], attrs: ScalarOperandAttrs) -> str:
-        other = names[1] if attrs.scalar is None else repr(attrs.scalar)
+        other = names[1] if attrs.scalar is None else _float_source(attrs.scalar)
         if attrs.alpha != 1.0:
-            return f"torch.{fn.__name__}({names[0]}, {other}, alpha={attrs.alpha!r})"
+            alpha = _float_source(attrs.alpha)
+            return f"torch.{fn.__name__}({names[0]}, {other}, alpha={alpha})"
         return f"{names[0]} {symbol} {other}"
 
     return impl, emit

@@ -108,6 +108,7 @@ def match_attention(graph: Graph, softmax: Node, users: dict[Value, list[Node]])
     # Forward: weights -> (casts) -> matmul(weights, v).
     weights = softmax.output
     out_cast = None
+    weight_casts: list[torch.dtype] = []
     while True:
         readers = users.get(weights, [])
         if _readers(users, graph, weights) != 1:
@@ -118,6 +119,7 @@ def match_attention(graph: Graph, softmax: Node, users: dict[Value, list[Node]])
         reader = readers[0]
         if reader.op == "cast" and reader.attrs.dtype.is_floating_point:
             weights, out_cast = reader.output, reader.attrs.dtype
+            weight_casts.append(out_cast)
             continue
         break
     if reader.op != "matmul" or reader.inputs[0] is not weights:
@@ -140,11 +142,25 @@ def match_attention(graph: Graph, softmax: Node, users: dict[Value, list[Node]])
         value = _step_back(graph, node, steps)
     if qk.inputs[0].tensor_type.rank != qk.inputs[1].tensor_type.rank:  # type: ignore[union-attr]
         raise NoMatch("q and k^T have different ranks")
+    compute = qk.inputs[0].dtype  # type: ignore[union-attr]
+    casts = [payload for kind, payload in steps if kind == "cast"] + weight_casts
+    for dtype in casts:
+        if dtype is not None and _narrower(dtype, compute):
+            raise NoMatch(
+                f"a cast to {dtype} inside {compute} attention rounds what the fused op would not"
+            )
     if qk.output.shape != steps_final_shape(qk, steps):
         raise NoMatch("reshapes between q @ k^T and softmax change the score layout")
     m = AttentionMatch(softmax=softmax, qk=qk, pv=pv, out_cast=out_cast)
     _canonical_form(graph, m, list(reversed(steps)))
     return m
+
+
+def _narrower(dtype: torch.dtype, than: torch.dtype) -> bool:
+    """Whether floating ``dtype`` keeps fewer significant bits than ``than``."""
+    if not than.is_floating_point:
+        return False
+    return torch.finfo(dtype).eps > torch.finfo(than).eps
 
 
 def steps_final_shape(qk: Node, steps: list[tuple[str, Any]]) -> tuple:
@@ -162,6 +178,7 @@ def _step_back(graph: Graph, node: Node, steps: list[tuple[str, Any]]) -> Value:
     if op == "cast":
         if not node.attrs.dtype.is_floating_point:
             raise NoMatch(f"scores cast to {node.attrs.dtype}")
+        steps.append(("cast", node.attrs.dtype))
         return node.inputs[0]  # type: ignore[return-value]
     if op in ("mul", "div") and node.attrs.scalar is not None:
         c = node.attrs.scalar if op == "mul" else 1.0 / node.attrs.scalar
@@ -179,6 +196,8 @@ def _step_back(graph: Graph, node: Node, steps: list[tuple[str, Any]]) -> Value:
             f"%{node.inputs[1].name}: a scale that varies per element"  # type: ignore[union-attr]
         )
     if op in ("add", "sub") and node.attrs.scalar is not None:
+        if any(kind == "softcap" for kind, _ in steps):
+            raise NoMatch("a constant added inside soft-capping (tanh does not ignore a shift)")
         return node.inputs[0]  # type: ignore[return-value]  # softmax ignores a constant shift
     if op == "add":
         a, b = node.inputs[0], node.inputs[1]

@@ -660,6 +660,37 @@ def _refusals():
             (q, k, v),
             "feeds reshape",
         ),
+        "constant-shift-inside-softcap": (
+            Fn(
+                lambda m, q, k, v: (
+                    torch.softmax(
+                        torch.tanh((q @ k.transpose(-1, -2) * SCALE + 3.0) / 5.0) * 5.0, -1
+                    )
+                    @ v
+                )
+            ),
+            (q, k, v),
+            "inside soft-capping",
+        ),
+        "scores-rounded-to-bfloat16": (
+            Fn(
+                lambda m, q, k, v: (
+                    torch.softmax((q @ k.transpose(-1, -2) * SCALE).to(torch.bfloat16).float(), -1)
+                    @ v
+                )
+            ),
+            (q, k, v),
+            "rounds what the fused op would not",
+        ),
+        "weights-rounded-to-float16": (
+            Fn(
+                lambda m, q, k, v: (
+                    torch.softmax(q @ k.transpose(-1, -2) * SCALE, -1).half().float() @ v
+                )
+            ),
+            (q, k, v),
+            "rounds what the fused op would not",
+        ),
         "weights-on-the-right": (
             Fn(lambda m, q, k, v: v.transpose(-1, -2) @ torch.softmax(q @ k.transpose(-1, -2), -1)),
             (q, k, v),
