@@ -246,18 +246,23 @@ def build_attention(
         raise NoMatch("k and v have different head counts")
     if q4.shape[1] % k4.shape[1]:
         raise NoMatch("query heads are not a multiple of key/value heads")
+    windowed = causal and window_left is not None and window_left < kv_len - 1
+    if windowed and softcap is not None:
+        # The sliding-window variant has no soft-capping: keep the window as a constant mask on
+        # the dense op (Gemma-2's local layers without a padding mask).
+        keep = visible_keys_mask(q_len, kv_len, window_left=window_left, window_right=0)
+        masks = [*masks, graph.add_tensor("window_keep", keep)]
+        windowed = False
     mask = _combine_masks(graph, anchor, [_to_rank4(graph, anchor, x) for x in masks], q.dtype)
     bias = None
     for term in biases:
         term = _to_rank4(graph, anchor, term)
         bias = term if bias is None else emit_before(graph, anchor, "add", [bias, term])
     attrs = AttentionAttrs(scale=float(scale), causal=causal, softcap=softcap)
-    if causal and window_left is not None and window_left < kv_len - 1 and softcap is None:
+    if windowed:
         attrs = dataclasses.replace(
             attrs, variant="sliding_window", window_left=int(window_left), window_right=0
         )
-    elif causal and window_left is not None and window_left < kv_len - 1:
-        raise NoMatch("a sliding-window mask with soft-capping")
     node = graph.make_node("attention", [q4, k4, v4, mask, bias], attrs)
     node.meta.update(meta)
     graph.insert_before(anchor, node)

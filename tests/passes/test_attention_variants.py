@@ -459,6 +459,23 @@ def _cases():
             1,
             False,
         ),
+        "softcap-with-constant-sliding-window": (
+            Fn(
+                lambda m, q, k, v: (
+                    torch.softmax(
+                        (torch.tanh(q @ k.transpose(-1, -2) * SCALE / 5.0) * 5.0).masked_fill(
+                            ~m.window, float("-inf")
+                        ),
+                        -1,
+                    )
+                    @ v
+                ),
+                window=TRIL & ~torch.ones(S, S, dtype=torch.bool).tril(-3),
+            ),
+            (q, k, v),
+            1,
+            True,
+        ),
         "scale-from-tensor-constant": (
             Fn(
                 lambda m, q, k, v: (
