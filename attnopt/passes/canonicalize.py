@@ -410,6 +410,30 @@ def _sink_batch_reshape(graph: Graph, node: Node, x: Value) -> Value | None:
     return emit_before(graph, node, producer.op, regrouped, producer.attrs)
 
 
+def _row_scale_into_q(graph: Graph, node: Node, a: Value, b: Value, t: Value) -> Value | None:
+    """``(a @ b) * t`` -> ``(a * t) @ b`` when ``t`` is constant along the key axis (one factor per
+    head or query row, Swin-v2's learned logit scale) and the product reaches a softmax: the
+    detector then sees a plain ``q @ k^T`` with a scaled q. Same product, rounded differently."""
+    product = node.inputs[0] if node.inputs[1] is t else node.inputs[1]
+    if node.attrs.alpha != 1.0 or t is None or product is None or not _static(a, t, product):
+        return None
+    if not t.dtype.is_floating_point or t.dtype != a.dtype or len(t.shape) == 0:
+        return None
+    if t.shape[-1] != 1 or len(t.shape) > len(a.shape):
+        return None
+    try:
+        if tuple(torch.broadcast_shapes(tuple(t.shape), tuple(product.shape))) != tuple(
+            product.shape
+        ) or tuple(torch.broadcast_shapes(tuple(t.shape), tuple(a.shape))) != tuple(a.shape):
+            return None
+    except RuntimeError:
+        return None
+    if len(graph.users().get(product, [])) != 1 or _feeds_softmax(graph, node.output) is None:
+        return None
+    scaled = emit_before(graph, node, "mul", [a, t], ScalarOperandAttrs())
+    return emit_before(graph, node, "matmul", [scaled, b], NoAttrs())
+
+
 def _static(*values: Value) -> bool:
     return all(all(isinstance(d, int) for d in v.shape) for v in values)
 
@@ -513,6 +537,16 @@ RULES = [
     ),
     Rule("sub-of-scores", p.sub(p.var("x"), p.var("y"), scalar=None), _sub_of_scores),
     Rule("sink-batch-reshape-to-scores", p.reshape(p.var("x")), _sink_batch_reshape),
+    Rule(
+        "row-scale-into-q",
+        p.mul(p.matmul(p.var("a"), p.var("b")), p.var("t"), scalar=None),
+        _row_scale_into_q,
+    ),
+    Rule(
+        "row-scale-into-q-left",
+        p.mul(p.var("t"), p.matmul(p.var("a"), p.var("b")), scalar=None),
+        _row_scale_into_q,
+    ),
 ]
 
 

@@ -476,6 +476,23 @@ def _cases():
             1,
             True,
         ),
+        "per-head-learned-logit-scale-cosine": (
+            Fn(
+                lambda m, q, k, v: (
+                    torch.softmax(
+                        F.normalize(q, dim=-1)
+                        @ F.normalize(k, dim=-1).transpose(-1, -2)
+                        * torch.clamp(m.logit_scale, max=math.log(100.0)).exp(),
+                        -1,
+                    )
+                    @ v
+                ),
+                logit_scale=nn.Parameter(torch.log(10 * torch.ones(H, 1, 1))),
+            ),
+            (q, k, v),
+            1,
+            False,
+        ),
         "scale-from-tensor-constant": (
             Fn(
                 lambda m, q, k, v: (
