@@ -10,7 +10,9 @@ traced module). ``"auto"`` tries export, then the others, and reports every fail
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,8 +64,32 @@ def _has_mutation(ep: Any) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _mask_hints_off() -> Iterator[None]:
+    """Capture ``nn.Transformer*`` without its value-dependent causal-mask detection.
+
+    Given a mask but no ``is_causal``, ``torch.nn.modules.transformer._detect_is_causal_mask``
+    compares the mask's values with a causal mask, which export cannot trace (a data-dependent
+    guard). The result is only a hint that lets SDPA drop the mask; treating every mask as
+    "not known to be causal" applies it as given, the same computation for any mask value (and
+    detection recovers ``causal=True`` from a constant causal mask anyway).
+    """
+    from torch.nn.modules import transformer
+
+    original = transformer._detect_is_causal_mask  # noqa: SLF001
+
+    def hint(mask: Any, is_causal: bool | None = None, size: int | None = None) -> bool:
+        return is_causal is True
+
+    transformer._detect_is_causal_mask = hint  # noqa: SLF001
+    try:
+        yield
+    finally:
+        transformer._detect_is_causal_mask = original  # noqa: SLF001
+
+
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict, strict: bool) -> Any:
-    with torch.no_grad():
+    with torch.no_grad(), _mask_hints_off():
         ep = torch.export.export(model, args, kwargs, strict=strict)
         if _has_mutation(ep):
             # In-place ops (T5's relative buckets use +=) would mutate folded constants: make the
@@ -73,7 +99,8 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, strict: bool) -> 
 
 
 def _fx_then_export(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    traced = torch.fx.symbolic_trace(model)
+    with _mask_hints_off():
+        traced = torch.fx.symbolic_trace(model)
     return _export(traced, args, kwargs, strict=False)
 
 

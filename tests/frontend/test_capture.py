@@ -103,3 +103,32 @@ def test_decoder_with_kv_cache_captures_without_cache():
     args, kwargs = zoo.get("llama").example(1, 6)
     graph = attnopt.capture(model, args, kwargs)
     assert graph.outputs and all(v is not None for v in graph.outputs)
+
+
+class _TransformerWithMask(torch.nn.Module):
+    """``nn.Transformer`` given a causal ``tgt_mask`` but no ``tgt_is_causal``: torch inspects the
+    mask's values to decide a fast-path hint, which export cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.t = torch.nn.Transformer(32, 4, 1, 1, 64, dropout=0.0, batch_first=True)
+
+    def forward(self, src, tgt, tgt_mask):
+        return self.t(src, tgt, tgt_mask=tgt_mask)
+
+
+def test_nn_transformer_with_a_mask_value_hint_captures():
+    model = _TransformerWithMask().eval()
+    src, tgt = torch.randn(2, 8, 32), torch.randn(2, 6, 32)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(6)
+    cm = attnopt.compile(model, (src, tgt, causal))
+    assert len(cm.sites) == 3  # encoder self, decoder self, decoder cross
+    with torch.no_grad():
+        torch.testing.assert_close(cm(src, tgt, causal), model(src, tgt, causal))
+        other = torch.zeros(6, 6).masked_fill(torch.rand(6, 6) > 0.5, float("-inf"))
+        other.fill_diagonal_(0.0)
+        torch.testing.assert_close(cm(src, tgt, other), model(src, tgt, other))
+    from torch.nn.modules import transformer
+
+    assert transformer._detect_is_causal_mask.__name__ == "_detect_is_causal_mask"
