@@ -379,6 +379,8 @@ def hybrid_attention(
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     geo = _Geometry(batch, kv_heads, q_heads // kv_heads, q_len, kv_len, chunk, -(-q_len // chunk))
     log_weight = _key_log_weight(mask, q_heads, kv_heads, compute)
+    if log_weight is not None and not bool(log_weight.any()):
+        log_weight = None  # an inert mask (all kept, or all zeros): the unmasked fast path
     key_bias = None if log_weight is None else log_weight.transpose(-1, -2)  # [B|1, Hkv|1, Sk, 1]
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
     max_len = max(q_len, kv_len)
