@@ -254,6 +254,8 @@ def build_attention(
         masks = [*masks, graph.add_tensor("window_keep", keep)]
         windowed = False
     mask = _combine_masks(graph, anchor, [_to_rank4(graph, anchor, x) for x in masks], q.dtype)
+    if mask is not None and _inert_constant(graph, mask):
+        mask = None  # a constant that masks nothing (ViT/DeiT's all-zero mask): no mask at all
     bias = None
     for term in biases:
         term = _to_rank4(graph, anchor, term)
@@ -275,6 +277,16 @@ def build_attention(
         out = emit_before(graph, anchor, "where", [empty_rows[0], empty_rows[1], out])
     graph.replace_all_uses(replaces, out)
     return out
+
+
+def _inert_constant(graph: Graph, mask: Value) -> bool:
+    """Whether ``mask`` is a compile-time constant that hides no key and shifts no score."""
+    tensor = constant_tensor(graph, mask)
+    if tensor is None:
+        return False
+    if tensor.dtype == torch.bool:
+        return bool(tensor.all())
+    return bool((tensor == 0).all())
 
 
 def _combine_masks(

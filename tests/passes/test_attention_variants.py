@@ -859,3 +859,19 @@ def test_rows_whose_keys_are_all_filled_average_v_as_eager(fn, padded):
     expected = model(q, k, v, keep)
     assert_close(cm(q, k, v, keep), expected)
     assert_close(expected[1, :, 0], v[1].mean(-2))
+
+
+def test_a_constant_mask_that_masks_nothing_is_dropped():
+    """ViT/DeiT in transformers 5 add an all-zero constant mask: the fused op gets no mask, so the
+    lossy passes (which refuse non-padding masks) still apply."""
+    q, k, v = _qkv()
+    model = Fn(
+        lambda m, q, k, v: torch.softmax(q @ k.transpose(-1, -2) * SCALE + m.zeros, -1) @ v,
+        zeros=torch.zeros(B, 1, S, S),
+    )
+    cm = attnopt.compile(model, (q, k, v), passes="exact")
+    (node,) = cm.graph.find("attention")
+    assert node.inputs[3] is None
+    assert_close(cm(q, k, v), model(q, k, v))
+    linear = attnopt.compile(model, (q, k, v), passes="canonicalize,fuse-attention,linearize")
+    assert [s.variant for s in linear.sites] == ["linear"]
