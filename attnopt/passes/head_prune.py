@@ -136,12 +136,20 @@ class HeadPrune(Pass):
             except Exception as err:  # noqa: BLE001 - any inconsistency means: leave the site alone
                 reason = f"shapes do not re-infer after slicing ({type(err).__name__}: {err})"
             if reason is None:
-                if taps_before is None:
-                    taps_before = self._taps(snapshot, ctx)
-                taps_after = self._taps(graph, ctx)
-                reason = _kept_heads_unchanged(taps_before, taps_after, index, kept[0])
+                try:
+                    if taps_before is None:
+                        taps_before = self._taps(snapshot, ctx)
+                    taps_after = self._taps(graph, ctx)
+                except Exception as err:  # noqa: BLE001 - a graph that no longer runs: refuse
+                    reason = f"the sliced graph does not run ({type(err).__name__}: {err})"
+                else:
+                    reason = _kept_heads_unchanged(taps_before, taps_after, index, kept[0])
                 if reason is None:
                     taps_before = taps_after
+                    node = next(
+                        s.node for s in sites_for(graph, self, variant=None) if s.index == index
+                    )
+                    node.meta.setdefault("site", {})["heads_kept"] = int(kept[0].numel())
             if reason is not None:
                 _restore(graph, snapshot)
                 notes.append(f"site {index}: not pruned: {reason}")
@@ -215,7 +223,6 @@ class HeadPrune(Pass):
         ):
             self._slice_rows(graph, proj, kept, dim)
         self._slice_columns(graph, out_proj, kept_q, value_dim)
-        site.node.meta.setdefault("site", {})["heads_kept"] = int(kept_q.numel())
         kept_heads.append(kept_q)
         return None
 

@@ -297,3 +297,38 @@ def test_head_prune_refuses_ops_that_mix_heads(mix):
         assert_close(cm(x), model(x))
     else:
         assert [s.num_heads for s in cm.sites] == [2], notes
+
+
+class _SequenceInferredAttention(torch.nn.Module):
+    """OPT's layout: ``view(batch, -1, heads, head_dim)`` lets -1 stand for the sequence, so slicing
+    the projections would silently halve the tokens instead of the heads."""
+
+    def __init__(self, heads: int = 4, dim: int = 32):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x, mask):
+        batch, seq, dim = x.shape
+
+        def split(t):
+            return t.view(batch, -1, self.heads, dim // self.heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            split(self.q(x)), split(self.k(x)), split(self.v(x)), mask
+        )
+        return self.o(out.transpose(1, 2).reshape(batch, seq, dim))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_head_prune_refuses_a_layout_that_would_slice_tokens(masked):
+    torch.manual_seed(0)
+    model = _SequenceInferredAttention().eval()
+    x = torch.randn(2, 10, 32)
+    mask = torch.zeros(2, 1, 10, 10) if masked else None
+    cm = attnopt.compile(model, (x, mask), passes=FUSE + "head-prune{keep=0.5}")
+    notes = " ".join(n for record in cm.history for n in record["notes"])
+    assert "not pruned" in notes
+    assert [s.num_heads for s in cm.sites] == [4]
+    assert [s.heads_kept for s in cm.sites] == [None]
+    assert_close(cm(x, mask), model(x, mask))
