@@ -144,8 +144,15 @@ def _visible_bool(mask4: torch.Tensor) -> torch.Tensor:
 
 
 def _mask_blocks(mask4: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
-    """Which (query block, key block) pairs hold at least one visible entry: ``[Bm, Hm, *, *]``."""
+    """Which (query block, key block) pairs hold at least one visible entry: ``[Bm, Hm, *, *]``.
+
+    A row whose keys an additive mask hides with finite values (``finfo.min``) is uniform over
+    those keys in eager softmax (every score becomes the same huge negative), so such rows keep
+    every key with a finite mask value."""
     visible = _visible_bool(mask4)
+    if mask4.dtype != torch.bool:
+        empty = ~visible.any(dim=-1, keepdim=True)
+        visible = visible | (empty & torch.isfinite(mask4))
     bm, hm, qm, km = visible.shape
     pad_q = (-qm) % block_q if qm > 1 else 0
     pad_k = (-km) % block_k if km > 1 else 0

@@ -332,3 +332,23 @@ def test_head_prune_refuses_a_layout_that_would_slice_tokens(masked):
     assert [s.num_heads for s in cm.sites] == [4]
     assert [s.heads_kept for s in cm.sites] == [None]
     assert_close(cm(x, mask), model(x, mask))
+
+
+class _AdditiveMaskAttention(torch.nn.Module):
+    def forward(self, q, k, v, mask):
+        return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + mask, dim=-1) @ v
+
+
+def test_block_sparse_full_density_keeps_rows_that_an_additive_mask_hides_entirely():
+    """HF's finfo.min masks: a row whose every key is masked is uniform over all keys in eager;
+    routing must not drop the blocks that mask hides for such rows."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 24, 16) for _ in range(3))
+    keep = torch.ones(24, 24, dtype=torch.bool)
+    keep[:, 16:] = False
+    keep[16:, :] = False
+    mask = torch.zeros(1, 1, 24, 24).masked_fill(~keep, torch.finfo(torch.float32).min)
+    model = _AdditiveMaskAttention()
+    cm = attnopt.compile(model, (q, k, v, mask), passes=FUSE + "block-sparse{block=8,density=1.0}")
+    assert [s.variant for s in cm.sites] == ["block_sparse"]
+    assert_close(cm(q, k, v, mask), model(q, k, v, mask))
