@@ -26,7 +26,14 @@ import torch
 from attnopt.errors import PassError, PipelineError
 from attnopt.ir import Graph
 from attnopt.passes.base import Pass, PassContext, PassResult
-from attnopt.passes.select import Site, check_fraction, check_heads, check_positive, sites_for
+from attnopt.passes.select import (
+    Site,
+    check_fraction,
+    check_heads,
+    check_positive,
+    other_variant_notes,
+    sites_for,
+)
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,7 @@ class BlockSparse(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         """Rewrite the selected dense sites (static patterns are calibrated here)."""
-        notes: list[str] = []
+        notes: list[str] = other_variant_notes(graph, self)
         chosen: list[Site] = []
         for site in sites_for(graph, self, min_kv_len=self.min_len):
             if site.attrs.softcap is not None:

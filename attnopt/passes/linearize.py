@@ -24,7 +24,13 @@ import torch
 from attnopt.errors import PassError, PipelineError
 from attnopt.ir import Graph
 from attnopt.passes.base import Pass, PassContext, PassResult
-from attnopt.passes.select import Site, check_fraction, check_positive, sites_for
+from attnopt.passes.select import (
+    Site,
+    check_fraction,
+    check_positive,
+    other_variant_notes,
+    sites_for,
+)
 
 
 def _key_padding_only(site: Site) -> bool:
@@ -90,7 +96,7 @@ class Linearize(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         """Linearise the eligible sites (all, or the least sensitive when selecting)."""
-        notes: list[str] = []
+        notes: list[str] = other_variant_notes(graph, self)
         eligible = []
         for site in sites_for(graph, self):
             if (

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from attnopt.errors import PipelineError
 from attnopt.ir import Graph
 from attnopt.passes.base import Pass, PassContext, PassResult
-from attnopt.passes.select import Site, check_positive, sites_for
+from attnopt.passes.select import Site, check_positive, other_variant_notes, sites_for
 
 
 def infer_grid(kv_len: int, model: Any = None) -> tuple[tuple[int, ...], int] | None:
@@ -94,7 +94,7 @@ class Neighborhood(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         """Rewrite the selected self-attention sites whose grid is known."""
-        notes, changed = [], 0
+        notes, changed = other_variant_notes(graph, self), 0
         for site in sites_for(graph, self, kind="self"):
             found = self._grid_for(site, ctx)
             if found is None or site.q_len != site.kv_len or site.causal:

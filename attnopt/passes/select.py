@@ -171,6 +171,17 @@ def sites_for(graph: Graph, options: Any, **conditions: Any) -> list[Site]:
     )
 
 
+def other_variant_notes(graph: Graph, options: Any) -> list[str]:
+    """Notes for the sites a pass's ``sites`` / ``layers`` options select but that are no longer
+    dense (already windowed, sparse or linear, e.g. a model's native sliding window): passes that
+    rewrite dense sites leave those alone, and say so."""
+    return [
+        f"site {site.index}: already {site.attrs.variant}: left as it is"
+        for site in sites_for(graph, options, variant=None)
+        if site.attrs.variant != "dense"
+    ]
+
+
 def check_positive(owner: str, name: str, value: int | None, *, allow_zero: bool = False) -> None:
     """Raise PipelineError unless ``value`` is a positive int (or None)."""
     from attnopt.errors import PipelineError

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from attnopt.ir import Graph
 from attnopt.passes.base import Pass, PassContext, PassResult
-from attnopt.passes.select import check_heads, check_positive, sites_for
+from attnopt.passes.select import check_heads, check_positive, other_variant_notes, sites_for
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class SlidingWindow(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         """Turn every selected dense site into a sliding-window site."""
-        notes = []
+        notes = other_variant_notes(graph, self)
         changed = 0
         for site in sites_for(graph, self, min_kv_len=self.min_len):
             if site.attrs.softcap is not None:

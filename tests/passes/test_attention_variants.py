@@ -805,6 +805,13 @@ def test_constant_sliding_window_mask_becomes_exact_window_variant():
     assert cm.sites[0].kept_fraction < 1.0 and not cm.sites[0].has_mask
     with torch.no_grad():
         assert_close(cm(q, k, v), module(q, k, v))
+    for lossy in ("linearize", "block-sparse{block=4,density=0.5}", "sliding-window{window=2}"):
+        again = attnopt.compile(
+            module.eval(), (q, k, v), passes=f"canonicalize,fuse-attention,{lossy}"
+        )
+        notes = [n for record in again.history for n in record["notes"]]
+        assert "site 0: already sliding_window: left as it is" in notes, lossy
+        assert [s.variant for s in again.sites] == ["sliding_window"]
 
 
 def test_mistral_sliding_window_is_recognised_exactly():
