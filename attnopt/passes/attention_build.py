@@ -31,7 +31,7 @@ from attnopt.passes.helpers import (
     emit_before,
     view_chain_source,
 )
-from attnopt.runtime.reference import visible_keys_mask
+from attnopt.runtime.reference import mask_is_inert, visible_keys_mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,11 +282,7 @@ def build_attention(
 def _inert_constant(graph: Graph, mask: Value) -> bool:
     """Whether ``mask`` is a compile-time constant that hides no key and shifts no score."""
     tensor = constant_tensor(graph, mask)
-    if tensor is None:
-        return False
-    if tensor.dtype == torch.bool:
-        return bool(tensor.all())
-    return bool((tensor == 0).all())
+    return tensor is not None and mask_is_inert(tensor)
 
 
 def _combine_masks(

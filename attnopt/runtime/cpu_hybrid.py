@@ -13,8 +13,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from attnopt.runtime.linear_features import FeatureMap, _key_log_weight, _prepare
-from attnopt.runtime.reference import causal_mask, visible_keys_mask
+from attnopt.runtime.linear_features import FeatureMap, _prepare
+from attnopt.runtime.reference import causal_mask, mask_is_inert, visible_keys_mask
 
 __all__ = ["hybrid_attention", "hybrid_attention_naive"]
 
@@ -375,35 +375,22 @@ def hybrid_attention(
     window = min(window, q_len + kv_len)  # wider windows see the same keys
     if q_len == 0 or kv_len == 0:  # no rows, or rows without keys: zeros
         return q.new_zeros(batch, q_heads, q_len, v.shape[-1])
-    dtype = q.dtype
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     geo = _Geometry(batch, kv_heads, q_heads // kv_heads, q_len, kv_len, chunk, -(-q_len // chunk))
-    log_weight = _key_log_weight(mask, q_heads, kv_heads, compute)
-    if log_weight is not None and not bool(log_weight.any()):
-        log_weight = None  # an inert mask (all kept, or all zeros): the unmasked fast path
-    key_bias = None if log_weight is None else log_weight.transpose(-1, -2)  # [B|1, Hkv|1, Sk, 1]
-    q, k, v = q.to(compute), k.to(compute), v.to(compute)
-    max_len = max(q_len, kv_len)
-    q_pos = torch.arange(q_len, device=q.device) + geo.offset
-    k_pos = torch.arange(kv_len, device=q.device)
-    fq = feature_map(q, is_query=True, positions=q_pos, max_len=max_len)
-    fk = feature_map(k, is_query=False, positions=k_pos, max_len=max_len, log_weight=key_bias)
-    rows = (batch, kv_heads, geo.group, q_len, -1)
-    log_lin = None
-    if fq.log_scale is not None or fk.log_scale is not None:
-        log_lin = torch.zeros((), dtype=compute, device=q.device)
-        if fq.log_scale is not None:
-            log_lin = log_lin + geo.to_blocks(fq.log_scale.reshape(rows))
-        if fk.log_scale is not None:
-            if fk.log_scale.shape[-2] != 1:
-                raise ValueError("a key log-scale must be constant over keys")
-            log_lin = log_lin + fk.log_scale  # [B, Hkv, 1, 1] against [n, B, Hkv, G C, 1]
+    if mask is not None and mask_is_inert(mask):
+        mask = None  # all kept, or all zeros: the unmasked fast path
+    prep = _prepare(q, k, v, feature_map, mask)
+    rows = prep.phi_q.shape[:4] + (1,)
+    log_lin = None if prep.log_q is None else geo.to_blocks(prep.log_q.expand(rows))
+    key_bias = None  # [B|1, Hkv|1, Sk, 1]
+    if prep.key_log_weight is not None:
+        key_bias = prep.key_log_weight.transpose(-1, -2)
+    queries = geo.to_blocks(q.to(prep.value.dtype).reshape(prep.phi_q.shape[:4] + (-1,)))
     hybrid = _Hybrid(
-        geo, geo.to_blocks(q.reshape(rows)), k, v, fq.values.reshape(rows), log_lin, fk.values,
+        geo, queries, k.to(prep.value.dtype), prep.value, prep.phi_q, log_lin, prep.phi_k,
         key_bias, window=window, causal=causal, scale=scale,
     )  # fmt: skip
     out = hybrid.run()
-    return out.reshape(batch, q_heads, q_len, -1).to(dtype)
+    return out.reshape(batch, q_heads, q_len, -1).to(q.dtype)
 
 
 def _hybrid_scale(feature_map: FeatureMap, head_dim: int, scale: float | None) -> float:

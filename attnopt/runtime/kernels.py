@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from attnopt.ir.attention import AttentionAttrs
 from attnopt.runtime.dense import linear as dense_linear
-from attnopt.runtime.reference import attention_reference, causal_mask
+from attnopt.runtime.reference import attention_reference, causal_mask, mask_is_inert
 
 
 def _combine_additive(mask: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype):
@@ -43,8 +43,7 @@ def _drop_if_inert(mask: torch.Tensor | None) -> torch.Tensor | None:
     without one and the result is identical."""
     if mask is None or mask.numel() > _INERT_CHECK_LIMIT:
         return mask
-    inert = bool(mask.all()) if mask.dtype == torch.bool else not bool(mask.any())
-    return None if inert else mask
+    return None if mask_is_inert(mask) else mask
 
 
 def dense_attention_cpu(

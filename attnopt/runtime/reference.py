@@ -1,6 +1,6 @@
 """Naive torch reference for the `attention` op (see docs/attention-op.md).
 
-Entry points: :func:`attention_reference`, :func:`visible_keys_mask`.
+Entry points: :func:`attention_reference`, :func:`visible_keys_mask`, :func:`mask_is_inert`.
 Every kernel (CPU fast path, sparse and linear variants, generated Triton) is tested against these.
 They materialise the full score matrix: use them for checking, never for speed.
 """
@@ -8,6 +8,11 @@ They materialise the full score matrix: use them for checking, never for speed.
 from __future__ import annotations
 
 import torch
+
+
+def mask_is_inert(mask: torch.Tensor) -> bool:
+    """Whether an attention mask hides nothing: bool all True, or an additive mask of zeros."""
+    return bool(mask.all()) if mask.dtype == torch.bool else not bool(mask.any())
 
 
 def causal_mask(q_len: int, kv_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
