@@ -168,6 +168,7 @@ def _run_linear(
     FAVOR+ / cosFormer features computed in torch and passed with the identity map (``eps`` in
     the kernel's true units, as :func:`attnopt.runtime.cpu_linear.linear_attention` adds it)."""
     from attnopt.codegen.triton_linear import triton_linear_attention
+    from attnopt.runtime.linear_features import _prepare, _row_eps
     from attnopt.runtime.variants import feature_map_for
 
     padded = list(inputs) + [None] * (5 - len(inputs))
@@ -183,20 +184,16 @@ def _run_linear(
                 q, k, v, name, causal=attrs.causal, mask=mask, interpret=interpret
             )
         else:
-            fmap = feature_map_for(attrs, q.shape[-1])
-            q_len, kv_len = q.shape[2], k.shape[2]
-            max_len = max(q_len, kv_len)
-            q_pos = torch.arange(q_len, device=q.device) + (kv_len - q_len)
-            k_pos = torch.arange(kv_len, device=q.device)
-            fq = fmap(q.float(), is_query=True, positions=q_pos, max_len=max_len)
-            fk = fmap(k.float(), is_query=False, positions=k_pos, max_len=max_len)
-            eps: float | torch.Tensor = 1e-6
-            if fq.log_scale is not None and fk.log_scale is not None:  # FAVOR+ stabilisers
-                log_k = fk.log_scale.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-                eps = 1e-6 * torch.exp(-(fq.log_scale + log_k))[..., 0]
+            prep = _prepare(
+                q.float(), k.float(), v.float(), feature_map_for(attrs, q.shape[-1]), None
+            )
+            rows = prep.phi_q.shape[:4]  # [B, Hkv, G, Sq]
+            eps = _row_eps(1e-6, prep.log_q, None)  # FAVOR+: in the kernel's true units
+            if isinstance(eps, torch.Tensor):
+                eps = eps.expand(*rows, 1).reshape(q.shape[:3])
             out = triton_linear_attention(
-                fq.values, fk.values, v.float(), "identity", causal=attrs.causal, mask=mask,
-                eps=eps, interpret=interpret,
+                prep.phi_q.reshape(*q.shape[:3], -1), prep.phi_k, prep.value, "identity",
+                causal=attrs.causal, mask=mask, eps=eps, interpret=interpret,
             ).to(q.dtype)  # fmt: skip
     except ValueError as err:
         return None, str(err)
