@@ -145,7 +145,7 @@ def match_attention(graph: Graph, softmax: Node, users: dict[Value, list[Node]])
     compute = qk.inputs[0].dtype  # type: ignore[union-attr]
     casts = [payload for kind, payload in steps if kind == "cast"] + weight_casts
     for dtype in casts:
-        if dtype is not None and _narrower(dtype, compute):
+        if dtype is not None and _less_precise(dtype, compute):
             raise NoMatch(
                 f"a cast to {dtype} inside {compute} attention rounds what the fused op would not"
             )
@@ -156,7 +156,7 @@ def match_attention(graph: Graph, softmax: Node, users: dict[Value, list[Node]])
     return m
 
 
-def _narrower(dtype: torch.dtype, than: torch.dtype) -> bool:
+def _less_precise(dtype: torch.dtype, than: torch.dtype) -> bool:
     """Whether floating ``dtype`` keeps fewer significant bits than ``than``."""
     if not than.is_floating_point:
         return False

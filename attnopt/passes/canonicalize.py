@@ -8,6 +8,9 @@ two-operand ``einsum`` batched matmuls become ``matmul`` with explicit permutes;
 constant tensors become scalar attributes; transposes of transposes and permutes of permutes
 compose (an identity disappears). Subgraphs that depend on no input and no trainable parameter
 (mask construction from shapes, aranges, ``sqrt(head_dim)``) are computed once at compile time.
+Around a softmax, reshapes that only regroup batch axes move to ``q @ k^T`` and past ``P @ V``
+(scores kept as ``[B H, S, S]``), ``scores - term`` becomes ``scores + (-term)`` and a per-head
+or per-row factor on the scores moves into q.
 Every rule is exact: it rewrites to the same computation, never an approximation.
 """
 
@@ -435,7 +438,7 @@ def _row_scale_into_q(graph: Graph, node: Node, a: Value, b: Value, t: Value) ->
 
 
 def _static(*values: Value) -> bool:
-    return all(all(isinstance(d, int) for d in v.shape) for v in values)
+    return all(v.tensor_type.is_static for v in values)
 
 
 def _sub_of_scores(graph: Graph, node: Node, x: Value, y: Value) -> Value | None:
