@@ -127,9 +127,9 @@ class HeadPrune(Pass):
         for index in [site.index for site in chosen]:
             site = next(s for s in sites_for(graph, self, variant=None) if s.index == index)
             snapshot = graph.copy()
-            kept: list[torch.Tensor] = []
+            kept: torch.Tensor | None = None
             try:
-                reason = self._prune(graph, site, importance.get(index), kept)
+                reason, kept = self._prune(graph, site, importance.get(index))
                 if reason is None:
                     graph.infer_types()
                     verify(graph)
@@ -143,13 +143,13 @@ class HeadPrune(Pass):
                 except Exception as err:  # noqa: BLE001 - a graph that no longer runs: refuse
                     reason = f"the sliced graph does not run ({type(err).__name__}: {err})"
                 else:
-                    reason = _kept_heads_unchanged(taps_before, taps_after, index, kept[0])
+                    reason = _kept_heads_unchanged(taps_before, taps_after, index, kept)
                 if reason is None:
                     taps_before = taps_after
                     node = next(
                         s.node for s in sites_for(graph, self, variant=None) if s.index == index
                     )
-                    node.meta.setdefault("site", {})["heads_kept"] = int(kept[0].numel())
+                    node.meta.setdefault("site", {})["heads_kept"] = int(kept.numel())
             if reason is not None:
                 _restore(graph, snapshot)
                 notes.append(f"site {index}: not pruned: {reason}")
@@ -183,33 +183,33 @@ class HeadPrune(Pass):
         return ctx.executor(graph, args, kwargs)[1]  # type: ignore[misc]
 
     def _prune(
-        self, graph: Graph, site: Site, head_norms: Any, kept_heads: list[torch.Tensor]
-    ) -> str | None:
-        """Slice one site's projections; ``kept_heads`` receives the kept query heads."""
+        self, graph: Graph, site: Site, head_norms: Any
+    ) -> tuple[str | None, torch.Tensor | None]:
+        """Slice one site's projections: ``(None, kept query heads)``, or ``(reason, None)``."""
         users = graph.users()
         heads, kv_heads = site.num_heads, int(site.k.shape[1])
         head_dim, value_dim = int(site.q.shape[3]), int(site.v.shape[3])
         group = heads // kv_heads
         keep_groups = max(1, round(self.keep * kv_heads))
         if keep_groups >= kv_heads:
-            return "nothing to prune at this keep fraction"
+            return "nothing to prune at this keep fraction", None
         for extra in site.node.inputs[3:5]:
             if extra is not None and len(extra.shape) == 4 and extra.shape[1] not in (1,):
-                return "a per-head mask or bias"
+                return "a per-head mask or bias", None
         projections = [_projection(v) for v in (site.q, site.k, site.v)]
         out_proj = _output_projection(site.node.output, users)
         if any(p is None for p in projections) or out_proj is None:
-            return "q/k/v or output projections not found"
+            return "q/k/v or output projections not found", None
         if len({id(p) for p in projections}) != 3:
-            return "q, k and v share a projection"
+            return "q, k and v share a projection", None
         for proj in projections:
             if len(users.get(proj.output, [])) != 1:
-                return "a projection output is read elsewhere"
+                return "a projection output is read elsewhere", None
         if head_norms is None:
-            return "the site did not run during calibration"
+            return "the site did not run during calibration", None
         out_weight = _param_tensor(graph, out_proj.inputs[1])
         if out_weight is None or out_weight.shape[1] != heads * value_dim:
-            return "output projection weight does not match the heads"
+            return "output projection weight does not match the heads", None
         column_norms = (
             out_weight.float().reshape(out_weight.shape[0], heads, value_dim).norm(dim=(0, 2))
         )
@@ -223,8 +223,7 @@ class HeadPrune(Pass):
         ):
             self._slice_rows(graph, proj, kept, dim)
         self._slice_columns(graph, out_proj, kept_q, value_dim)
-        kept_heads.append(kept_q)
-        return None
+        return None, kept_q
 
     @staticmethod
     def _slice_rows(graph: Graph, proj: Node, kept: torch.Tensor, dim: int) -> None:

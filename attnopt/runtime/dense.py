@@ -7,9 +7,8 @@ build, the kernel behind Inductor's CPU linear) is 1.1-1.7x faster for fp32 tran
 on the AMD EPYC (AVX-512) this runtime is measured on, e.g. 44-49 ms against 62 ms for a
 2048 x 768 x 3072 projection (``benchmarks/dense_linear.py``); below about a million
 multiply-adds (one token through a 768 x 768 projection) its call overhead loses, and
-``F.linear`` runs those. The weight is passed as it
-is, unpacked, on every call: a prepacked copy would go stale if the model's weights were changed
-after compiling. Both libraries compute the same fp32 product; only the summation order differs.
+``F.linear`` runs those. The weight is passed as it is, unpacked, on every call: a prepacked copy
+would go stale if the model's weights were changed after compiling. Both libraries compute the same fp32 product; only the summation order differs.
 """
 
 from __future__ import annotations
