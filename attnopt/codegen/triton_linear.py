@@ -96,8 +96,8 @@ def _linattn_fwd_{variant}_kvstate(
     HAS_KEY_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # batch * kv_heads + kv head
-    batch, head = pid // kv_heads, pid % kv_heads
+    kv_pid = tl.program_id(0)  # batch * kv_heads + kv head
+    batch, head = kv_pid // kv_heads, kv_pid % kv_heads
     offs_n = tl.arange(0, BLOCK_N)
     offs_f = tl.arange(0, BLOCK_F)
     offs_d = tl.arange(0, BLOCK_DV)
@@ -108,18 +108,11 @@ def _linattn_fwd_{variant}_kvstate(
     for start in range(0, kv_len, BLOCK_N):
         rows = start + offs_n
         row_ok = rows < kv_len
-        k_mask = row_ok[:, None] & (offs_f[None, :] < feature_dim)
-        x = {load_k}
-        phi_k = tl.where(k_mask, {phi}, 0.0)
-        if HAS_KEY_WEIGHT:
-            weight = tl.load(KEY_WEIGHT + pid * kv_len + rows, mask=row_ok, other=0.0)
-            phi_k = phi_k * weight[:, None]
-        v_mask = row_ok[:, None] & (offs_d[None, :] < value_dim)
-        values = {load_v}
+{key_tile}
         state += tl.dot(tl.trans(phi_k), values, input_precision="{precision}")
         normaliser += tl.sum(phi_k, axis=0)
-    tl.store(STATE + pid * BLOCK_F * BLOCK_DV + offs_f[:, None] * BLOCK_DV + offs_d[None, :], state)
-    tl.store(NORMALISER + pid * BLOCK_F + offs_f, normaliser)
+    tl.store(STATE + kv_pid * BLOCK_F * BLOCK_DV + offs_f[:, None] * BLOCK_DV + offs_d[None, :], state)
+    tl.store(NORMALISER + kv_pid * BLOCK_F + offs_f, normaliser)
 
 
 @triton.jit
@@ -155,6 +148,18 @@ def _linattn_fwd_{variant}(
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
 """
 
+# One tile of keys ``rows`` (valid where ``row_ok``): features (times the key weights) and values.
+# Shared by the state kernel and both loops of the causal kernel (``kv_pid`` = batch, kv head).
+_KEY_TILE = """\
+        k_mask = row_ok[:, None] & (offs_f[None, :] < feature_dim)
+        x = {load_k}
+        phi_k = tl.where(k_mask, {phi}, 0.0)
+        if HAS_KEY_WEIGHT:
+            weight = tl.load(KEY_WEIGHT + kv_pid * kv_len + rows, mask=row_ok, other=0.0)
+            phi_k = phi_k * weight[:, None]
+        v_mask = row_ok[:, None] & (offs_d[None, :] < value_dim)
+        values = {load_v}"""
+
 _CAUSAL = """
 
 @triton.jit
@@ -186,14 +191,7 @@ def _linattn_fwd_{variant}(
     for start in range(0, offset, CHUNK):
         rows = start + offs_c
         row_ok = rows < offset
-        k_mask = row_ok[:, None] & (offs_f[None, :] < feature_dim)
-        x = {load_k}
-        phi_k = tl.where(k_mask, {phi}, 0.0)
-        if HAS_KEY_WEIGHT:
-            weight = tl.load(KEY_WEIGHT + kv_pid * kv_len + rows, mask=row_ok, other=0.0)
-            phi_k = phi_k * weight[:, None]
-        v_mask = row_ok[:, None] & (offs_d[None, :] < value_dim)
-        values = {load_v}
+{key_tile}
         state += tl.dot(tl.trans(phi_k), values, input_precision="{precision}")
         normaliser += tl.sum(phi_k, axis=0)
     lower = offs_c[None, :] <= offs_c[:, None]
@@ -204,14 +202,7 @@ def _linattn_fwd_{variant}(
         phi_q = tl.where(q_mask, {phi}, 0.0)
         rows = q_rows + offset  # the keys on this chunk's diagonal
         row_ok = (rows >= 0) & (q_rows < q_len)
-        k_mask = row_ok[:, None] & (offs_f[None, :] < feature_dim)
-        x = {load_k}
-        phi_k = tl.where(k_mask, {phi}, 0.0)
-        if HAS_KEY_WEIGHT:
-            weight = tl.load(KEY_WEIGHT + kv_pid * kv_len + rows, mask=row_ok, other=0.0)
-            phi_k = phi_k * weight[:, None]
-        v_mask = row_ok[:, None] & (offs_d[None, :] < value_dim)
-        values = {load_v}
+{key_tile}
         scores = tl.dot(phi_q, tl.trans(phi_k), input_precision="{precision}")
         scores = tl.where(lower, scores, 0.0)
         num = tl.dot(phi_q, state, input_precision="{precision}")
@@ -257,6 +248,7 @@ def render_linear_kernel(config: LinearKernelConfig) -> str:
         "load_v": _LOAD.format(ptr="v_base", rows="rows", row_stride="stride_vn", cols="offs_d",
                                col_stride="stride_vd", mask="v_mask"),
     }  # fmt: skip
+    fields["key_tile"] = _KEY_TILE.format(**fields)
     body = _CAUSAL if config.causal else _KVSTATE
     return _HEADER.format(**fields) + body.format(**fields)
 
