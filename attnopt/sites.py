@@ -113,7 +113,7 @@ def collect_sites(graph: Graph) -> list[AttentionSite]:
                 tokens_kept=info.get("tokens_kept", 1.0),
                 kept_fraction=node.meta.get("kept_fraction", kept_fraction(attrs, q_len, kv_len)),
                 block=dict(info.get("block", {})),
-                mask_causal=bool(info.get("mask_causal", False)),
+                mask_causal=attrs.mask_causal,
             )
         )
     return sorted(sites, key=lambda s: s.index)

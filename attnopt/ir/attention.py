@@ -31,6 +31,8 @@ class AttentionAttrs:
         scale: scores are ``scale * q @ k^T``.
         causal: bottom-right aligned causal rule.
         softcap: tanh soft-capping value, or None.
+        mask_causal: detection proved that the mask lets no query see a key the (bottom-right)
+            causal rule hides; lossy passes treat the site as causal. The mask still applies.
         site: index of the attention site in the model (-1: not a detected site).
         variant: one of :data:`VARIANTS`.
         heads: query heads that run ``variant``; the others run dense (empty: all heads).
@@ -58,6 +60,7 @@ class AttentionAttrs:
     scale: float = 1.0
     causal: bool = False
     softcap: float | None = None
+    mask_causal: bool = False
     site: int = -1
     variant: str = "dense"
     heads: tuple[int, ...] = ()

@@ -230,8 +230,9 @@ def build_attention(
     """
     q_len, kv_len = int(q.shape[-2]), int(k.shape[-2])
     meta = site_meta(graph, source, q, k)
-    if not causal and any(mask_implies_causal(graph, x, q_len, kv_len) for x in masks + biases):
-        meta["site"]["mask_causal"] = True
+    mask_causal = not causal and any(
+        mask_implies_causal(graph, x, q_len, kv_len) for x in masks + biases
+    )
     rank = q.tensor_type.rank
     if rank > 4 or rank < 2:
         raise NoMatch(f"rank-{rank} attention (only ranks 2 to 4 are laid out as [B, H, S, D])")
@@ -260,7 +261,9 @@ def build_attention(
     for term in biases:
         term = _to_rank4(graph, anchor, term)
         bias = term if bias is None else emit_before(graph, anchor, "add", [bias, term])
-    attrs = AttentionAttrs(scale=float(scale), causal=causal, softcap=softcap)
+    attrs = AttentionAttrs(
+        scale=float(scale), causal=causal, softcap=softcap, mask_causal=mask_causal
+    )
     if windowed:
         attrs = dataclasses.replace(
             attrs, variant="sliding_window", window_left=int(window_left), window_right=0

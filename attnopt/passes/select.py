@@ -79,7 +79,7 @@ class Site:
     @property
     def causal(self) -> bool:
         """Whether the site is causal: the causal attribute, or a mask that implies it."""
-        return self.node.attrs.causal or bool(self.node.meta.get("site", {}).get("mask_causal"))
+        return self.node.attrs.causal or self.node.attrs.mask_causal
 
     @property
     def module(self) -> str | None:
