@@ -1,6 +1,7 @@
 """The attention detector: prove that a softmax is the middle of an attention computation.
 
-Entry points: :func:`match_attention`, :class:`AttentionMatch`, :class:`NoMatch`.
+Entry points: :func:`match_attention`, :class:`AttentionMatch`, :class:`NoMatch`,
+:func:`reaches_matmul`.
 
 Starting at a ``softmax`` over the last axis, the weights (through dtype casts) must have exactly
 one reader, ``matmul(weights, v)``; backward, every value between ``q @ k^T`` and the softmax must
@@ -53,7 +54,20 @@ def _readers(graph_users: dict[Value, list[Node]], graph: Graph, value: Value) -
     return len(graph_users.get(value, [])) + sum(1 for v in graph.outputs if v is value)
 
 
-def _reaches_matmul(value: Value, depth: int = 32) -> bool:
+def reaches_matmul(value: Value, depth: int = 32) -> bool:
+    """Whether ``value`` is computed from a ``matmul`` through score-side ops only.
+
+    The walk goes backward through casts, scalar scales, additive terms, fills, tanh soft-capping
+    and reshapes (the ops between ``q @ k^T`` and a softmax), following both sides of a tensor
+    add/sub and both branches of a ``where``.
+
+    Args:
+        value: where to start walking backward.
+        depth: how many producers to visit at most before giving up.
+
+    Returns:
+        True when a ``matmul`` is reached within ``depth`` steps.
+    """
     allowed = {"cast", "mul", "div", "add", "sub", "masked_fill", "where", "tanh", "reshape"}
     while depth > 0 and value.producer is not None:
         node = value.producer
@@ -65,10 +79,10 @@ def _reaches_matmul(value: Value, depth: int = 32) -> bool:
             return False
         elif node.op in ("add", "sub") and node.attrs.scalar is None:
             a, b = node.inputs[0], node.inputs[1]
-            return _reaches_matmul(a, depth - 1) or _reaches_matmul(b, depth - 1)  # type: ignore[arg-type]
+            return reaches_matmul(a, depth - 1) or reaches_matmul(b, depth - 1)  # type: ignore[arg-type]
         elif node.op == "where":
             a, b = node.inputs[1], node.inputs[2]
-            return _reaches_matmul(a, depth - 1) or _reaches_matmul(b, depth - 1)  # type: ignore[arg-type]
+            return reaches_matmul(a, depth - 1) or reaches_matmul(b, depth - 1)  # type: ignore[arg-type]
         else:
             value = node.inputs[0]  # type: ignore[assignment]
         depth -= 1
@@ -201,7 +215,7 @@ def _step_back(graph: Graph, node: Node, steps: list[tuple[str, Any]]) -> Value:
         return node.inputs[0]  # type: ignore[return-value]  # softmax ignores a constant shift
     if op == "add":
         a, b = node.inputs[0], node.inputs[1]
-        a_chain, b_chain = _reaches_matmul(a), _reaches_matmul(b)  # type: ignore[arg-type]
+        a_chain, b_chain = reaches_matmul(a), reaches_matmul(b)  # type: ignore[arg-type]
         if a_chain == b_chain:
             raise NoMatch(f"cannot tell scores from mask in %{node.output.name}")
         chain, term = (a, b) if a_chain else (b, a)
@@ -216,7 +230,7 @@ def _step_back(graph: Graph, node: Node, steps: list[tuple[str, Any]]) -> Value:
         cond, a, b = node.inputs
         for chain, fill, masked_when in ((a, b, False), (b, a, True)):
             value = constant_scalar(graph, fill)
-            if value is not None and _reaches_matmul(chain):  # type: ignore[arg-type]
+            if value is not None and reaches_matmul(chain):  # type: ignore[arg-type]
                 steps.append(("fill", (cond, masked_when, value, node.output.shape)))
                 return chain  # type: ignore[return-value]
         raise NoMatch("where() on the scores without a constant fill")

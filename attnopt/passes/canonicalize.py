@@ -31,6 +31,7 @@ from attnopt.ir.ops import (
     ShapeAttrs,
     is_inplace_target,
 )
+from attnopt.passes.attention_match import reaches_matmul
 from attnopt.passes.base import Pass, PassContext, PassResult
 from attnopt.passes.helpers import constant_scalar, constant_tensor, emit_before
 from attnopt.passes.pattern import Rule, apply_rules, p
@@ -445,9 +446,7 @@ def _sub_of_scores(graph: Graph, node: Node, x: Value, y: Value) -> Value | None
     """``scores - term`` -> ``scores + (-term)`` when ``scores`` comes from ``q @ k^T`` and the
     result reaches a softmax (Funnel subtracts its padding penalty): the detector then reads the
     term as an additive mask. Exact: ``a - b == a + (-b)`` in IEEE arithmetic."""
-    from attnopt.passes.attention_match import _reaches_matmul
-
-    if node.attrs.alpha != 1.0 or not _reaches_matmul(x) or _reaches_matmul(y):
+    if node.attrs.alpha != 1.0 or not reaches_matmul(x) or reaches_matmul(y):
         return None
     if _feeds_softmax(graph, node.output) is None:
         return None

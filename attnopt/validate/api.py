@@ -1,6 +1,6 @@
 """Run a reference and a candidate on the same inputs and report how their outputs differ.
 
-Entry point: :func:`run_and_compare` (``attnopt.validate`` is built on it).
+Entry points: :func:`run_and_compare` (``attnopt.validate`` is built on it), :func:`input_batches`.
 
 Several input batches aggregate into one report: each output's leaves are concatenated across
 batches (flattened, or as rows of classes for logits) and the metrics are computed over the
@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from attnopt.validate.compare import (
-    _check_same_structure,
     build_report,
+    check_same_structure,
     flatten_outputs,
     is_logits_name,
 )
@@ -46,7 +46,20 @@ def _normalise_batch(item: object, position: int | None) -> Batch:
     return tuple(args), dict(kwargs)
 
 
-def _batches(args: tuple, kwargs: dict | None, inputs: Iterable | None) -> list[Batch]:
+def input_batches(args: tuple, kwargs: dict | None, inputs: Iterable | None) -> list[Batch]:
+    """The ``(args, kwargs)`` batches a comparison runs on, checked and normalised.
+
+    Args:
+        args: positional inputs of a single batch (a bare tensor counts as ``(tensor,)``).
+        kwargs: keyword inputs of a single batch, or None.
+        inputs: instead of args/kwargs, an iterable of ``(args, kwargs)`` pairs.
+
+    Returns:
+        One ``(tuple, dict)`` pair per batch, never empty.
+
+    Raises:
+        ValidationError: both forms given, an empty ``inputs``, or a malformed pair.
+    """
     if inputs is None:
         return [_normalise_batch((args, kwargs), None)]
     if args or kwargs:
@@ -155,7 +168,7 @@ def run_and_compare(
             or the outputs' structures or shapes differ. An exception raised by the candidate
             itself propagates unchanged (it is a bug in the candidate, not in the inputs).
     """
-    batches = _batches(args, kwargs, inputs)
+    batches = input_batches(args, kwargs, inputs)
     warnings: list[str] = []
     if isinstance(reference, torch.nn.Module) and reference.training:
         warnings.append("the reference is in training mode (dropout?); call .eval() first")
@@ -194,7 +207,7 @@ def _aggregate(
     flat_cands = [flatten_outputs(outputs) for outputs in cand_outputs]
     for position, (flat_ref, flat_cand) in enumerate(zip(flat_refs, flat_cands)):
         try:
-            _check_same_structure(flat_ref, flat_cand, "candidate")
+            check_same_structure(flat_ref, flat_cand, "candidate")
         except ValidationError as error:
             raise ValidationError(f"batch {position}: {error}") from error
     logits = {

@@ -1,6 +1,7 @@
 """Pair up two models' outputs and build a numerics report from them.
 
-Entry points: :func:`flatten_outputs`, :func:`compare_outputs`, :func:`build_report`.
+Entry points: :func:`flatten_outputs`, :func:`compare_outputs`, :func:`build_report`,
+:func:`check_same_structure`, :func:`site_reports`.
 
 Outputs are compared leaf by leaf. :func:`flatten_outputs` names every tensor leaf of a nested
 output by its path: dict keys and dataclass / ``ModelOutput`` / namedtuple field names, sequence
@@ -105,9 +106,19 @@ def flatten_outputs(obj: Any, *, skipped: list[str] | None = None) -> dict[str, 
     return out
 
 
-def _check_same_structure(
+def check_same_structure(
     reference: Mapping[str, torch.Tensor], candidate: Mapping[str, torch.Tensor], what: str
 ) -> None:
+    """Raise unless two flattened outputs have the same leaf names and shapes.
+
+    Args:
+        reference: the reference's leaves, from :func:`flatten_outputs`.
+        candidate: the other model's leaves, named the same way.
+        what: what ``candidate`` is, for the message (``"candidate"``, ``"fp64 oracle"``).
+
+    Raises:
+        ValidationError: naming the missing or extra leaves, or the leaves whose shapes differ.
+    """
     missing = [name for name in reference if name not in candidate]
     extra = [name for name in candidate if name not in reference]
     if missing or extra:
@@ -163,7 +174,7 @@ def compare_outputs(
         ValidationError: when the structures (names) or shapes differ; the message names them.
     """
     ref_flat, cand_flat = flatten_outputs(ref), flatten_outputs(cand)
-    _check_same_structure(ref_flat, cand_flat, "candidate")
+    check_same_structure(ref_flat, cand_flat, "candidate")
     return {
         name: (
             logits_metrics(tensor, cand_flat[name])
@@ -196,9 +207,22 @@ def _metrics_for(
 _SITE_INDEX = re.compile(r"^\s*site\s+(\d+)\b")
 
 
-def _site_reports(
+def site_reports(
     site_pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], criterion: Criterion
 ) -> list[SiteReport]:
+    """Judge each attention site's output against its reference output.
+
+    Args:
+        site_pairs: ``{name: (reference, candidate)}``; a name starting ``"site <i>"`` gives the
+            site index, otherwise the position in ``site_pairs`` is used.
+        criterion: the resolved tolerance every site is judged by.
+
+    Returns:
+        One :class:`SiteReport` per pair, in the order given.
+
+    Raises:
+        ValidationError: when a pair is not two tensors or their metrics cannot be computed.
+    """
     sites = []
     for position, (name, pair) in enumerate(site_pairs.items()):
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
@@ -271,11 +295,11 @@ def build_report(
     skipped: list[str] = []
     ref_flat = flatten_outputs(ref_outputs, skipped=skipped)
     cand_flat = flatten_outputs(cand_outputs)
-    _check_same_structure(ref_flat, cand_flat, "candidate")
+    check_same_structure(ref_flat, cand_flat, "candidate")
     oracle_flat = None
     if oracle_outputs is not None:
         oracle_flat = flatten_outputs(oracle_outputs)
-        _check_same_structure(ref_flat, oracle_flat, "fp64 oracle")
+        check_same_structure(ref_flat, oracle_flat, "fp64 oracle")
     report = NumericsReport(tolerance=criterion.name, oracle=oracle_flat is not None)
     report.warnings += [f"output {item} is not a tensor and was not compared" for item in skipped]
     if not ref_flat:
@@ -294,7 +318,7 @@ def build_report(
         ]
         report.warnings += _output_warnings(name, reference, candidate, metrics)
     if site_pairs:
-        report.sites = _site_reports(site_pairs, criterion)
+        report.sites = site_reports(site_pairs, criterion)
         if judge_sites:
             report.failures += [
                 f"site {site.name!r}: {reason}" for site in report.sites for reason in site.reasons

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from attnopt.validate.api import _batches, run_and_compare
-from attnopt.validate.compare import _site_reports
+from attnopt.validate.api import input_batches, run_and_compare
+from attnopt.validate.compare import site_reports
 from attnopt.validate.errors import ValidationError
 from attnopt.validate.report import Budget, NumericsReport, resolve_tolerance
 
@@ -102,7 +102,7 @@ def validate(
     )
     if not sites:
         return report
-    first_args, first_kwargs = _batches(args, kwargs, inputs)[0]
+    first_args, first_kwargs = input_batches(args, kwargs, inputs)[0]
     ref_sites = site_outputs(reference, first_args, first_kwargs)
     cand_sites = site_outputs(candidate, first_args, first_kwargs)
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -119,7 +119,7 @@ def validate(
             continue
         pairs[name] = (ref_out, cand_out)
     if pairs:
-        report.sites = _site_reports(pairs, resolve_tolerance(tolerance))
+        report.sites = site_reports(pairs, resolve_tolerance(tolerance))
     return report
 
 
