@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from attnopt.ir import Graph, TensorType
+from attnopt.passes.select import layer_of
 
 
 @dataclass
@@ -64,15 +65,6 @@ class AttentionSite:
         return asdict(self)
 
 
-def _layer_of(path: str | None) -> int | None:
-    if not path:
-        return None
-    for part in reversed(path.split(".")):
-        if part.isdigit():
-            return int(part)
-    return None
-
-
 def collect_sites(graph: Graph) -> list[AttentionSite]:
     """The sites of every ``attention`` node in ``graph``, ordered by site index.
 
@@ -96,7 +88,7 @@ def collect_sites(graph: Graph) -> list[AttentionSite]:
             AttentionSite(
                 index=attrs.site,
                 module=module,
-                layer=_layer_of(module),
+                layer=layer_of(module),
                 kind=info.get("kind", "self" if q_len == kv_len else "cross"),
                 causal=attrs.causal,
                 num_heads=int(q.shape[1]),

@@ -1,6 +1,6 @@
 """Site-level helpers for pass writers: select ``attention`` sites and change them.
 
-Entry points: :func:`select_sites`, :class:`Site`.
+Entry points: :func:`select_sites`, :class:`Site`, :func:`layer_of`.
 
 Example (a complete pass body)::
 
@@ -18,6 +18,21 @@ from typing import Any
 
 from attnopt.ir import Graph, Node, Value
 from attnopt.ir.attention import VARIANTS, AttentionAttrs
+
+
+def layer_of(module_path: str | None) -> int | None:
+    """The layer index in a module path: its last all-digit component.
+
+    Args:
+        module_path: a dotted module path such as ``"encoder.layer.3.attention.self"``, or None.
+
+    Returns:
+        The index (``3`` above), or None when the path is missing or has no numeric component.
+    """
+    for part in reversed((module_path or "").split(".")):
+        if part.isdigit():
+            return int(part)
+    return None
 
 
 @dataclass
@@ -88,11 +103,8 @@ class Site:
 
     @property
     def layer(self) -> int | None:
-        """Layer index from the module path, when there is one."""
-        for part in reversed((self.module or "").split(".")):
-            if part.isdigit():
-                return int(part)
-        return None
+        """Layer index from the module path, when there is one (see :func:`layer_of`)."""
+        return layer_of(self.module)
 
     def update(self, **changes: Any) -> None:
         """Replace attributes (validated: the variant must exist; fields must be known).
