@@ -3,10 +3,17 @@ sizes, and produces sane outputs; the helpers behave as documented."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from tests import zoo
+
+REPO = Path(__file__).resolve().parents[1]
 
 SIZES = ((1, 8), (2, 12))
 
@@ -86,3 +93,36 @@ def test_minilm_real_text() -> None:
     assert kwargs["input_ids"].shape == (2, 12)
     assert kwargs["input_ids"][0, 0].item() == tok.cls_token_id
     assert (kwargs["attention_mask"] == 0).any(), "MiniLM example has real padding"
+
+
+_ENV_AFTER_IMPORT = """
+import json, os
+before = dict(os.environ)
+import attnopt.zoo
+after = dict(os.environ)
+changed = {key: after.get(key) for key in set(before) | set(after) if before.get(key) != after.get(key)}
+print(json.dumps(changed))
+"""
+
+
+def test_import_leaves_environment_alone() -> None:
+    """Importing the zoo changes no environment variable (it used to force HF offline mode).
+
+    A fresh process without the HF variables: this test process already imported the zoo, and
+    its conftest may set them.
+    """
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", _ENV_AFTER_IMPORT],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip().splitlines()[-1] == "{}", result.stdout
