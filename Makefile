@@ -1,4 +1,5 @@
 # Two commands for a new user: `make demo` and `make test`. Both create .venv when missing.
+# `make test` runs ruff, the import-layer contracts (lint-imports, see pyproject.toml) and pytest.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -18,6 +19,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check attnopt tests benchmarks examples
 	$(VENV)/bin/ruff format --check attnopt tests benchmarks examples
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 format: $(STAMP)

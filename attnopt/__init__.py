@@ -6,6 +6,7 @@ Entry points: :func:`compile`, :func:`capture`, :func:`validate`, :class:`Pass`,
 
 from attnopt import ir
 from attnopt.api import capture, compile
+from attnopt.compiled import CompiledModule
 from attnopt.errors import (
     AttnoptError,
     BackendError,
@@ -14,9 +15,7 @@ from attnopt.errors import (
     PipelineError,
     SignatureError,
 )
-from attnopt.ir import attention as _attention_op  # noqa: F401 - registers the attention op
 from attnopt.passes.base import Pass, PassContext, PassManager, PassResult
-from attnopt.runtime.module import CompiledModule
 from attnopt.sites import AttentionSite
 from attnopt.validate import Budget, NumericsReport, ValidationError
 from attnopt.validate.sites import sensitivity

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
+from attnopt.compiled import CompiledModule
 from attnopt.frontend.capture import capture
 from attnopt.passes.base import Pass, PassManager, as_pipeline
-from attnopt.runtime.module import CompiledModule
 
 
 def compile(  # noqa: A001 - the public name is fixed by the design
@@ -42,7 +42,9 @@ def compile(  # noqa: A001 - the public name is fixed by the design
         backend: "auto" (Triton on CUDA, fast torch kernels on CPU), "torch", "triton" or
             "triton-interpret" (the generated Triton kernels in the interpreter, for tests).
         calibration: iterable of ``(args, kwargs)`` for passes that score heads/layers/tokens.
-        budget: an accuracy budget (``attnopt.Budget``) for budgeted passes.
+        budget: an accuracy budget (``attnopt.Budget``) for the budgeted search. The search is not
+            built yet: a budget is accepted, warned about at compile time, and not used (give
+            lossy passes their own options, and check them with ``attnopt.validate``).
         method: capture method: "auto", "export", "export-strict" or "fx".
         max_signatures: input signatures kept compiled at once.
         retain_memory: on the CPU, tune glibc malloc (process-wide) so freed activations are reused
@@ -65,8 +67,16 @@ def compile(  # noqa: A001 - the public name is fixed by the design
     if not isinstance(args, builtins.tuple):
         args = (args,)
     pipeline = as_pipeline(passes)
+    if budget is not None:
+        warnings.warn(
+            "attnopt.compile(budget=...) is not used yet: the budgeted search is not built, so "
+            f"the passes run as given ({pipeline}); check the result against your budget with "
+            "attnopt.validate(..., tolerance=budget)",
+            UserWarning,
+            stacklevel=2,
+        )
     if backend == "triton-interpret":
-        from attnopt.runtime.triton_backend import prepare_interpreter
+        from attnopt.runtime.triton.backend import prepare_interpreter
 
         if not prepare_interpreter():
             warnings.warn(

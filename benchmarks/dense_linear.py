@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from attnopt.runtime.dense import linear, onednn_linear_available
+from attnopt.runtime.cpu.projection import linear, onednn_linear_available
 from attnopt.runtime.memory import retain_freed_memory
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dense_linear.json"
@@ -64,7 +64,9 @@ def main() -> None:
                 diff = (linear(x, w, b) - F.linear(x, w, b)).abs().max().item()
                 rows.append({"rows": m, "in": k, "out": n, "mkl_ms": mkl, "onednn_ms": onednn,
                              "onednn_prepacked_ms": prepacked, "max_abs_diff": diff})  # fmt: skip
-    table = Table(title="linear, CPU fp32: F.linear (MKL) vs attnopt.runtime.dense.linear (oneDNN)")
+    table = Table(
+        title="linear, CPU fp32: F.linear (MKL) vs attnopt.runtime.cpu.projection.linear (oneDNN)"
+    )
     for column in ("rows", "in -> out", "F.linear ms", "oneDNN ms", "speed-up", "prepacked ms",
                    "max |diff|"):  # fmt: skip
         table.add_column(column, justify="right")

@@ -33,8 +33,8 @@ import torch.nn.functional as F  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from attnopt.runtime.reference import attention_reference, visible_keys_mask  # noqa: E402
-from attnopt.runtime.triton_launch import (  # noqa: E402
+from attnopt.ir.attention_reference import attention_reference, visible_keys_mask  # noqa: E402
+from attnopt.runtime.triton.launch import (  # noqa: E402
     BlockSparseMeta,
     triton_attention,
     triton_can_run,

@@ -35,7 +35,9 @@ from rich.console import Console
 from rich.table import Table
 
 import attnopt
-from attnopt.runtime.cpu_linear import hybrid_attention, linear_attention, make_feature_map
+from attnopt.ir.linear_attention import make_feature_map
+from attnopt.runtime.cpu.hybrid import hybrid_attention
+from attnopt.runtime.cpu.linear import linear_attention
 
 HEADS, HEAD_DIM, WINDOW, FAVOR_FEATURES = 12, 64, 256, 256
 RESULTS = Path(__file__).resolve().parent / "results" / "linear_layer.json"

@@ -28,11 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from attnopt.runtime.cpu_sparse import (
-    block_sparse_attention,
-    route_blocks,
-    sliding_window_attention,
-)
+from attnopt.ir.block_sparse import route_blocks
+from attnopt.runtime.cpu.block_sparse import block_sparse_attention
+from attnopt.runtime.cpu.sliding_window import sliding_window_attention
 
 HEADS, HEAD_DIM = 12, 64
 RESULTS = Path(__file__).resolve().parent / "results" / "sparse_layer.json"

@@ -4,19 +4,35 @@ Entry points: :class:`AttentionAttrs`, :data:`VARIANTS`.
 
 Inputs: ``q [B,Hq,Sq,D]``, ``k [B,Hkv,Sk,D]``, ``v [B,Hkv,Sk,Dv]``, then optional ``mask``
 (bool, True = may attend, or additive float) and ``bias`` (additive float), both broadcastable to
-``[B,Hq,Sq,Sk]``, then for static block sparsity ``kv_counts`` and ``kv_indices``. The exact
-semantics are in docs/attention-op.md; the reference is
-:func:`attnopt.runtime.reference.attention_reference` (plain torch, imported lazily).
+``[B,Hq,Sq,Sk]``, then for static block sparsity ``kv_counts`` and ``kv_indices``;
+:class:`AttentionOperands` names them (never decode the list by position). The exact semantics are
+in docs/attention-op.md. The op's implementation is :func:`reference_attention`, plain torch for
+every variant, built from the variant definitions in :mod:`attnopt.ir.attention_reference`,
+:mod:`attnopt.ir.block_sparse`, :mod:`attnopt.ir.neighborhood` and
+:mod:`attnopt.ir.linear_attention`. Fast kernels live in the runtime and are tested against it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from attnopt.ir.attention_reference import attention_reference, visible_keys_mask
+from attnopt.ir.block_sparse import BlockMeta, block_meta_visible, route_blocks
+from attnopt.ir.linear_attention import (
+    FeatureMap,
+    feature_map_for,
+    hybrid_attention_reference,
+    linear_attention_reference,
+)
+from attnopt.ir.neighborhood import neighborhood_visible
 from attnopt.ir.ops import Cost, OpDef, register_op
 from attnopt.ir.types import TensorType, Type
 
@@ -125,13 +141,222 @@ def kept_fraction(attrs: AttentionAttrs, q_len: int, kv_len: int) -> float:
     return 1.0
 
 
-def _impl(inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor:
-    q, v = inputs[0], inputs[2]
+class AttentionOperands(NamedTuple):
+    """The operands of one ``attention`` node (or call), by name.
+
+    Attributes:
+        q: ``[B, Hq, Sq, D]``.
+        k: ``[B, Hkv, Sk, D]``.
+        v: ``[B, Hkv, Sk, Dv]``.
+        mask: bool (True = may attend) or additive, broadcastable to ``[B, Hq, Sq, Sk]``, or None.
+        bias: additive, broadcastable to ``[B, Hq, Sq, Sk]``, or None.
+        kv_counts: static block sparsity: int32 ``[Bm, Hm, nQB]``, or None.
+        kv_indices: static block sparsity: int32 ``[Bm, Hm, nQB, max_kv]``, or None.
+    """
+
+    q: Any
+    k: Any
+    v: Any
+    mask: Any = None
+    bias: Any = None
+    kv_counts: Any = None
+    kv_indices: Any = None
+
+    @classmethod
+    def of(cls, inputs: Sequence[Any]) -> AttentionOperands:
+        """Name a positional operand list ``[q, k, v, mask?, bias?, kv_counts?, kv_indices?]``.
+
+        Args:
+            inputs: the node's inputs (tensors at run time, IR values in passes).
+
+        Returns:
+            The named operands (absent trailing ones are None).
+        """
+        if len(inputs) < 3 or len(inputs) > len(cls._fields):
+            raise ValueError(f"attention takes 3 to {len(cls._fields)} operands, got {len(inputs)}")
+        return cls(*inputs)
+
+    def as_list(self) -> list[Any]:
+        """The positional operand list, trailing None operands dropped."""
+        items = list(self)
+        while len(items) > 3 and items[-1] is None:
+            items.pop()
+        return items
+
+
+def block_meta_of(
+    operands: AttentionOperands,
+    attrs: AttentionAttrs,
+    small_ops: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+) -> BlockMeta:
+    """The block metadata of a ``block_sparse`` call: its static operands, or routed now.
+
+    Args:
+        operands: the call's operands (tensors).
+        attrs: the node's attributes.
+        small_ops: context for the small block computations of routing (see
+            :func:`attnopt.ir.block_sparse.route_blocks`).
+
+    Returns:
+        The :class:`~attnopt.ir.block_sparse.BlockMeta`.
+    """
+    if attrs.routing == "static":
+        if operands.kv_counts is None or operands.kv_indices is None:
+            raise ValueError("static block-sparse attention needs kv_counts and kv_indices inputs")
+        return BlockMeta(
+            attrs.query_block or attrs.block, attrs.block, operands.kv_counts, operands.kv_indices
+        )
+    return route_blocks(
+        operands.q,
+        operands.k,
+        block=attrs.block,
+        density=attrs.density if attrs.routing == "topk" else None,
+        threshold=attrs.threshold if attrs.routing == "threshold" else None,
+        keep_local=attrs.keep_local,
+        sinks=attrs.sinks,
+        causal=attrs.causal,
+        mask=operands.mask,
+        scale=attrs.scale,
+        block_q=attrs.query_block or None,
+        small_ops=small_ops,
+    )
+
+
+def feature_map_of(attrs: AttentionAttrs, head_dim: int) -> FeatureMap:
+    """The feature map of a ``linear`` / ``hybrid`` node (built once per configuration).
+
+    Args:
+        attrs: the node's attributes.
+        head_dim: query/key head dimension.
+
+    Returns:
+        The :class:`~attnopt.ir.linear_attention.FeatureMap`.
+    """
+    return feature_map_for(
+        attrs.feature_map,
+        head_dim,
+        num_features=attrs.num_features,
+        seed=attrs.seed,
+        scale=attrs.scale,
+    )
+
+
+def effective_variant(attrs: AttentionAttrs, kv_len: int) -> str:
+    """The variant a call runs as: ``dense`` below ``min_len`` keys, else ``attrs.variant``."""
+    if attrs.variant != "dense" and kv_len < attrs.min_len:
+        return "dense"
+    return attrs.variant
+
+
+def variant_heads(attrs: AttentionAttrs, num_heads: int) -> tuple[int, ...] | None:
+    """The query heads that run the variant when only some do (the rest run dense), else None."""
+    if attrs.heads and len(set(attrs.heads)) < num_heads:
+        return tuple(sorted(set(attrs.heads)))
+    return None
+
+
+def _visibility(operands: AttentionOperands, attrs: AttentionAttrs, variant: str) -> Any:
+    """The bool visibility a sparse variant adds to the dense rule (None: none)."""
+    q, k = operands.q, operands.k
+    q_len, kv_len = q.shape[2], k.shape[2]
+    if variant == "sliding_window":
+        return visible_keys_mask(
+            q_len,
+            kv_len,
+            window_left=attrs.window_left,
+            window_right=attrs.window_right,
+            sinks=attrs.sinks,
+            device=q.device,
+        )
+    if variant == "neighborhood":
+        return neighborhood_visible(
+            attrs.grid, attrs.kernel, attrs.dilation, attrs.num_global, device=q.device
+        )
+    meta = block_meta_of(operands, attrs)
+    return block_meta_visible(meta, q_len, kv_len)
+
+
+def reference_attention(inputs: Sequence[Any], attrs: AttentionAttrs) -> torch.Tensor:
+    """One ``attention`` node computed naively (full score matrices), for any variant.
+
+    This is the op's definition: every kernel is checked against it. ``block_sparse`` with
+    ``permute_keys`` routes on the permuted keys and attends to the same blocks of them.
+
+    Args:
+        inputs: the node's operands (see :class:`AttentionOperands`).
+        attrs: the node's attributes.
+
+    Returns:
+        ``[B, Hq, Sq, Dv]`` in q's dtype.
+    """
+    operands = AttentionOperands.of(inputs)
+    q, k, v = operands.q, operands.k, operands.v
     if q.device.type == "meta":
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
-    from attnopt.runtime.kernels import attention_torch
+    variant = effective_variant(attrs, k.shape[2])
+    dense = {"scale": attrs.scale, "causal": attrs.causal, "softcap": attrs.softcap}
+    if variant == "dense":
+        return attention_reference(q, k, v, mask=operands.mask, bias=operands.bias, **dense)
+    heads = variant_heads(attrs, q.shape[1])
+    if heads is not None:
+        full = attention_reference(q, k, v, mask=operands.mask, bias=operands.bias, **dense)
+        group = q.shape[1] // k.shape[1]
+        sub = _head_subset(operands, heads, group)
+        full[:, list(heads)] = reference_attention(
+            sub.as_list(), dataclasses.replace(attrs, heads=())
+        )
+        return full
+    if variant in ("linear", "hybrid"):
+        fmap = feature_map_of(attrs, q.shape[-1])
+        if variant == "linear":
+            return linear_attention_reference(
+                q, k, v, fmap, causal=attrs.causal, mask=operands.mask
+            )
+        return hybrid_attention_reference(
+            q,
+            k,
+            v,
+            fmap,
+            window=int(attrs.local_window or 0),
+            causal=attrs.causal,
+            mask=operands.mask,
+            scale=attrs.scale,
+        )
+    if variant == "block_sparse" and attrs.permute_keys:
+        from attnopt.ir.block_sparse import apply_permutation, permute_for_sparsity
 
-    return attention_torch(inputs, attrs)
+        perm, _ = permute_for_sparsity(q, k, v, attrs.block, scale=attrs.scale)
+        k, v = apply_permutation(k, perm), apply_permutation(v, perm)
+        operands = operands._replace(k=k, v=v)
+    visible = _visibility(operands, attrs, variant)
+    return attention_reference(
+        q, k, v, mask=operands.mask, bias=operands.bias, visible=visible, **dense
+    )
+
+
+def _head_subset(
+    operands: AttentionOperands, heads: tuple[int, ...], group: int
+) -> AttentionOperands:
+    """The operands of the query heads ``heads`` only (kv heads repeated to match)."""
+    index = torch.tensor(heads, device=operands.q.device)
+
+    def take(t: Any, expand_kv: bool = False) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[1] == 1:
+            return t
+        if expand_kv and group > 1:
+            t = t.repeat_interleave(group, dim=1)
+        return t.index_select(1, index)
+
+    return AttentionOperands(
+        take(operands.q),
+        take(operands.k, True),
+        take(operands.v, True),
+        *(take(t) for t in operands[3:]),
+    )
+
+
+def _impl(inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor:
+    return reference_attention(inputs, attrs)
 
 
 def _verify(node: Any) -> str | None:

@@ -18,6 +18,7 @@ import torch
 
 from attnopt.ir import Graph, Node, Value
 from attnopt.ir.attention import AttentionAttrs
+from attnopt.ir.attention_reference import mask_is_inert, visible_keys_mask
 from attnopt.ir.ops import CastAttrs, DimAttrs, ScalarOperandAttrs, ShapeAttrs, TransposeAttrs
 from attnopt.passes.attention_match import (
     ADDITIVE_MASK_LIMIT,
@@ -31,7 +32,6 @@ from attnopt.passes.helpers import (
     emit_before,
     view_chain_source,
 )
-from attnopt.runtime.reference import mask_is_inert, visible_keys_mask
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from attnopt.validate.report import Budget, NumericsReport, resolve_tolerance
 
 def _compiled(model: Any, args: tuple, kwargs: dict) -> Any:
     from attnopt.api import compile as attnopt_compile
-    from attnopt.runtime.module import CompiledModule
+    from attnopt.compiled import CompiledModule
 
     if isinstance(model, CompiledModule):
         return model

@@ -1,4 +1,4 @@
-"""Generated Triton attention kernels against attnopt.runtime.reference, in Triton's interpreter.
+"""Generated Triton attention kernels against attnopt.ir.attention_reference, in Triton's interpreter.
 
 Every variant (dense, causal with q_len != kv_len, GQA/MQA, bool and additive masks with
 broadcasting, bias, softcap, sliding window with sinks, block-sparse with full blocks; fp32 and
@@ -27,10 +27,10 @@ from attnopt.codegen.triton_attention import (
     render_attention_kernel,
 )
 from attnopt.errors import BackendError
-from attnopt.runtime import triton_launch
-from attnopt.runtime.kernel_cache import KernelCache
-from attnopt.runtime.reference import attention_reference, visible_keys_mask
-from attnopt.runtime.triton_launch import (
+from attnopt.ir.attention_reference import attention_reference, visible_keys_mask
+from attnopt.runtime.triton import launch as triton_launch
+from attnopt.runtime.triton.cache import KernelCache
+from attnopt.runtime.triton.launch import (
     BlockSparseMeta,
     attention_kernel_config,
     triton_attention,
@@ -365,7 +365,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from attnopt.codegen.triton_attention import AttentionKernelConfig, render_attention_kernel
-    from attnopt.runtime.kernel_cache import KernelCache, kernel_cache_key
+    from attnopt.runtime.triton.cache import KernelCache, kernel_cache_key
 
     config = AttentionKernelConfig(80, 80, causal=True, mask_kind="bool", sparsity="sliding_window",
                                    window_left=64, window_right=0, sinks=4, dtype="float16")

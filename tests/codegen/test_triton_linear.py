@@ -2,7 +2,7 @@
 
 The kernels run in one child process started with ``TRITON_INTERPRET=1`` (Triton reads it when it
 is imported, so it must not leak into this pytest process); the child checks every case against
-:func:`attnopt.runtime.cpu_linear.linear_attention_naive` and reports JSON.
+:func:`attnopt.ir.linear_attention.linear_attention_reference` and reports JSON.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def _run_cases() -> dict[str, bool]:
     import torch
 
     from attnopt.codegen.triton_linear import triton_linear_attention
-    from attnopt.runtime.cpu_linear import linear_attention_naive, make_feature_map
+    from attnopt.ir.linear_attention import linear_attention_reference as linear_attention_naive
+    from attnopt.ir.linear_attention import make_feature_map
     from attnopt.tolerances import exact_tolerance
 
     tolerance = exact_tolerance(torch.float32)

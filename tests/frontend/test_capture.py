@@ -132,3 +132,16 @@ def test_nn_transformer_with_a_mask_value_hint_captures():
     from torch.nn.modules import transformer
 
     assert transformer._detect_is_causal_mask.__name__ == "_detect_is_causal_mask"
+
+
+def test_budget_is_not_silently_ignored():
+    import warnings
+
+    import attnopt
+    from attnopt.validate import Budget
+
+    model = torch.nn.Linear(4, 4).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attnopt.compile(model, (torch.randn(2, 4),), budget=Budget(cosine=0.99))
+    assert any("budget" in str(w.message) and "not used" in str(w.message) for w in caught)

@@ -787,7 +787,7 @@ def test_training_mode_dropout_is_not_fused():
 
 
 def test_constant_sliding_window_mask_becomes_exact_window_variant():
-    from attnopt.runtime.reference import visible_keys_mask
+    from attnopt.ir.attention_reference import visible_keys_mask
 
     q, k, v = _qkv(q_len=S, kv_len=S)
     band = visible_keys_mask(S, S, window_left=3, window_right=0)

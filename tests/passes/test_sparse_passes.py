@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnopt
-from attnopt.runtime.reference import attention_reference, visible_keys_mask
+from attnopt.ir.attention_reference import attention_reference, visible_keys_mask
 from attnopt.tolerances import assert_close
 from tests import zoo
 from tests.helpers import assert_matches_eager, zoo_model
@@ -81,8 +81,7 @@ def test_block_sparse_density_one_is_exact():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_block_sparse_topk_routing_matches_routed_reference(causal):
-    from attnopt.runtime.cpu_block_routing import route_blocks
-    from attnopt.runtime.cpu_sparse import block_meta_visible
+    from attnopt.ir.block_sparse import block_meta_visible, route_blocks
 
     q, k, v, keep = _inputs(48, 48)
     cm = attnopt.compile(

@@ -1,4 +1,4 @@
-"""Linear and hybrid attention kernels (attnopt.runtime.cpu_linear) against their references."""
+"""Linear and hybrid attention kernels (attnopt.runtime.cpu) against their references."""
 
 from __future__ import annotations
 
@@ -7,16 +7,14 @@ import math
 import pytest
 import torch
 
-from attnopt.runtime import cpu_hybrid, linear_features
-from attnopt.runtime.cpu_linear import (
-    FavorFeatureMap,
-    hybrid_attention,
-    hybrid_attention_naive,
-    linear_attention,
-    linear_attention_naive,
-    make_feature_map,
-)
-from attnopt.runtime.reference import attention_reference
+from attnopt.ir.attention_reference import attention_reference
+from attnopt.ir.linear_attention import FavorFeatureMap, make_feature_map
+from attnopt.ir.linear_attention import hybrid_attention_reference as hybrid_attention_naive
+from attnopt.ir.linear_attention import linear_attention_reference as linear_attention_naive
+from attnopt.runtime.cpu import hybrid as cpu_hybrid
+from attnopt.runtime.cpu import linear_features
+from attnopt.runtime.cpu.hybrid import hybrid_attention
+from attnopt.runtime.cpu.linear import linear_attention
 from attnopt.tolerances import assert_close
 
 FEATURE_MAPS = ["elu", "relu", "favor", "cosformer"]

@@ -7,22 +7,23 @@ import math
 import pytest
 import torch
 
-from attnopt.runtime import cpu_block_sparse, cpu_sparse
-from attnopt.runtime.cpu_sparse import (
+from attnopt.ir.attention_reference import attention_reference, visible_keys_mask
+from attnopt.ir.block_sparse import (
     BlockMeta,
     apply_permutation,
     block_meta_visible,
-    block_sparse_attention,
     calibration_block_scores,
-    neighborhood_attention,
-    neighborhood_visible,
     permute_for_sparsity,
     route_blocks,
-    sliding_window_attention,
     static_block_pattern,
 )
-from attnopt.runtime.cpu_sparse_common import dense_attention
-from attnopt.runtime.reference import attention_reference, visible_keys_mask
+from attnopt.ir.neighborhood import neighborhood_visible
+from attnopt.runtime.cpu import block_sparse as cpu_block_sparse
+from attnopt.runtime.cpu import sliding_window as cpu_sparse
+from attnopt.runtime.cpu.block_sparse import block_sparse_attention
+from attnopt.runtime.cpu.dense import dense_attention_cpu
+from attnopt.runtime.cpu.neighborhood import neighborhood_attention
+from attnopt.runtime.cpu.sliding_window import sliding_window_attention
 from attnopt.tolerances import assert_close
 
 
@@ -126,7 +127,7 @@ def test_sliding_window_interior_is_one_strided_call_and_skips_work():
 @pytest.mark.parametrize("causal", [False, True])
 def test_sliding_window_covering_everything_is_dense(causal):
     q, k, v = _qkv(q_len=33, kv_len=33)
-    dense = dense_attention(q, k, v, scale=0.25, causal=causal, mask=None, bias=None)
+    dense = dense_attention_cpu(q, k, v, scale=0.25, causal=causal, mask=None, bias=None)
     out = sliding_window_attention(
         q, k, v, window_left=40, window_right=40, sinks=2, causal=causal, scale=0.25
     )
@@ -208,7 +209,7 @@ def test_block_sparse_low_precision(dtype):
 def test_block_sparse_full_density_is_dense(causal):
     q, k, v = _qkv(q_len=48, kv_len=48)
     meta = route_blocks(q, k, block=16, density=1.0, causal=False)
-    dense = dense_attention(q, k, v, scale=48**-0.5, causal=causal, mask=None, bias=None)
+    dense = dense_attention_cpu(q, k, v, scale=48**-0.5, causal=causal, mask=None, bias=None)
     assert torch.equal(block_sparse_attention(q, k, v, meta, scale=48**-0.5, causal=causal), dense)
 
 
@@ -407,5 +408,5 @@ def test_neighborhood_bf16_and_full_kernel_is_dense():
     assert_close(out, attention_reference(q, k, v, visible=neighborhood_visible((8, 8), 5, 1, 1)))
     full = neighborhood_attention(q, k, v, grid=(8, 8), kernel=8, num_global=1)
     assert torch.equal(
-        full, dense_attention(q, k, v, scale=16**-0.5, causal=False, mask=None, bias=None)
+        full, dense_attention_cpu(q, k, v, scale=16**-0.5, causal=False, mask=None, bias=None)
     )

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnopt.runtime import dense
-from attnopt.runtime.dense import linear, onednn_linear_available
+from attnopt.runtime.cpu import projection as dense
+from attnopt.runtime.cpu.projection import linear, onednn_linear_available
 
 
 @pytest.mark.parametrize("shape", [(2, 300, 64), (700, 64), (1, 1, 4096, 64), (0, 64), (2, 0, 64)])

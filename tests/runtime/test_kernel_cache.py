@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from attnopt.codegen.triton_attention import AttentionKernelConfig, render_attention_kernel
-from attnopt.runtime.kernel_cache import (
+from attnopt.runtime.triton.cache import (
     KernelCache,
     default_cache_dir,
     kernel_cache_key,
@@ -97,9 +97,9 @@ _RUN_KERNEL = textwrap.dedent(
     """
     import json, sys
     import torch
-    from attnopt.runtime.kernel_cache import KernelCache
-    from attnopt.runtime.reference import attention_reference
-    from attnopt.runtime.triton_launch import triton_attention
+    from attnopt.ir.attention_reference import attention_reference
+    from attnopt.runtime.triton.cache import KernelCache
+    from attnopt.runtime.triton.launch import triton_attention
 
     cache = KernelCache(sys.argv[1])
     q, k, v = (torch.randn(1, 2, 9, 32) for _ in range(3))

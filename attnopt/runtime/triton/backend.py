@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from attnopt.ir import Graph, TensorType
-from attnopt.ir.attention import AttentionAttrs
+from attnopt.ir.attention import AttentionAttrs, AttentionOperands, block_meta_of, feature_map_of
 
 #: Variants the Triton template family renders (neighbourhoods as block-sparse plus a mask).
 TRITON_VARIANTS = ("dense", "sliding_window", "block_sparse", "neighborhood")
@@ -31,7 +31,7 @@ def prepare_interpreter() -> bool:
     if "triton" not in sys.modules:
         os.environ["TRITON_INTERPRET"] = "1"
         return True
-    from attnopt.runtime.triton_launch import triton_interpreter_ready
+    from attnopt.runtime.triton.launch import triton_interpreter_ready
 
     return triton_interpreter_ready()
 
@@ -47,10 +47,9 @@ def _window(attrs: AttentionAttrs) -> dict[str, Any]:
 
 
 def _block_meta(inputs: list[Any], attrs: AttentionAttrs) -> Any:
-    from attnopt.runtime.triton_launch import BlockSparseMeta
-    from attnopt.runtime.variants import block_meta_for
+    from attnopt.runtime.triton.launch import BlockSparseMeta
 
-    meta = block_meta_for(inputs, attrs)
+    meta = block_meta_of(AttentionOperands.of(inputs), attrs)
     return BlockSparseMeta(
         block_q=meta.block_q,
         block_k=meta.block_k,
@@ -64,8 +63,8 @@ def _neighborhood_plan(
     grid: tuple[int, ...], kernel: tuple[int, ...], dilation: int, num_global: int, kv_len: int
 ) -> tuple[torch.Tensor, Any]:
     """Visibility and the block lists that skip key blocks no query of a block can see."""
-    from attnopt.runtime.cpu_neighborhood import neighborhood_visible
-    from attnopt.runtime.triton_launch import BlockSparseMeta
+    from attnopt.ir.neighborhood import neighborhood_visible
+    from attnopt.runtime.triton.launch import BlockSparseMeta
 
     visible = neighborhood_visible(grid, kernel, dilation, num_global)
     block = NEIGHBORHOOD_BLOCK
@@ -105,7 +104,7 @@ def run_attention_triton(
         ``(output, None)``, or ``(None, reason)`` when the kernel cannot serve this call (the
         caller then runs the torch kernel).
     """
-    from attnopt.runtime.triton_launch import triton_attention, triton_can_run
+    from attnopt.runtime.triton.launch import triton_attention, triton_can_run
 
     if attrs.variant == "linear":
         return _run_linear(inputs, attrs, interpret=interpret)
@@ -168,8 +167,8 @@ def _run_linear(
     FAVOR+ / cosFormer features computed in torch and passed with the identity map (``eps`` in
     the kernel's true units, as :func:`attnopt.runtime.cpu_linear.linear_attention` adds it)."""
     from attnopt.codegen.triton_linear import triton_linear_attention
-    from attnopt.runtime.linear_features import _prepare, _row_eps
-    from attnopt.runtime.variants import feature_map_for
+    from attnopt.ir.linear_attention import prepare_features
+    from attnopt.runtime.cpu.linear_features import row_eps
 
     padded = list(inputs) + [None] * (5 - len(inputs))
     q, k, v, mask, bias = padded[:5]
@@ -184,11 +183,11 @@ def _run_linear(
                 q, k, v, name, causal=attrs.causal, mask=mask, interpret=interpret
             )
         else:
-            prep = _prepare(
-                q.float(), k.float(), v.float(), feature_map_for(attrs, q.shape[-1]), None
+            prep = prepare_features(
+                q.float(), k.float(), v.float(), feature_map_of(attrs, q.shape[-1]), None
             )
             rows = prep.phi_q.shape[:4]  # [B, Hkv, G, Sq]
-            eps = _row_eps(1e-6, prep.log_q, None)  # FAVOR+: in the kernel's true units
+            eps = row_eps(1e-6, prep.log_q, None)  # FAVOR+: in the kernel's true units
             if isinstance(eps, torch.Tensor):
                 eps = eps.expand(*rows, 1).reshape(q.shape[:3])
             out = triton_linear_attention(
@@ -211,7 +210,7 @@ def kernel_sources_for(graph: Graph) -> dict[str, str]:
     """
     try:
         from attnopt.codegen.triton_attention import render_attention_kernel
-        from attnopt.runtime.triton_launch import attention_kernel_config
+        from attnopt.runtime.triton.launch import attention_kernel_config
     except ImportError:
         return {}
     sources: dict[str, str] = {}

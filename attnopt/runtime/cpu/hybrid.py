@@ -1,22 +1,22 @@
 """Hybrid attention in torch, for CPU (issue 6): exact softmax in a local window plus linear
 attention for the keys outside it, under one normalisation.
 
-Entry points: :func:`hybrid_attention`, :func:`hybrid_attention_naive` (both re-exported by
-:mod:`attnopt.runtime.cpu_linear`). Feature maps, masks and log-scales: ``linear_features``.
+Entry point: :func:`hybrid_attention`; its reference is
+:func:`attnopt.ir.linear_attention.hybrid_attention_reference`. Feature maps, masks and log-scales:
+:mod:`attnopt.ir.linear_attention`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from attnopt.runtime.linear_features import FeatureMap, _prepare
-from attnopt.runtime.reference import causal_mask, mask_is_inert, visible_keys_mask
+from attnopt.ir.attention_reference import mask_is_inert
+from attnopt.ir.linear_attention import FeatureMap, hybrid_scale, mix_parts, prepare_features
 
-__all__ = ["hybrid_attention", "hybrid_attention_naive"]
+__all__ = ["hybrid_attention"]
 
 
 def _softmax_lse(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,32 +36,17 @@ def _softmax_lse(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tenso
 _HYBRID_STEP_BYTES = 64 << 20
 
 
-def _mix(soft, log_soft, lin_avg, log_lin_mass) -> torch.Tensor:
-    """``(e^{a-m} soft + e^{c-m} lin_avg) / (e^{a-m} + e^{c-m})`` with ``m = max(a, c)``.
-
-    Two normalised parts with their log masses (``-inf``: empty part); both weights are <= 1 and
-    the larger is 1, so nothing over- or underflows; rows where both parts are empty are zeros.
-    """
-    row_max = torch.maximum(log_soft, log_lin_mass)
-    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-    weight_soft = torch.exp(log_soft - row_max)
-    weight_lin = torch.exp(log_lin_mass - row_max)
-    num = soft.mul_(weight_soft).add_(lin_avg * weight_lin)
-    den = weight_soft.add_(weight_lin)
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
-
-
 def _merge(soft, log_soft, lin, log_lin) -> torch.Tensor:
     """Mix the softmax part (output ``soft``, log-sum-exp ``a``, ``-inf``: no window key) with the
     linear part ``lin = [num, den]`` (last axis) of log-scale ``b`` (None = 0): its average
-    ``num / den`` has log mass ``c = b + log den`` (see :func:`_mix`)."""
+    ``num / den`` has log mass ``c = b + log den`` (see :func:`attnopt.ir.linear_attention.mix_parts`)."""
     dv = soft.shape[-1]
     den = lin[..., dv:]
     lin_avg = torch.where(den > 0, lin[..., :dv] / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
     log_mass = torch.log(den)
     if log_lin is not None:
         log_mass = log_mass + log_lin
-    return _mix(soft, log_soft, lin_avg, log_mass)
+    return mix_parts(soft, log_soft, lin_avg, log_mass)
 
 
 class _Geometry(NamedTuple):
@@ -363,7 +348,7 @@ def hybrid_attention(
     Returns:
         ``[B, Hq, Sq, Dv]`` in q's dtype; rows that see no key are zeros.
     """
-    scale = _hybrid_scale(feature_map, q.shape[-1], scale)
+    scale = hybrid_scale(feature_map, q.shape[-1], scale)
     batch, q_heads, q_len, _ = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     if q_heads % kv_heads != 0:
@@ -378,7 +363,7 @@ def hybrid_attention(
     geo = _Geometry(batch, kv_heads, q_heads // kv_heads, q_len, kv_len, chunk, -(-q_len // chunk))
     if mask is not None and mask_is_inert(mask):
         mask = None  # all kept, or all zeros: the unmasked fast path
-    prep = _prepare(q, k, v, feature_map, mask)
+    prep = prepare_features(q, k, v, feature_map, mask)
     rows = prep.phi_q.shape[:4] + (1,)
     log_lin = None if prep.log_q is None else geo.to_blocks(prep.log_q.expand(rows))
     key_bias = None  # [B|1, Hkv|1, Sk, 1]
@@ -391,70 +376,3 @@ def hybrid_attention(
     )  # fmt: skip
     out = hybrid.run()
     return out.reshape(batch, q_heads, q_len, -1).to(q.dtype)
-
-
-def _hybrid_scale(feature_map: FeatureMap, head_dim: int, scale: float | None) -> float:
-    map_scale = getattr(feature_map, "scale", None)
-    if scale is None:
-        return map_scale if map_scale is not None else head_dim**-0.5
-    if feature_map.estimates_exp and map_scale is not None and not math.isclose(scale, map_scale):
-        raise ValueError(f"scale {scale} differs from the feature map's scale {map_scale}")
-    return scale
-
-
-def hybrid_attention_naive(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    feature_map: FeatureMap,
-    *,
-    window: int,
-    causal: bool = False,
-    mask: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Quadratic-form reference of :func:`hybrid_attention` (full ``Sq x Sk`` matrices).
-
-    Args:
-        q: ``[B, Hq, Sq, D]``.
-        k: ``[B, Hkv, Sk, D]``.
-        v: ``[B, Hkv, Sk, Dv]``.
-        feature_map: the linear part's feature map.
-        window: local window radius.
-        causal: bottom-right aligned causal rule.
-        mask: key padding mask, as in :func:`linear_attention`.
-        scale: score scale, as in :func:`hybrid_attention`.
-
-    Returns:
-        ``[B, Hq, Sq, Dv]`` in q's dtype.
-    """
-    scale = _hybrid_scale(feature_map, q.shape[-1], scale)
-    if q.shape[2] == 0 or k.shape[2] == 0:  # no rows, or rows without keys: zeros
-        return q.new_zeros(*q.shape[:3], v.shape[-1])
-    prep = _prepare(q, k, v, feature_map, mask)
-    batch, kv_heads, group, q_len, _ = prep.phi_q.shape
-    kv_len = k.shape[2]
-    keys = k.to(prep.value.dtype).unsqueeze(2)
-    scores = torch.matmul(
-        q.to(keys.dtype).reshape(prep.phi_q.shape[:4] + (-1,)), keys.transpose(-1, -2)
-    )
-    scores = scores * scale
-    if prep.key_log_weight is not None:
-        scores = scores + prep.key_log_weight.unsqueeze(2)
-    right = 0 if causal else window
-    inside = visible_keys_mask(
-        q_len, kv_len, window_left=window, window_right=right, device=q.device
-    )
-    visible = causal_mask(q_len, kv_len, q.device) if causal else torch.ones_like(inside)
-    scores = scores.masked_fill(~inside, float("-inf"))
-    values = prep.value.unsqueeze(2)
-    log_soft = torch.logsumexp(scores, dim=-1, keepdim=True)  # -inf: no key in the window
-    weights = torch.exp(scores - torch.where(torch.isfinite(log_soft), log_soft, 0.0))
-    soft = torch.matmul(weights, values)
-    kernel = torch.matmul(prep.phi_q, prep.phi_k.unsqueeze(2).transpose(-1, -2))
-    kernel = kernel * (visible & ~inside)
-    lin_den = kernel.sum(-1, keepdim=True)
-    lin_avg = torch.matmul(kernel, values) / lin_den.clamp_min(torch.finfo(lin_den.dtype).tiny)
-    log_mass = torch.log(lin_den) + (0.0 if prep.log_q is None else prep.log_q)
-    out = _mix(soft, log_soft, lin_avg, log_mass)
-    return out.reshape(batch, kv_heads * group, q_len, -1).to(q.dtype)

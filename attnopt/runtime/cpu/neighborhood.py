@@ -1,6 +1,6 @@
 """Neighbourhood attention on 2-D and 3-D token grids for CPU (issue 5), NATTEN semantics.
 
-Entry points: :func:`neighborhood_attention`, :func:`neighborhood_visible`.
+Entry point: :func:`neighborhood_attention`; the rule itself is :mod:`attnopt.ir.neighborhood`.
 
 Tokens are ``num_global`` leading tokens (CLS, registers) followed by a row-major grid ``(H, W)`` or
 ``(T, H, W)``. Along each axis of length ``L`` with kernel ``K`` and dilation ``d``, position ``i``
@@ -25,43 +25,18 @@ from functools import lru_cache
 
 import torch
 
-from attnopt.runtime.cpu_sparse_common import (
+from attnopt.ir.attention_reference import mask_to_4d
+from attnopt.ir.neighborhood import axis_starts, axis_visible, per_axis
+from attnopt.runtime.cpu.common import (
     additive_mask,
     chunked_flash,
-    dense_attention,
     flash_attend,
     gather_pairs,
-    mask_to_4d,
     record_computed,
 )
+from attnopt.runtime.cpu.dense import dense_attention_cpu
 
-__all__ = ["neighborhood_attention", "neighborhood_visible"]
-
-
-def _per_axis(value: int | Sequence[int], dims: int, name: str) -> tuple[int, ...]:
-    values = (value,) * dims if isinstance(value, int) else tuple(int(x) for x in value)
-    if len(values) != dims or any(x < 1 for x in values):
-        raise ValueError(f"{name} must be a positive int or {dims} positive ints, got {value}")
-    return values
-
-
-def _axis_starts(length: int, kernel: int, dilation: int) -> torch.Tensor:
-    """First neighbour of every position along one axis, ``[length]`` (neighbours step by d)."""
-    if kernel * dilation > length:
-        raise ValueError(f"kernel {kernel} * dilation {dilation} exceeds the axis length {length}")
-    pos = torch.arange(length)
-    residue, index = pos % dilation, pos // dilation
-    class_len = (length - residue + dilation - 1) // dilation
-    start = torch.minimum(torch.clamp(index - kernel // 2, min=0), class_len - kernel)
-    return residue + dilation * start
-
-
-def _axis_visible(length: int, kernel: int, dilation: int) -> torch.Tensor:
-    """Bool ``[length, length]``: query position sees key position along one axis."""
-    start = _axis_starts(length, kernel, dilation).unsqueeze(1)
-    keys = torch.arange(length).unsqueeze(0)
-    offset = keys - start
-    return (offset >= 0) & (offset < kernel * dilation) & (offset % dilation == 0)
+__all__ = ["neighborhood_attention"]
 
 
 @lru_cache(maxsize=64)
@@ -71,8 +46,8 @@ def _axis_tiles(length: int, kernel: int, dilation: int, tile: int):
     Tiles hold up to ``tile`` consecutive members of one dilation class; short tiles repeat their
     last query (a duplicate computes the same row) and pad keys with masked duplicates.
     """
-    starts = _axis_starts(length, kernel, dilation)
-    visible = _axis_visible(length, kernel, dilation)
+    starts = axis_starts(length, kernel, dilation)
+    visible = axis_visible(length, kernel, dilation)
     queries, keys = [], []
     for residue in range(dilation):
         members = torch.arange(residue, length, dilation)
@@ -92,14 +67,14 @@ def _axis_tiles(length: int, kernel: int, dilation: int, tile: int):
 
 
 def _combine_axes(
-    per_axis: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], grid: tuple[int, ...]
+    axes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], grid: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cartesian product of per-axis tiles: flat query ``[nT, Qt]``, key ``[nT, Ut]`` tokens, mask."""
     dims = len(grid)
     strides = [math.prod(grid[a + 1 :]) for a in range(dims)]
     q_tok = k_tok = torch.zeros((), dtype=torch.long)
     vis = torch.ones((), dtype=torch.bool)
-    for axis, (q_coords, k_coords, tile_visible) in enumerate(per_axis):
+    for axis, (q_coords, k_coords, tile_visible) in enumerate(axes):
         # layout: [n_0 .. n_{dims-1}, T_0 .. T_{dims-1}, U_0 .. U_{dims-1}]
         def place(t: torch.Tensor, slots: tuple[int, ...], axis: int = axis) -> torch.Tensor:
             shape = [1] * (3 * dims)
@@ -110,44 +85,11 @@ def _combine_axes(
         q_tok = q_tok + place(q_coords * strides[axis], (axis, dims + axis))
         k_tok = k_tok + place(k_coords * strides[axis], (axis, 2 * dims + axis))
         vis = vis & place(tile_visible, (axis, dims + axis, 2 * dims + axis))
-    num_tiles = math.prod(p[0].shape[0] for p in per_axis)
+    num_tiles = math.prod(p[0].shape[0] for p in axes)
     q_tok = q_tok.reshape(num_tiles, -1)
     k_tok = k_tok.reshape(num_tiles, -1)
     vis = vis.reshape(num_tiles, q_tok.shape[1], k_tok.shape[1])
     return q_tok, k_tok, vis
-
-
-def neighborhood_visible(
-    grid: Sequence[int],
-    kernel: int | Sequence[int],
-    dilation: int | Sequence[int] = 1,
-    num_global: int = 0,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Dense bool visibility of neighbourhood attention (for tests and the reference path only).
-
-    Args:
-        grid: ``(H, W)`` or ``(T, H, W)``.
-        kernel: window size per axis (int or one per axis).
-        dilation: dilation per axis (int or one per axis).
-        num_global: leading global tokens.
-        device: device of the result.
-
-    Returns:
-        Bool ``[S, S]`` with ``S = num_global + prod(grid)``, True where query may see key.
-    """
-    grid = tuple(int(g) for g in grid)
-    kernels = _per_axis(kernel, len(grid), "kernel")
-    dilations = _per_axis(dilation, len(grid), "dilation")
-    vis = torch.ones(1, 1, dtype=torch.bool)
-    for length, k, d in zip(grid, kernels, dilations):
-        axis = _axis_visible(length, k, d)
-        size = vis.shape[0] * length
-        vis = (vis[:, None, :, None] & axis[None, :, None, :]).reshape(size, size)
-    total = num_global + math.prod(grid)
-    out = torch.ones(total, total, dtype=torch.bool)
-    out[num_global:, num_global:] = vis
-    return out.to(device)
 
 
 def _default_tile(grid: tuple[int, ...], dilations: tuple[int, ...]) -> tuple[int, ...]:
@@ -159,10 +101,10 @@ def _default_tile(grid: tuple[int, ...], dilations: tuple[int, ...]) -> tuple[in
 def _tile_plan(grid, kernels, dilations, tiles, num_global, device):
     """Token indices of every tile: queries ``[nT, Qt]``, keys ``[nT, G + Ut]`` (globals first)
     and the bool visibility ``[nT, Qt, G + Ut]``."""
-    per_axis = [
+    axes = [
         _axis_tiles(g, kn, d, min(t, g)) for g, kn, d, t in zip(grid, kernels, dilations, tiles)
     ]
-    q_tok, k_tok, vis = (t.to(device) for t in _combine_axes(per_axis, grid))
+    q_tok, k_tok, vis = (t.to(device) for t in _combine_axes(axes, grid))
     num_tiles, tile_q = q_tok.shape
     globals_ = torch.arange(num_global, device=device).expand(num_tiles, num_global)
     k_tok = torch.cat([globals_, k_tok + num_global], dim=1)
@@ -212,13 +154,13 @@ def neighborhood_attention(
         raise ValueError(f"sequence {seq} is not num_global {num_global} + grid {grid}")
     group, value_dim = q_heads // k.shape[1], v.shape[3]
     scale = head_dim**-0.5 if scale is None else scale
-    kernels = _per_axis(kernel, len(grid), "kernel")
-    dilations = _per_axis(dilation, len(grid), "dilation")
-    tiles = _default_tile(grid, dilations) if tile is None else _per_axis(tile, len(grid), "tile")
+    kernels = per_axis(kernel, len(grid), "kernel")
+    dilations = per_axis(dilation, len(grid), "dilation")
+    tiles = _default_tile(grid, dilations) if tile is None else per_axis(tile, len(grid), "tile")
     mask4, bias4 = mask_to_4d(mask, "mask"), mask_to_4d(bias, "bias")
     if all(kn >= g for kn, g in zip(kernels, grid)):  # every window is the whole grid
         record_computed(stats, seq * seq, seq * seq)
-        return dense_attention(q, k, v, scale=scale, causal=False, mask=mask, bias=bias)
+        return dense_attention_cpu(q, k, v, scale=scale, causal=False, mask=mask, bias=bias)
     q_tok, k_tok, vis = _tile_plan(grid, kernels, dilations, tiles, num_global, q.device)
     num_tiles, tile_q = q_tok.shape
     k_full, v_full = (x.repeat_interleave(group, dim=1) if group > 1 else x for x in (k, v))

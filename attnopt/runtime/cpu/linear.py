@@ -1,14 +1,14 @@
 """Linear attention kernels in torch, for CPU (issue 6), and the entry points of the family.
 
-Entry points: :func:`linear_attention`, :func:`linear_attention_naive`; re-exported:
-:func:`make_feature_map` and the feature maps (:mod:`attnopt.runtime.linear_features`),
-:func:`hybrid_attention` and :func:`hybrid_attention_naive` (:mod:`attnopt.runtime.cpu_hybrid`).
+Entry point: :func:`linear_attention`; its reference is
+:func:`attnopt.ir.linear_attention.linear_attention_reference`, the feature maps are in
+:mod:`attnopt.ir.linear_attention`.
 
 ``out_i = phi(q_i) (sum_j phi(k_j) v_j^T) / (phi(q_i) (sum_j phi(k_j)) + eps)``, computed in row
 blocks (bounded temporaries, no ``N x N`` tensor): non-causal builds one state per kv head, then
 maps query blocks through it; causal is the chunk form (quadratic inside a chunk, exclusive
 prefix state across chunks) with the state carried from block to block. Query heads of a GQA
-group share their kv head's state. Positions, masks and log-scales: see ``linear_features``.
+group share their kv head's state. Positions, masks and log-scales: see :mod:`attnopt.ir.linear_attention`.
 """
 
 from __future__ import annotations
@@ -16,37 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnopt.runtime.cpu_hybrid import hybrid_attention, hybrid_attention_naive
-from attnopt.runtime.linear_features import (
-    CosformerFeatureMap,
-    EluFeatureMap,
-    FavorFeatureMap,
-    FeatureMap,
-    Features,
-    ReluFeatureMap,
-    _block_rows,
-    _key_log_weight,
-    _Keys,
-    _prepare,
-    _query_rows,
-    _row_eps,
-    make_feature_map,
-)
-from attnopt.runtime.reference import causal_mask
+from attnopt.ir.linear_attention import FeatureMap, key_log_weight
+from attnopt.runtime.cpu.linear_features import KeyRows, block_rows, query_rows, row_eps
 
-__all__ = [
-    "CosformerFeatureMap",
-    "EluFeatureMap",
-    "FavorFeatureMap",
-    "FeatureMap",
-    "Features",
-    "ReluFeatureMap",
-    "hybrid_attention",
-    "hybrid_attention_naive",
-    "linear_attention",
-    "linear_attention_naive",
-    "make_feature_map",
-]
+__all__ = ["linear_attention"]
 
 
 def _normalise(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tensor:
@@ -58,24 +31,24 @@ def _noncausal(q, k, v, feature_map: FeatureMap, log_weight, eps: float) -> torc
     batch, q_heads, q_len, _ = q.shape
     kv_heads, kv_len, dv = k.shape[1], k.shape[2], v.shape[-1]
     features = feature_map.feature_dim
-    keys = _Keys(k, v, feature_map, log_weight, max(q_len, kv_len), ones_column=False)
+    keys = KeyRows(k, v, feature_map, log_weight, max(q_len, kv_len), ones_column=False)
     state = torch.zeros(batch, kv_heads, features, dv, dtype=keys.compute, device=q.device)
     normaliser = torch.zeros(batch, kv_heads, features, 1, dtype=keys.compute, device=q.device)
-    step = _block_rows(batch * kv_heads, features)
+    step = block_rows(batch * kv_heads, features)
     for start in range(0, kv_len, step):
         phi_k, value = keys.rows(start, min(kv_len, start + step), [state, normaliser])
         state.add_(torch.matmul(phi_k.transpose(-1, -2), value))
         normaliser.add_(phi_k.sum(-2).unsqueeze(-1))
     out = torch.empty(batch, q_heads, q_len, dv, dtype=keys.compute, device=q.device)
-    step = _block_rows(batch * q_heads, features)
+    step = block_rows(batch * q_heads, features)
     for start in range(0, q_len, step):
         stop = min(q_len, start + step)
-        phi_q, log_q = _query_rows(q, feature_map, start, stop, kv_heads, kv_len)
-        row_eps = _row_eps(eps, log_q, keys.reference)
-        if isinstance(row_eps, torch.Tensor):
-            row_eps = row_eps.expand(*phi_q.shape[:-1], 1).reshape(batch, kv_heads, -1, 1)
+        phi_q, log_q = query_rows(q, feature_map, start, stop, kv_heads, kv_len)
+        eps_rows = row_eps(eps, log_q, keys.reference)
+        if isinstance(eps_rows, torch.Tensor):
+            eps_rows = eps_rows.expand(*phi_q.shape[:-1], 1).reshape(batch, kv_heads, -1, 1)
         phi_q = phi_q.reshape(batch, kv_heads, -1, features)  # the group's rows share a state
-        phi_q.mul_(torch.matmul(phi_q, normaliser).add_(row_eps).reciprocal_())
+        phi_q.mul_(torch.matmul(phi_q, normaliser).add_(eps_rows).reciprocal_())
         out[:, :, start:stop] = torch.matmul(phi_q, state).view(batch, q_heads, stop - start, dv)
     return out
 
@@ -122,9 +95,9 @@ def _causal(q, k, v, feature_map: FeatureMap, log_weight, chunk: int, eps: float
     kv_heads, kv_len, dv = k.shape[1], k.shape[2], v.shape[-1]
     offset = kv_len - q_len  # query i's diagonal key is i + offset
     features = feature_map.feature_dim
-    keys = _Keys(k, v, feature_map, log_weight, max(q_len, kv_len), ones_column=True)
+    keys = KeyRows(k, v, feature_map, log_weight, max(q_len, kv_len), ones_column=True)
     state = torch.zeros(batch, kv_heads, features, dv + 1, dtype=keys.compute, device=q.device)
-    step = max(chunk, _block_rows(batch * q_heads, features) // chunk * chunk)
+    step = max(chunk, block_rows(batch * q_heads, features) // chunk * chunk)
     for start in range(0, max(offset, 0), step):  # keys before the diagonal: seen by every row
         phi_k, value = keys.rows(start, min(offset, start + step), [state])
         state.add_(torch.matmul(phi_k.transpose(-1, -2), value))
@@ -132,9 +105,9 @@ def _causal(q, k, v, feature_map: FeatureMap, log_weight, chunk: int, eps: float
     for start in range(0, q_len, step):
         stop = min(q_len, start + step)
         phi_k, value = keys.rows(start + offset, stop + offset, [state])
-        phi_q, log_q = _query_rows(q, feature_map, start, stop, kv_heads, kv_len)
-        row_eps = _row_eps(eps, log_q, keys.reference)
-        block_out, block_state = _causal_block(phi_q, phi_k, value, state, chunk, row_eps)
+        phi_q, log_q = query_rows(q, feature_map, start, stop, kv_heads, kv_len)
+        eps_rows = row_eps(eps, log_q, keys.reference)
+        block_out, block_state = _causal_block(phi_q, phi_k, value, state, chunk, eps_rows)
         state.add_(block_state)
         out[:, :, start:stop] = block_out.reshape(batch, q_heads, stop - start, dv)
     return out
@@ -178,44 +151,9 @@ def linear_attention(
     if q_heads % kv_heads != 0:
         raise ValueError(f"query heads {q_heads} are not a multiple of key/value heads {kv_heads}")
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    log_weight = _key_log_weight(mask, q_heads, kv_heads, compute)
+    log_weight = key_log_weight(mask, q_heads, kv_heads, compute)
     if causal:
         out = _causal(q, k, v, feature_map, log_weight, chunk, eps)
     else:
         out = _noncausal(q, k, v, feature_map, log_weight, eps)
     return out.to(q.dtype)
-
-
-def linear_attention_naive(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    feature_map: FeatureMap,
-    *,
-    causal: bool = False,
-    mask: torch.Tensor | None = None,
-    eps: float = 1e-6,
-) -> torch.Tensor:
-    """Quadratic-form reference of :func:`linear_attention` (materialises ``phi(Q) phi(K)^T``).
-
-    Args:
-        q: ``[B, Hq, Sq, D]``.
-        k: ``[B, Hkv, Sk, D]``.
-        v: ``[B, Hkv, Sk, Dv]``.
-        feature_map: the feature map.
-        causal: bottom-right aligned causal rule.
-        mask: key padding mask, as in :func:`linear_attention`.
-        eps: added to the denominator, as in :func:`linear_attention`.
-
-    Returns:
-        ``[B, Hq, Sq, Dv]`` in q's dtype.
-    """
-    prep = _prepare(q, k, v, feature_map, mask)
-    batch, kv_heads, group, q_len, _ = prep.phi_q.shape
-    kernel = torch.matmul(prep.phi_q, prep.phi_k.unsqueeze(2).transpose(-1, -2))
-    if causal:
-        kernel = kernel * causal_mask(q_len, k.shape[2], q.device)
-    row_eps = eps if prep.log_q is None else torch.exp(-prep.log_q) * eps
-    num = torch.matmul(kernel, prep.value.unsqueeze(2))
-    out = _normalise(num, kernel.sum(-1, keepdim=True), row_eps)
-    return out.reshape(batch, kv_heads * group, q_len, -1).to(q.dtype)

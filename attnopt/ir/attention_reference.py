@@ -1,6 +1,7 @@
 """Naive torch reference for the `attention` op (see docs/attention-op.md).
 
-Entry points: :func:`attention_reference`, :func:`visible_keys_mask`, :func:`mask_is_inert`.
+Entry points: :func:`attention_reference`, :func:`reference_attention` (one ``attention`` node, any
+variant), :func:`visible_keys_mask`, :func:`causal_mask`, :func:`mask_is_inert`, :func:`mask_to_4d`.
 Every kernel (CPU fast path, sparse and linear variants, generated Triton) is tested against these.
 They materialise the full score matrix: use them for checking, never for speed.
 """
@@ -13,6 +14,23 @@ import torch
 def mask_is_inert(mask: torch.Tensor) -> bool:
     """Whether an attention mask hides nothing: bool all True, or an additive mask of zeros."""
     return bool(mask.all()) if mask.dtype == torch.bool else not bool(mask.any())
+
+
+def mask_to_4d(t: torch.Tensor | None, name: str) -> torch.Tensor | None:
+    """View a mask or bias broadcastable to ``[B, H, Sq, Sk]`` as exactly 4-D.
+
+    Args:
+        t: the tensor (or None).
+        name: its name for error messages.
+
+    Returns:
+        A 4-D view (leading dims of size 1 added), or None.
+    """
+    if t is None:
+        return None
+    if t.dim() > 4:
+        raise ValueError(f"{name} must have at most 4 dims, got shape {tuple(t.shape)}")
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
 
 def causal_mask(q_len: int, kv_len: int, device: torch.device | str = "cpu") -> torch.Tensor:

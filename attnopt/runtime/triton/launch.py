@@ -28,7 +28,7 @@ from attnopt.codegen.triton_attention import (
     render_attention_kernel,
 )
 from attnopt.errors import BackendError
-from attnopt.runtime.kernel_cache import KernelCache, kernel_cache_key
+from attnopt.runtime.triton.cache import KernelCache, kernel_cache_key
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 _LOADED: dict[tuple[AttentionKernelConfig, str, str], Callable] = {}

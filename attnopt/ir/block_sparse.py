@@ -1,10 +1,13 @@
-"""Block selection for block-sparse attention (issue 5): run-time routing and static patterns.
+"""Block-sparse attention semantics: the block metadata format and the block selection rules.
 
 Entry points: :func:`route_blocks`, :func:`calibration_block_scores`, :func:`static_block_pattern`,
 :func:`permute_for_sparsity`, :func:`apply_permutation`.
 
-All of them produce or prepare :class:`~attnopt.runtime.cpu_sparse_common.BlockMeta` for
-:func:`attnopt.runtime.cpu_sparse.block_sparse_attention`:
+They are part of the ``block_sparse`` variant's definition: :class:`BlockMeta` is the block
+metadata format (the op's ``kv_counts``/``kv_indices`` operands and what routing produces),
+:func:`block_meta_visible` its dense meaning, :func:`block_rules` and :func:`select_blocks` the
+selection rules. The CPU kernel (:mod:`attnopt.runtime.cpu.block_sparse`) and the Triton kernels
+consume the same metadata. All of them produce or prepare :class:`BlockMeta`:
 
 * :func:`route_blocks` is content routing (BiFormer's bi-level routing; MInference/VMoBA's
   cumulative threshold): mean-pool queries and keys per block, score the pooled pairs, keep per
@@ -23,15 +26,20 @@ are never selected.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import torch
 
-from attnopt.runtime.cpu_sparse_common import BlockMeta, bookkeeping_threads, mask_to_4d
+from attnopt.ir.attention_reference import mask_to_4d
 
 __all__ = [
+    "BlockMeta",
     "apply_permutation",
+    "block_meta_visible",
     "calibration_block_scores",
     "permute_for_sparsity",
     "route_blocks",
@@ -39,7 +47,79 @@ __all__ = [
 ]
 
 
-def _block_rules(
+@dataclass(frozen=True, eq=False)
+class BlockMeta:
+    """Block-sparse metadata: which key blocks each query block attends to.
+
+    ``kv_counts`` is int32 ``[Bm, Hm, num_q_blocks]`` and ``kv_indices`` int32
+    ``[Bm, Hm, num_q_blocks, max_kv_blocks]`` (first ``kv_counts`` entries valid, ascending), with
+    ``Bm`` in ``{1, B}`` and ``Hm`` in ``{1, Hq}``. Query block ``m`` covers queries
+    ``[m * block_q, (m + 1) * block_q)`` and key block ``n`` keys ``[n * block_k, (n + 1) * block_k)``.
+    """
+
+    block_q: int
+    block_k: int
+    kv_counts: torch.Tensor
+    kv_indices: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.block_q <= 0 or self.block_k <= 0:
+            raise ValueError(f"block sizes must be positive, got {self.block_q}, {self.block_k}")
+        if self.kv_counts.dim() != 3 or self.kv_indices.dim() != 4:
+            raise ValueError("kv_counts must be [Bm, Hm, nQB] and kv_indices [Bm, Hm, nQB, max_kv]")
+        if self.kv_indices.shape[:3] != self.kv_counts.shape:
+            raise ValueError(
+                f"kv_indices {tuple(self.kv_indices.shape)} does not match kv_counts "
+                f"{tuple(self.kv_counts.shape)}"
+            )
+
+    @property
+    def num_q_blocks(self) -> int:
+        """Number of query blocks."""
+        return self.kv_counts.shape[-1]
+
+    @property
+    def max_kv_blocks(self) -> int:
+        """Width of ``kv_indices`` (the largest possible count)."""
+        return self.kv_indices.shape[-1]
+
+    def kept_fraction(self, num_kv_blocks: int) -> float:
+        """Mean fraction of key blocks kept per query block.
+
+        Args:
+            num_kv_blocks: number of key blocks of the sequence.
+
+        Returns:
+            ``mean(kv_counts) / num_kv_blocks``.
+        """
+        return float(self.kv_counts.float().mean()) / max(num_kv_blocks, 1)
+
+
+def block_meta_visible(meta: BlockMeta, q_len: int, kv_len: int) -> torch.Tensor:
+    """Dense bool visibility of block metadata (the reference semantics; kernels never build it).
+
+    Args:
+        meta: the block metadata.
+        q_len: number of queries.
+        kv_len: number of keys.
+
+    Returns:
+        Bool ``[Bm, Hm, q_len, kv_len]``: True where the key's block is listed for the query's block.
+    """
+    counts, indices = meta.kv_counts.long(), meta.kv_indices.long()
+    num_kv_blocks = -(-kv_len // meta.block_k)
+    slots = torch.arange(indices.shape[-1], device=indices.device)
+    valid = slots < counts.unsqueeze(-1)
+    listed = torch.zeros(*counts.shape, num_kv_blocks + 1, dtype=torch.bool, device=indices.device)
+    target = torch.where(valid, indices.clamp(0, num_kv_blocks - 1), num_kv_blocks)
+    listed.scatter_(-1, target, True)
+    listed = listed[..., :num_kv_blocks]
+    rows = torch.arange(q_len, device=indices.device) // meta.block_q
+    cols = torch.arange(kv_len, device=indices.device) // meta.block_k
+    return listed[:, :, rows][..., cols]
+
+
+def block_rules(
     q_len: int,
     kv_len: int,
     block_q: int,
@@ -70,7 +150,7 @@ def _block_rules(
     return allowed, forced & allowed
 
 
-def _select_blocks(
+def select_blocks(
     probs: torch.Tensor,
     allowed: torch.Tensor,
     forced: torch.Tensor,
@@ -177,6 +257,7 @@ def route_blocks(
     mask: torch.Tensor | None = None,
     scale: float | None = None,
     block_q: int | None = None,
+    small_ops: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
 ) -> BlockMeta:
     """Content routing: pick key blocks per query block from block-pooled q and k.
 
@@ -199,6 +280,8 @@ def route_blocks(
             all masked are excluded, and masked keys are left out of the key pooling.
         scale: score scale for the pooled scores (default ``D ** -0.5``).
         block_q: query block size (default ``block``).
+        small_ops: a context the small ``[B, H, nQB, nKB]`` block computations run in (the CPU
+            runtime passes one that keeps them on one thread); it changes no result.
 
     Returns:
         :class:`BlockMeta` with ``Bm = B``, ``Hm = Hq``.
@@ -215,10 +298,10 @@ def route_blocks(
     q_pool = _pool(q, block_q)  # the only passes over q and k: keep every thread
     k_pool = _pool(k, block, key_weight)
     mask_blocks = None if mask4 is None else _mask_blocks(mask4, block_q, block)
-    with bookkeeping_threads():  # the rest works on [B, H, nQB, nKB]
+    with small_ops():  # the rest works on [B, H, nQB, nKB]
         k_pool = k_pool.repeat_interleave(q_heads // kv_heads, dim=1)
         logits = torch.matmul(q_pool, k_pool.transpose(-1, -2)) * scale
-        allowed, forced = _block_rules(
+        allowed, forced = block_rules(
             q_len,
             kv_len,
             block_q,
@@ -234,7 +317,7 @@ def route_blocks(
         forced = forced & allowed
         logits = logits.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-        counts, indices = _select_blocks(
+        counts, indices = select_blocks(
             probs, allowed, forced, density=density, threshold=threshold
         )
     return BlockMeta(block_q=block_q, block_k=block, kv_counts=counts, kv_indices=indices)
@@ -342,7 +425,7 @@ def static_block_pattern(
     num_q_blocks, num_kv_blocks = -(-q_len // block_q), -(-kv_len // block_k)
     if scores.dim() != 3 or scores.shape[1:] != (num_q_blocks, num_kv_blocks):
         raise ValueError(f"block_scores {tuple(scores.shape)} do not fit {q_len}x{kv_len} blocks")
-    allowed, forced = _block_rules(
+    allowed, forced = block_rules(
         q_len,
         kv_len,
         block_q,
@@ -355,7 +438,7 @@ def static_block_pattern(
     probs = torch.where(allowed, scores.clamp_min(0.0), 0.0)
     probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     allowed = allowed.expand_as(probs)
-    counts, indices = _select_blocks(
+    counts, indices = select_blocks(
         probs, allowed, forced.expand_as(probs), density=density, threshold=threshold
     )
     return BlockMeta(block_q, block_k, counts.unsqueeze(0), indices.unsqueeze(0))

@@ -1,11 +1,11 @@
-"""Shared pieces of the CPU sparse-attention kernels (issue 5): flash calls, masks, metadata.
+"""Shared pieces of the CPU sparse-attention kernels: flash calls, masks, workspaces.
 
-Entry points: :class:`BlockMeta`, :func:`flash_attend`, :func:`chunked_flash`,
-:func:`merge_partials`, :func:`dense_attention`, :func:`additive_mask`, :func:`gather_pairs`,
-:func:`mask_to_4d`, :func:`bookkeeping_threads`, :func:`workspace`, :func:`record_computed`.
+Entry points: :func:`flash_attend`, :func:`chunked_flash`, :func:`merge_partials`,
+:func:`additive_mask`, :func:`gather_pairs`, :func:`bookkeeping_threads`, :func:`workspace`,
+:func:`record_computed`.
 
-Every sparse kernel (:mod:`attnopt.runtime.cpu_sparse`, :mod:`attnopt.runtime.cpu_block_sparse`,
-:mod:`attnopt.runtime.cpu_neighborhood`) reduces to calls of :func:`flash_attend` on gathered or
+Every sparse kernel (:mod:`attnopt.runtime.cpu.sliding_window`, :mod:`attnopt.runtime.cpu.block_sparse`,
+:mod:`attnopt.runtime.cpu.neighborhood`) reduces to calls of :func:`flash_attend` on gathered or
 strided key chunks. PyTorch's CPU flash kernel (``aten._scaled_dot_product_flash_attention_for_cpu``)
 also returns each row's log-sum-exp, which lets two partial results over disjoint key sets be
 merged exactly (:func:`merge_partials`). Masks handed to it are additive, in the query dtype, 2-D
@@ -19,23 +19,21 @@ import contextlib
 import math
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from attnopt.ir.attention_reference import mask_to_4d
+
 __all__ = [
-    "BlockMeta",
     "additive_mask",
     "bookkeeping_threads",
     "check_qkv",
     "chunked_flash",
     "clear_workspace",
-    "dense_attention",
     "flash_attend",
     "gather_pairs",
     "mask_empty_rows",
-    "mask_to_4d",
     "merge_partials",
     "record_computed",
     "workspace",
@@ -46,54 +44,6 @@ SMALL_TENSOR = 1 << 20
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-@dataclass(frozen=True, eq=False)
-class BlockMeta:
-    """Block-sparse metadata: which key blocks each query block attends to.
-
-    ``kv_counts`` is int32 ``[Bm, Hm, num_q_blocks]`` and ``kv_indices`` int32
-    ``[Bm, Hm, num_q_blocks, max_kv_blocks]`` (first ``kv_counts`` entries valid, ascending), with
-    ``Bm`` in ``{1, B}`` and ``Hm`` in ``{1, Hq}``. Query block ``m`` covers queries
-    ``[m * block_q, (m + 1) * block_q)`` and key block ``n`` keys ``[n * block_k, (n + 1) * block_k)``.
-    """
-
-    block_q: int
-    block_k: int
-    kv_counts: torch.Tensor
-    kv_indices: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if self.block_q <= 0 or self.block_k <= 0:
-            raise ValueError(f"block sizes must be positive, got {self.block_q}, {self.block_k}")
-        if self.kv_counts.dim() != 3 or self.kv_indices.dim() != 4:
-            raise ValueError("kv_counts must be [Bm, Hm, nQB] and kv_indices [Bm, Hm, nQB, max_kv]")
-        if self.kv_indices.shape[:3] != self.kv_counts.shape:
-            raise ValueError(
-                f"kv_indices {tuple(self.kv_indices.shape)} does not match kv_counts "
-                f"{tuple(self.kv_counts.shape)}"
-            )
-
-    @property
-    def num_q_blocks(self) -> int:
-        """Number of query blocks."""
-        return self.kv_counts.shape[-1]
-
-    @property
-    def max_kv_blocks(self) -> int:
-        """Width of ``kv_indices`` (the largest possible count)."""
-        return self.kv_indices.shape[-1]
-
-    def kept_fraction(self, num_kv_blocks: int) -> float:
-        """Mean fraction of key blocks kept per query block.
-
-        Args:
-            num_kv_blocks: number of key blocks of the sequence.
-
-        Returns:
-            ``mean(kv_counts) / num_kv_blocks``.
-        """
-        return float(self.kv_counts.float().mean()) / max(num_kv_blocks, 1)
 
 
 @contextlib.contextmanager
@@ -171,23 +121,6 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"query heads {q.shape[1]} not a multiple of kv heads {k.shape[1]}")
     return q.shape[1] // k.shape[1]
-
-
-def mask_to_4d(t: torch.Tensor | None, name: str) -> torch.Tensor | None:
-    """View a mask or bias broadcastable to ``[B, H, Sq, Sk]`` as exactly 4-D.
-
-    Args:
-        t: the tensor (or None).
-        name: its name for error messages.
-
-    Returns:
-        A 4-D view (leading dims of size 1 added), or None.
-    """
-    if t is None:
-        return None
-    if t.dim() > 4:
-        raise ValueError(f"{name} must have at most 4 dims, got shape {tuple(t.shape)}")
-    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
 
 def gather_pairs(
@@ -393,47 +326,6 @@ def merge_partials(
     if out_a.dtype in (torch.float32, torch.float64):  # one fused pass: a + share_b * (b - a)
         return torch.lerp(out_a, out_b, share_b.to(out_a.dtype))
     return torch.lerp(out_a.float(), out_b.float(), share_b).to(out_a.dtype)
-
-
-def dense_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float,
-    causal: bool,
-    mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """The plain `attention` op through SDPA (the degenerate, fully visible sparse settings).
-
-    Args:
-        q: ``[B, Hq, Sq, D]``.
-        k: ``[B, Hkv, Sk, D]``.
-        v: ``[B, Hkv, Sk, Dv]``.
-        scale: score scale.
-        causal: bottom-right aligned causal rule.
-        mask: bool or additive mask broadcastable to ``[B, Hq, Sq, Sk]``.
-        bias: additive bias broadcastable to ``[B, Hq, Sq, Sk]``.
-
-    Returns:
-        ``[B, Hq, Sq, Dv]`` in q's dtype.
-    """
-    q_len, kv_len = q.shape[2], k.shape[2]
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-    mask4, bias4 = mask_to_4d(mask, "mask"), mask_to_4d(bias, "bias")
-    if mask4 is None and bias4 is None:
-        if not causal or q_len == kv_len:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    allowed = None
-    if causal:
-        rows = torch.arange(q_len, device=q.device).unsqueeze(1) + (kv_len - q_len)
-        allowed = torch.arange(kv_len, device=q.device).unsqueeze(0) <= rows
-    addend = additive_mask(allowed, mask4, bias4, q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=addend, scale=scale)
 
 
 def record_computed(stats: dict | None, computed_pairs: float, total_pairs: float) -> None:

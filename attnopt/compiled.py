@@ -1,6 +1,9 @@
-"""The compiled module: an ``nn.Module`` with the model's call signature and output structure.
+"""The compile driver: capture once, run the passes, load the program; an ``nn.Module`` with the
+model's call signature and output structure.
 
-Entry point: :class:`CompiledModule` (built by ``attnopt.compile``).
+Entry point: :class:`CompiledModule` (built by ``attnopt.compile``). This is the layer above the
+runtime: it captures (:mod:`attnopt.frontend`), runs passes (:mod:`attnopt.passes`) with an executor
+that runs graphs for calibration, and hands the final graph to the runtime.
 
 Compiled modules run inference: the program runs under ``torch.no_grad()``. Shapes are
 specialised per input signature (tensor shapes, dtypes, devices and the values of
@@ -18,12 +21,12 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from attnopt.codegen.program import Program, load_program
 from attnopt.errors import BackendError, CaptureError, SignatureError
 from attnopt.frontend.capture import CapturedProgram, capture_program
 from attnopt.ir import Graph, verify
 from attnopt.passes.base import PassContext, PassManager
-from attnopt.runtime.kernels import KernelNamespace
+from attnopt.runtime.dispatch import KernelNamespace
+from attnopt.runtime.execute import Program, load_program
 from attnopt.sites import AttentionSite, collect_sites
 
 BACKENDS = ("auto", "torch", "triton", "triton-interpret")
@@ -302,7 +305,7 @@ class CompiledModule(torch.nn.Module):
     @property
     def kernels(self) -> dict[str, str]:
         """Generated Triton kernel sources, by kernel name."""
-        from attnopt.runtime.triton_backend import kernel_sources_for
+        from attnopt.runtime.triton.backend import kernel_sources_for
 
         return kernel_sources_for(self._latest().graph)
 

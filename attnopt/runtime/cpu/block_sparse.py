@@ -1,6 +1,6 @@
-"""Block-sparse attention for CPU (issue 5): gather the listed key blocks, run fused flash calls.
+"""Block-sparse attention for CPU: gather the listed key blocks, run fused flash calls.
 
-Entry points: :func:`block_sparse_attention`, :func:`block_meta_visible`.
+Entry point: :func:`block_sparse_attention` (the metadata format is :mod:`attnopt.ir.block_sparse`).
 
 Query blocks (one row per batch element, head and query block) run in slices: in stored order, so
 that each slice's queries and outputs are plain views, or sorted by their number of key blocks when
@@ -18,49 +18,25 @@ import contextlib
 
 import torch
 
-from attnopt.runtime.cpu_sparse_common import (
-    BlockMeta,
+from attnopt.ir.attention_reference import mask_to_4d
+from attnopt.ir.block_sparse import BlockMeta
+from attnopt.runtime.cpu.common import (
     additive_mask,
     bookkeeping_threads,
     check_qkv,
-    dense_attention,
     flash_attend,
     gather_pairs,
     mask_empty_rows,
-    mask_to_4d,
     merge_partials,
     record_computed,
     workspace,
 )
+from attnopt.runtime.cpu.dense import dense_attention_cpu
 
-__all__ = ["GATHER_BUDGET", "block_meta_visible", "block_sparse_attention"]
+__all__ = ["GATHER_BUDGET", "block_sparse_attention"]
 
 #: Elements of gathered keys per slice (the reused workspace holds keys and values: twice this).
 GATHER_BUDGET = 1 << 24
-
-
-def block_meta_visible(meta: BlockMeta, q_len: int, kv_len: int) -> torch.Tensor:
-    """Dense bool visibility of block metadata (for tests and the reference path only).
-
-    Args:
-        meta: the block metadata.
-        q_len: number of queries.
-        kv_len: number of keys.
-
-    Returns:
-        Bool ``[Bm, Hm, q_len, kv_len]``: True where the key's block is listed for the query's block.
-    """
-    counts, indices = meta.kv_counts.long(), meta.kv_indices.long()
-    num_kv_blocks = -(-kv_len // meta.block_k)
-    slots = torch.arange(indices.shape[-1], device=indices.device)
-    valid = slots < counts.unsqueeze(-1)
-    listed = torch.zeros(*counts.shape, num_kv_blocks + 1, dtype=torch.bool, device=indices.device)
-    target = torch.where(valid, indices.clamp(0, num_kv_blocks - 1), num_kv_blocks)
-    listed.scatter_(-1, target, True)
-    listed = listed[..., :num_kv_blocks]
-    rows = torch.arange(q_len, device=indices.device) // meta.block_q
-    cols = torch.arange(kv_len, device=indices.device) // meta.block_k
-    return listed[:, :, rows][..., cols]
 
 
 def block_sparse_attention(
@@ -106,7 +82,7 @@ def block_sparse_attention(
     scale = head_dim**-0.5 if scale is None else scale
     if bool((meta.kv_counts >= num_kv_blocks).all()):
         record_computed(stats, q_len * kv_len, q_len * kv_len)
-        return dense_attention(q, k, v, scale=scale, causal=causal, mask=mask, bias=bias)
+        return dense_attention_cpu(q, k, v, scale=scale, causal=causal, mask=mask, bias=bias)
     run = _BlockSparseRun(q, k, v, meta, group, scale, causal, mask, bias)
     out, computed = run.run()
     record_computed(stats, computed, batch * q_heads * q_len * kv_len)

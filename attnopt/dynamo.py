@@ -3,7 +3,7 @@
 Entry points: :func:`attnopt_backend` (registered under the name ``"attnopt"`` through the
 ``torch_dynamo_backends`` entry point) and :func:`make_backend` for non-default options::
 
-    compiled = torch.compile(model, backend=attnopt.frontend.dynamo.make_backend(
+    compiled = torch.compile(model, backend=attnopt.dynamo.make_backend(
         passes="canonicalize,fuse-attention,sliding-window{window=512,sinks=4}"))
 
 Each graph Dynamo hands over is captured with torch.export and compiled with attnopt; a graph

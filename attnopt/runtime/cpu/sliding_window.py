@@ -1,69 +1,38 @@
-"""Fast CPU sparse attention (issue 5): sliding windows with sinks, block-sparse, routing.
+"""Sliding-window attention with sinks for CPU: chunked windows, no ``Sq x Sk`` matrix.
 
-Entry points: :func:`sliding_window_attention`, :func:`block_sparse_attention`, :class:`BlockMeta`,
-:func:`block_meta_visible`, and (re-exported) :func:`route_blocks`,
-:func:`calibration_block_scores`, :func:`static_block_pattern`, :func:`permute_for_sparsity`,
-:func:`apply_permutation`, :func:`neighborhood_attention`, :func:`neighborhood_visible`.
+Entry point: :func:`sliding_window_attention`. Semantics are those of docs/attention-op.md
+(bottom-right alignment, GQA, bool or additive masks, bias, fully masked rows give zeros).
 
-Semantics are those of docs/attention-op.md (bottom-right alignment, GQA, bool or additive masks,
-bias, fully masked rows give zeros). Nothing here forms the ``Sq x Sk`` score matrix:
+The queries are cut into chunks of ``C`` rows; the chunks whose window lies inside the sequence
+(all but a few at the edges) read their ``C + window`` keys through one strided view of the key
+tensor (no copy) and run in a single fused flash-attention call with a ``[C, C + window]`` band
+mask shared by every chunk; the edge chunks run in a few grouped calls on exact key ranges. Sinks
+are a second small flash call over the first ``sinks`` keys, merged through the log-sum-exp.
+The other CPU kernels of the family sit beside this one in :mod:`attnopt.runtime.cpu`.
 
-* sliding windows (this module) cut the queries into chunks of ``C`` rows; the chunks whose
-  window lies inside the sequence (all but a few at the edges) read their ``C + window`` keys
-  through one strided view of the key tensor (no copy) and run in a single fused flash-attention
-  call with a ``[C, C + window]`` band mask shared by every chunk; the edge chunks run in a few
-  grouped calls on exact key ranges. Sinks are a second small flash call over the first ``sinks``
-  keys, merged through the log-sum-exp.
-* block-sparse attention (:mod:`attnopt.runtime.cpu_block_sparse`) gathers the listed key blocks
-  into reused buffers and runs one flash call per slice of query blocks.
-* routing and static patterns: :mod:`attnopt.runtime.cpu_block_routing`; neighbourhoods:
-  :mod:`attnopt.runtime.cpu_neighborhood`.
-
-Every function takes ``stats``: a dict it fills with ``computed_fraction``, the share of the dense
-score entries actually computed (including padding waste), for passes to report.
+``stats`` (a dict, optional) is filled with ``computed_fraction``, the share of the dense score
+entries actually computed (including padding waste), for passes to report.
 """
 
 from __future__ import annotations
 
 import torch
 
-from attnopt.runtime.cpu_block_routing import (
-    apply_permutation,
-    calibration_block_scores,
-    permute_for_sparsity,
-    route_blocks,
-    static_block_pattern,
-)
-from attnopt.runtime.cpu_block_sparse import block_meta_visible, block_sparse_attention
-from attnopt.runtime.cpu_neighborhood import neighborhood_attention, neighborhood_visible
-from attnopt.runtime.cpu_sparse_common import (
-    BlockMeta,
+from attnopt.ir.attention_reference import mask_to_4d
+from attnopt.runtime.cpu.common import (
     additive_mask,
     bookkeeping_threads,
     check_qkv,
     chunked_flash,
-    dense_attention,
     flash_attend,
     gather_pairs,
     mask_empty_rows,
-    mask_to_4d,
     merge_partials,
     record_computed,
 )
+from attnopt.runtime.cpu.dense import dense_attention_cpu
 
-__all__ = [
-    "BlockMeta",
-    "apply_permutation",
-    "block_meta_visible",
-    "block_sparse_attention",
-    "calibration_block_scores",
-    "neighborhood_attention",
-    "neighborhood_visible",
-    "permute_for_sparsity",
-    "route_blocks",
-    "sliding_window_attention",
-    "static_block_pattern",
-]
+__all__ = ["sliding_window_attention"]
 
 #: Score entries per sliding-window edge call (bounds the edge masks).
 EDGE_BUDGET = 1 << 22
@@ -144,7 +113,7 @@ def sliding_window_attention(
     left, right, covers_all = _window_extent(window_left, window_right, causal, q_len, kv_len)
     if covers_all or q_len == 0 or kv_len == 0:
         record_computed(stats, q_len * kv_len, q_len * kv_len)
-        return dense_attention(q, k, v, scale=scale, causal=causal, mask=mask, bias=bias)
+        return dense_attention_cpu(q, k, v, scale=scale, causal=causal, mask=mask, bias=bias)
     offset, sinks = kv_len - q_len, min(sinks, kv_len)
     chunk = _pick_chunk(left + right, q_len, query_chunk)
     num_chunks = -(-q_len // chunk)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from attnopt.frontend.dynamo import make_backend
+from attnopt.dynamo import make_backend
 from tests import zoo
 from tests.helpers import zoo_model
 

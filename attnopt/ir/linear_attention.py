@@ -1,13 +1,16 @@
-"""Feature maps and key handling shared by the linear and hybrid attention kernels (issue 6).
+"""The ``linear`` and ``hybrid`` variants' definition: feature maps and quadratic-form references.
 
-Entry points: :func:`make_feature_map` and the :class:`FeatureMap` family (re-exported by
-:mod:`attnopt.runtime.cpu_linear`); the underscored helpers serve ``cpu_linear`` and ``cpu_hybrid``.
+Entry points: :func:`make_feature_map`, :func:`feature_map_for` and the :class:`FeatureMap` family;
+:func:`prepare_features`, :func:`key_log_weight`, :func:`mix_parts`; the references
+:func:`linear_attention_reference` and :func:`hybrid_attention_reference`. The fast kernels
+(:mod:`attnopt.runtime.cpu.linear`, :mod:`attnopt.runtime.cpu.hybrid`, the Triton linear kernels)
+use the same feature maps and are tested against these references.
 
 A linear kernel is ``k(q_i, k_j) = exp(lq_i + lk) phi(q_i) . phi(k_j)``: every feature map returns
 its features and an optional log-scale (FAVOR+ keeps its features in [0, 1] by max subtraction and
 reports the subtracted maxima there). A key log-scale is one number per (batch, kv head) and call;
 sums over keys from different calls are kept in the units of one running reference
-(:func:`_rescale`), so they stay exact. It cancels in linear attention and matters when a linear
+(``attnopt.runtime.cpu.linear_features.rescale``), so they stay exact. It cancels in linear attention and matters when a linear
 part is added to an exact softmax part (hybrid attention), and for ``eps``, which is added in the
 kernel's true units.
 
@@ -20,6 +23,7 @@ Positions follow the op's bottom-right alignment: query ``i`` sits at ``i + Sk -
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
@@ -27,14 +31,24 @@ from typing import ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from attnopt.ir.attention_reference import causal_mask, visible_keys_mask
+
 __all__ = [
     "CosformerFeatureMap",
     "EluFeatureMap",
     "FavorFeatureMap",
     "FeatureMap",
     "Features",
+    "PreparedFeatures",
     "ReluFeatureMap",
+    "feature_map_for",
+    "hybrid_attention_reference",
+    "hybrid_scale",
+    "key_log_weight",
+    "linear_attention_reference",
     "make_feature_map",
+    "mix_parts",
+    "prepare_features",
 ]
 
 
@@ -244,7 +258,36 @@ def make_feature_map(
     return FavorFeatureMap(head_dim, num_features=num_features, seed=seed, scale=scale)
 
 
-class _Prepared(NamedTuple):
+@functools.lru_cache(maxsize=64)
+def _cached_feature_map(
+    name: str, head_dim: int, num_features: int, seed: int, scale: float
+) -> FeatureMap:
+    return make_feature_map(
+        name, head_dim, num_features=num_features or None, seed=seed, scale=scale
+    )
+
+
+def feature_map_for(
+    feature_map: str, head_dim: int, *, num_features: int = 0, seed: int = 0, scale: float
+) -> FeatureMap:
+    """The feature map a ``linear`` / ``hybrid`` node uses (built once per configuration).
+
+    Args:
+        feature_map: the node's ``feature_map`` attribute.
+        head_dim: query/key head dimension.
+        num_features: the node's ``num_features`` (0: the map's default).
+        seed: the node's ``seed``.
+        scale: the node's score ``scale``.
+
+    Returns:
+        The :class:`FeatureMap`.
+    """
+    return _cached_feature_map(feature_map, head_dim, num_features, seed, scale)
+
+
+class PreparedFeatures(NamedTuple):
+    """Feature-mapped q and k of one call, grouped by kv head, with their log-scales."""
+
     phi_q: torch.Tensor  # [B, Hkv, G, Sq, F]
     log_q: torch.Tensor | None  # query + key log-scale, broadcastable to [B, Hkv, G, Sq, 1]
     phi_k: torch.Tensor  # [B, Hkv, Sk, F], masked keys zeroed
@@ -252,7 +295,7 @@ class _Prepared(NamedTuple):
     key_log_weight: torch.Tensor | None  # [B|1, Hkv|1, 1, Sk]
 
 
-def _key_log_weight(mask: torch.Tensor | None, q_heads: int, kv_heads: int, dtype):
+def key_log_weight(mask: torch.Tensor | None, q_heads: int, kv_heads: int, dtype):
     """A key padding mask as log weights ``[B|1, Hkv|1, 1, Sk]`` (None stays None)."""
     if mask is None:
         return None
@@ -270,13 +313,14 @@ def _key_log_weight(mask: torch.Tensor | None, q_heads: int, kv_heads: int, dtyp
     return mask.to(dtype)
 
 
-def _prepare(q, k, v, feature_map: FeatureMap, mask) -> _Prepared:
+def prepare_features(q, k, v, feature_map: FeatureMap, mask) -> PreparedFeatures:  # noqa: ANN001
+    """Feature-map q and k (masked keys weighted by their log weights), grouped per kv head."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     if q_heads % kv_heads != 0:
         raise ValueError(f"query heads {q_heads} are not a multiple of key/value heads {kv_heads}")
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    log_weight = _key_log_weight(mask, q_heads, kv_heads, compute)
+    log_weight = key_log_weight(mask, q_heads, kv_heads, compute)
     max_len = max(q_len, kv_len)
     q_pos = torch.arange(q_len, device=q.device) + (kv_len - q_len)
     k_pos = torch.arange(kv_len, device=q.device)
@@ -296,101 +340,124 @@ def _prepare(q, k, v, feature_map: FeatureMap, mask) -> _Prepared:
             if fk.log_scale.shape[-2] != 1:
                 raise ValueError("a key log-scale must be constant over keys")
             log_q = log_q + fk.log_scale.unsqueeze(2)
-    return _Prepared(phi_q, log_q, fk.values, v.to(compute), log_weight)
+    return PreparedFeatures(phi_q, log_q, fk.values, v.to(compute), log_weight)
 
 
-#: Bytes of feature rows a blocked loop materialises at a time. Fresh large buffers are costly
-#: (page faults on first touch); blocks this size are reused by the allocator and stay in cache.
-_BLOCK_BYTES = 4 << 20
+def mix_parts(soft, log_soft, lin_avg, log_lin_mass) -> torch.Tensor:
+    """``(e^{a-m} soft + e^{c-m} lin_avg) / (e^{a-m} + e^{c-m})`` with ``m = max(a, c)``.
 
-
-def _block_rows(heads: int, width: int, multiple: int = 64) -> int:
-    """Rows per block so that ``heads x rows x width`` fp32 values fit in :data:`_BLOCK_BYTES`."""
-    rows = _BLOCK_BYTES // (4 * heads * max(width, 1))
-    return max(multiple, rows // multiple * multiple)
-
-
-def _rescale(reference, log_scale):
-    """Move a running key log-scale reference to cover ``log_scale``: ``(new, old_f, block_f)``.
-
-    Features of different calls carry different stabilisers; sums are kept in units of
-    ``exp(reference)``: the old sum is multiplied by ``old_f`` and the new block by ``block_f``.
+    Two normalised parts with their log masses (``-inf``: empty part); both weights are <= 1 and
+    the larger is 1, so nothing over- or underflows; rows where both parts are empty are zeros.
     """
-    if log_scale is None:
-        return reference, None, None
-    new = log_scale if reference is None else torch.maximum(reference, log_scale)
-    old = None if reference is None else torch.exp(reference - new)
-    return new, old, torch.exp(log_scale - new)
+    row_max = torch.maximum(log_soft, log_lin_mass)
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    weight_soft = torch.exp(log_soft - row_max)
+    weight_lin = torch.exp(log_lin_mass - row_max)
+    num = soft.mul_(weight_soft).add_(lin_avg * weight_lin)
+    den = weight_soft.add_(weight_lin)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
 
 
-class _Keys:
-    """Feature-mapped key rows on demand, in the units of one running key log-scale."""
+def linear_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: FeatureMap,
+    *,
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """The ``linear`` variant, quadratic form (materialises ``phi(Q) phi(K)^T``).
 
-    def __init__(self, k, v, feature_map, log_weight, max_len, ones_column):
-        self.k, self.v, self.feature_map, self.log_weight = k, v, feature_map, log_weight
-        self.max_len, self.ones_column, self.reference = max_len, ones_column, None
-        self.compute = torch.float64 if k.dtype == torch.float64 else torch.float32
+    ``out_i = sum_j k(q_i, k_j) v_j / (sum_j k(q_i, k_j) + eps)``, ``k`` the feature-map kernel.
 
-    def rows(self, start: int, stop: int, carried: list[torch.Tensor]):
-        """``phi(K)``, ``V`` (``[V, 1]``) of keys ``[start, stop)``; zero rows outside ``[0, Sk)``.
+    Args:
+        q: ``[B, Hq, Sq, D]``.
+        k: ``[B, Hkv, Sk, D]``.
+        v: ``[B, Hkv, Sk, Dv]``.
+        feature_map: the feature map.
+        causal: bottom-right aligned causal rule.
+        mask: key padding mask (bool True = keep, or additive), ``[B, 1, 1, Sk]``-shaped.
+        eps: added to the denominator in the kernel's true units.
 
-        ``carried`` sums are rescaled in place when the reference moves.
-        """
-        kv_len = self.k.shape[2]
-        lo, hi = min(max(start, 0), kv_len), min(max(stop, 0), kv_len)
-        hi = max(lo, hi)
-        if hi == lo:
-            batch, kv_heads = self.k.shape[:2]
-            shape = (batch, kv_heads, stop - start)
-            width = self.v.shape[-1] + int(self.ones_column)
-            zeros = self.k.new_zeros(*shape, self.feature_map.feature_dim, dtype=self.compute)
-            return zeros, self.k.new_zeros(*shape, width, dtype=self.compute)
-        log_weight = None
-        if self.log_weight is not None:
-            log_weight = self.log_weight[..., lo:hi].transpose(-1, -2)
-        positions = torch.arange(lo, hi, device=self.k.device)
-        features = self.feature_map(
-            self.k[:, :, lo:hi].to(self.compute), is_query=False, positions=positions,
-            max_len=self.max_len, log_weight=log_weight,
-        )  # fmt: skip
-        phi = features.values
-        self.reference, old, block = _rescale(self.reference, features.log_scale)
-        if old is not None:
-            for total in carried:
-                total.mul_(old)
-        if block is not None:
-            phi = phi.mul_(block)
-        value = self.v[:, :, lo:hi].to(self.compute)
-        if self.ones_column:
-            value = torch.cat([value, torch.ones_like(value[..., :1])], dim=-1)
-        if lo > start or stop > hi:
-            pad = (0, 0, lo - start, stop - hi)
-            phi, value = F.pad(phi, pad), F.pad(value, pad)
-        return phi, value
+    Returns:
+        ``[B, Hq, Sq, Dv]`` in q's dtype.
+    """
+    prep = prepare_features(q, k, v, feature_map, mask)
+    batch, kv_heads, group, q_len, _ = prep.phi_q.shape
+    kernel = torch.matmul(prep.phi_q, prep.phi_k.unsqueeze(2).transpose(-1, -2))
+    if causal:
+        kernel = kernel * causal_mask(q_len, k.shape[2], q.device)
+    row_eps = eps if prep.log_q is None else torch.exp(-prep.log_q) * eps
+    num = torch.matmul(kernel, prep.value.unsqueeze(2))
+    out = num / (kernel.sum(-1, keepdim=True) + row_eps)
+    return out.reshape(batch, kv_heads * group, q_len, -1).to(q.dtype)
 
 
-def _query_rows(q, feature_map, start: int, stop: int, kv_heads: int, kv_len: int):
-    """``phi(Q)`` ``[B, Hkv, G, n, F]`` of query rows ``[start, stop)`` and their log-scale."""
-    batch, q_heads, q_len, _ = q.shape
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    positions = torch.arange(start, stop, device=q.device) + (kv_len - q_len)
-    features = feature_map(
-        q[:, :, start:stop].to(compute), is_query=True, positions=positions,
-        max_len=max(q_len, kv_len),
-    )  # fmt: skip
-    shape = (batch, kv_heads, q_heads // kv_heads, stop - start, -1)
-    log_scale = features.log_scale
-    return features.values.reshape(shape), None if log_scale is None else log_scale.reshape(shape)
+def hybrid_scale(feature_map: FeatureMap, head_dim: int, scale: float | None) -> float:
+    """The softmax part's scale: ``scale``, else the feature map's, else ``D ** -0.5``."""
+    map_scale = getattr(feature_map, "scale", None)
+    if scale is None:
+        return map_scale if map_scale is not None else head_dim**-0.5
+    if feature_map.estimates_exp and map_scale is not None and not math.isclose(scale, map_scale):
+        raise ValueError(f"scale {scale} differs from the feature map's scale {map_scale}")
+    return scale
 
 
-def _row_log_scale(log_q, log_k):
-    """``lq + lk`` per query row (``log_q [B, Hkv, G | n, ...]``, ``log_k [B, Hkv, 1, 1]``)."""
-    if log_q is None and log_k is None:
-        return None
-    return (0.0 if log_q is None else log_q) + (0.0 if log_k is None else log_k.unsqueeze(2))
+def hybrid_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: FeatureMap,
+    *,
+    window: int,
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The ``hybrid`` variant, quadratic form: exact softmax inside the window, linear outside.
 
+    Args:
+        q: ``[B, Hq, Sq, D]``.
+        k: ``[B, Hkv, Sk, D]``.
+        v: ``[B, Hkv, Sk, Dv]``.
+        feature_map: the linear part's feature map.
+        window: local window radius.
+        causal: bottom-right aligned causal rule.
+        mask: key padding mask, as in :func:`linear_attention_reference`.
+        scale: score scale of the softmax part (default: the feature map's, else ``D ** -0.5``).
 
-def _row_eps(eps: float, log_q, log_k):
-    """``eps`` in the kernel's true units: ``eps exp(-(lq + lk))`` per row (or the float)."""
-    total = _row_log_scale(log_q, log_k)
-    return eps if total is None else torch.exp(-total).mul_(eps)
+    Returns:
+        ``[B, Hq, Sq, Dv]`` in q's dtype.
+    """
+    scale = hybrid_scale(feature_map, q.shape[-1], scale)
+    if q.shape[2] == 0 or k.shape[2] == 0:  # no rows, or rows without keys: zeros
+        return q.new_zeros(*q.shape[:3], v.shape[-1])
+    prep = prepare_features(q, k, v, feature_map, mask)
+    batch, kv_heads, group, q_len, _ = prep.phi_q.shape
+    kv_len = k.shape[2]
+    keys = k.to(prep.value.dtype).unsqueeze(2)
+    scores = torch.matmul(
+        q.to(keys.dtype).reshape(prep.phi_q.shape[:4] + (-1,)), keys.transpose(-1, -2)
+    )
+    scores = scores * scale
+    if prep.key_log_weight is not None:
+        scores = scores + prep.key_log_weight.unsqueeze(2)
+    right = 0 if causal else window
+    inside = visible_keys_mask(
+        q_len, kv_len, window_left=window, window_right=right, device=q.device
+    )
+    visible = causal_mask(q_len, kv_len, q.device) if causal else torch.ones_like(inside)
+    scores = scores.masked_fill(~inside, float("-inf"))
+    values = prep.value.unsqueeze(2)
+    log_soft = torch.logsumexp(scores, dim=-1, keepdim=True)  # -inf: no key in the window
+    weights = torch.exp(scores - torch.where(torch.isfinite(log_soft), log_soft, 0.0))
+    soft = torch.matmul(weights, values)
+    kernel = torch.matmul(prep.phi_q, prep.phi_k.unsqueeze(2).transpose(-1, -2))
+    kernel = kernel * (visible & ~inside)
+    lin_den = kernel.sum(-1, keepdim=True)
+    lin_avg = torch.matmul(kernel, values) / lin_den.clamp_min(torch.finfo(lin_den.dtype).tiny)
+    log_mass = torch.log(lin_den) + (0.0 if prep.log_q is None else prep.log_q)
+    out = mix_parts(soft, log_soft, lin_avg, log_mass)
+    return out.reshape(batch, kv_heads * group, q_len, -1).to(q.dtype)

@@ -1,0 +1,125 @@
+"""Exact dense attention on the CPU: SDPA's flash kernel with masks, bias and causality folded in.
+
+Entry point: :func:`dense_attention_cpu` (the ``dense`` variant, and the dense fallback of every
+sparse kernel at degenerate settings). Soft-capping, which SDPA cannot express, runs the exact
+reference over query chunks (never the full score matrix at once).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attnopt.ir.attention_reference import attention_reference, causal_mask, mask_is_inert
+
+__all__ = ["dense_attention_cpu"]
+
+
+def _combine_additive(mask: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype):
+    """One additive (or bool) mask equivalent to ``bias`` then ``mask`` for SDPA."""
+    if bias is None:
+        return mask
+    bias = bias.to(dtype)
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return bias.masked_fill(~mask, float("-inf"))
+    return bias + mask.to(dtype)
+
+
+#: Masks up to this many elements are checked at run time for being all-visible.
+_INERT_CHECK_LIMIT = 1 << 16
+
+
+def _drop_if_inert(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """None for a small mask that hides nothing (an all-ones padding mask): SDPA is faster
+    without one and the result is identical."""
+    if mask is None or mask.numel() > _INERT_CHECK_LIMIT:
+        return mask
+    return None if mask_is_inert(mask) else mask
+
+
+def dense_attention_cpu(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    scale: float,
+    causal: bool = False,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Exact dense attention with the fastest exact torch kernel (SDPA's CPU flash path).
+
+    Args:
+        q: ``[B, Hq, Sq, D]``.
+        k: ``[B, Hkv, Sk, D]``.
+        v: ``[B, Hkv, Sk, Dv]``.
+        mask: bool (True = attend) or additive, broadcastable to ``[B, Hq, Sq, Sk]``.
+        bias: additive, broadcastable to ``[B, Hq, Sq, Sk]``.
+        scale: score scale.
+        causal: bottom-right aligned causal rule.
+        softcap: tanh soft-capping (runs the exact chunked form: SDPA cannot express it).
+
+    Returns:
+        ``[B, Hq, Sq, Dv]``.
+    """
+    mask = _drop_if_inert(mask)
+    if softcap is not None:
+        return _chunked_exact(
+            q, k, v, mask=mask, bias=bias, scale=scale, causal=causal, cap=softcap
+        )
+    q_len, kv_len = q.shape[2], k.shape[2]
+    attn_mask = _combine_additive(mask, bias, q.dtype)
+    is_causal = False
+    if causal:
+        if attn_mask is None and q_len == kv_len:
+            is_causal = True
+        else:
+            tri = causal_mask(q_len, kv_len, q.device)
+            if attn_mask is None:
+                attn_mask = tri
+            elif attn_mask.dtype == torch.bool:
+                attn_mask = attn_mask & tri
+            else:
+                attn_mask = attn_mask.masked_fill(~tri, float("-inf"))
+    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+        attn_mask = attn_mask.to(q.dtype)
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
+    )
+
+
+def _chunked_exact(q, k, v, *, mask, bias, scale, causal, cap, chunk: int = 256):  # noqa: ANN001, ANN202
+    """Exact attention over query chunks (never the full score matrix at once)."""
+    outs = []
+    q_len, kv_len = q.shape[2], k.shape[2]
+    for start in range(0, q_len, chunk):
+        stop = min(start + chunk, q_len)
+
+        def rows(
+            t: torch.Tensor | None, start: int = start, stop: int = stop
+        ) -> torch.Tensor | None:
+            if t is None or t.dim() < 2 or t.shape[-2] == 1:
+                return t
+            return t[..., start:stop, :]
+
+        visible = None
+        if causal:
+            full = causal_mask(q_len, kv_len, q.device)
+            visible = full[start:stop]
+        outs.append(
+            attention_reference(
+                q[:, :, start:stop],
+                k,
+                v,
+                mask=rows(mask),
+                bias=rows(bias),
+                scale=scale,
+                softcap=cap,
+                visible=visible,
+            )
+        )
+    return torch.cat(outs, dim=2)

@@ -1,0 +1,209 @@
+"""Kernels the generated program calls, and their dispatch per backend and variant.
+
+Entry points: :func:`attention_torch` (the fast torch path for every ``attention`` variant),
+:data:`VARIANT_KERNELS`, :class:`KernelNamespace` (the ``K`` object of a generated program).
+
+On the CPU the dense variant runs through SDPA's flash kernel with masks, bias and causality folded
+into what SDPA accepts (:mod:`attnopt.runtime.cpu.dense`); sparse and linear variants run the
+kernels of :mod:`attnopt.runtime.cpu`, which skip the work they drop. Which variant a call runs
+as (``min_len``, per-head subsets) is decided by :mod:`attnopt.ir.attention`, the same rules the
+reference follows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from attnopt.ir import get_op
+from attnopt.ir.attention import (
+    AttentionAttrs,
+    AttentionOperands,
+    block_meta_of,
+    effective_variant,
+    feature_map_of,
+    variant_heads,
+)
+from attnopt.ir.block_sparse import apply_permutation, permute_for_sparsity
+from attnopt.runtime.cpu.block_sparse import block_sparse_attention
+from attnopt.runtime.cpu.common import bookkeeping_threads
+from attnopt.runtime.cpu.dense import dense_attention_cpu
+from attnopt.runtime.cpu.hybrid import hybrid_attention
+from attnopt.runtime.cpu.linear import linear_attention
+from attnopt.runtime.cpu.neighborhood import neighborhood_attention
+from attnopt.runtime.cpu.projection import linear as projection_linear
+from attnopt.runtime.cpu.sliding_window import sliding_window_attention
+
+VariantKernel = Callable[[AttentionOperands, AttentionAttrs], torch.Tensor]
+
+
+def _dense(ops: AttentionOperands, attrs: AttentionAttrs) -> torch.Tensor:
+    return dense_attention_cpu(
+        ops.q, ops.k, ops.v, mask=ops.mask, bias=ops.bias, scale=attrs.scale,
+        causal=attrs.causal, softcap=attrs.softcap,
+    )  # fmt: skip
+
+
+def _sliding_window(ops: AttentionOperands, attrs: AttentionAttrs) -> torch.Tensor:
+    return sliding_window_attention(
+        ops.q, ops.k, ops.v, window_left=attrs.window_left, window_right=attrs.window_right,
+        sinks=attrs.sinks, scale=attrs.scale, causal=attrs.causal, mask=ops.mask, bias=ops.bias,
+    )  # fmt: skip
+
+
+def _block_sparse(ops: AttentionOperands, attrs: AttentionAttrs) -> torch.Tensor:
+    if attrs.permute_keys:
+        # Non-causal attention without masks is invariant to reordering keys with their values.
+        perm, _ = permute_for_sparsity(ops.q, ops.k, ops.v, attrs.block, scale=attrs.scale)
+        ops = ops._replace(k=apply_permutation(ops.k, perm), v=apply_permutation(ops.v, perm))
+    meta = block_meta_of(ops, attrs, small_ops=bookkeeping_threads)
+    return block_sparse_attention(
+        ops.q, ops.k, ops.v, meta, scale=attrs.scale, causal=attrs.causal, mask=ops.mask,
+        bias=ops.bias,
+    )  # fmt: skip
+
+
+def _neighborhood(ops: AttentionOperands, attrs: AttentionAttrs) -> torch.Tensor:
+    return neighborhood_attention(
+        ops.q, ops.k, ops.v, grid=attrs.grid, kernel=attrs.kernel, dilation=attrs.dilation,
+        num_global=attrs.num_global, scale=attrs.scale, mask=ops.mask, bias=ops.bias,
+    )  # fmt: skip
+
+
+def _linear(ops: AttentionOperands, attrs: AttentionAttrs) -> torch.Tensor:
+    fmap = feature_map_of(attrs, ops.q.shape[-1])
+    return linear_attention(ops.q, ops.k, ops.v, fmap, causal=attrs.causal, mask=ops.mask)
+
+
+def _hybrid(ops: AttentionOperands, attrs: AttentionAttrs) -> torch.Tensor:
+    fmap = feature_map_of(attrs, ops.q.shape[-1])
+    return hybrid_attention(
+        ops.q, ops.k, ops.v, fmap, window=int(attrs.local_window or 0), causal=attrs.causal,
+        mask=ops.mask, scale=attrs.scale,
+    )  # fmt: skip
+
+
+#: The torch kernel of every ``attention`` variant.
+VARIANT_KERNELS: dict[str, VariantKernel] = {
+    "dense": _dense,
+    "sliding_window": _sliding_window,
+    "block_sparse": _block_sparse,
+    "neighborhood": _neighborhood,
+    "linear": _linear,
+    "hybrid": _hybrid,
+}
+
+
+def attention_torch(inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor:
+    """Run one ``attention`` node with torch kernels (CPU or any device).
+
+    Args:
+        inputs: ``[q, k, v, mask, bias, *block_metadata]`` (absent ones None or missing).
+        attrs: the node's attributes.
+
+    Returns:
+        The attention output.
+    """
+    ops = AttentionOperands.of(inputs)
+    variant = effective_variant(attrs, ops.k.shape[2])
+    kernel = VARIANT_KERNELS.get(variant)
+    if kernel is None:
+        raise NotImplementedError(f"attention variant {variant!r} has no torch kernel")
+    heads = None if variant == "dense" else variant_heads(attrs, ops.q.shape[1])
+    if heads is not None:
+        return _per_head(ops, attrs, kernel, heads)
+    return kernel(ops, attrs)
+
+
+def _per_head(
+    ops: AttentionOperands, attrs: AttentionAttrs, kernel: VariantKernel, heads: tuple[int, ...]
+) -> torch.Tensor:
+    """``heads`` run the variant, the other query heads run dense attention."""
+    q, k, v = ops.q, ops.k, ops.v
+    num_heads = q.shape[1]
+    group = num_heads // k.shape[1]
+    if group > 1:  # align key/value heads with query heads so any subset can be taken
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    chosen = torch.tensor(heads, device=q.device)
+    others = torch.tensor([h for h in range(num_heads) if h not in set(heads)], device=q.device)
+
+    def take(t: Any, index: torch.Tensor) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[1] == 1:
+            return t
+        return t.index_select(1, index)
+
+    full = AttentionOperands(q, k, v, *ops[3:])
+    sparse = kernel(
+        AttentionOperands(*(take(t, chosen) for t in full)), dataclasses.replace(attrs, heads=())
+    )
+    dense = _dense(AttentionOperands(*(take(t, others) for t in full)), attrs)
+    out = sparse.new_empty((q.shape[0], num_heads, q.shape[2], sparse.shape[-1]))
+    out[:, chosen] = sparse
+    out[:, others] = dense
+    return out
+
+
+class KernelNamespace:
+    """The ``K`` object a generated program calls; dispatches per backend and records taps.
+
+    Args:
+        backend: "torch", "triton" or "triton-interpret".
+    """
+
+    def __init__(self, backend: str = "torch"):
+        self.backend = backend
+        self.taps: dict[int, torch.Tensor] | None = None
+        self.input_taps: dict[int, list[list[Any]]] | None = None
+        self.calls: dict[str, int] = {"triton": 0, "torch": 0}
+        self._warned: set[str] = set()
+
+    @staticmethod
+    def run_op(op: str, inputs: list[Any], attrs: Any) -> Any:
+        """Run any registered op through its reference implementation (ops without an emitter)."""
+        return get_op(op).impl(inputs, attrs)
+
+    @staticmethod
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The ``linear`` op: oneDNN on the CPU (see :mod:`attnopt.runtime.cpu.projection`)."""
+        return projection_linear(x, weight, bias)
+
+    def attention(self, inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor:
+        """Run one attention node (see :func:`attention_torch`) on this namespace's backend."""
+        if self.input_taps is not None and attrs.site >= 0:
+            self.input_taps.setdefault(attrs.site, []).append(list(inputs))
+        out = None
+        if self.backend in ("triton", "triton-interpret"):
+            out = self._try_triton(inputs, attrs)
+        if out is None:
+            out = attention_torch(inputs, attrs)
+            self.calls["torch"] += 1
+        else:
+            self.calls["triton"] += 1
+        if self.taps is not None and attrs.site >= 0:
+            self.taps[attrs.site] = out.detach()
+        return out
+
+    def _try_triton(self, inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor | None:
+        try:
+            from attnopt.runtime.triton.backend import run_attention_triton
+        except ImportError as err:
+            self._warn_once("import", f"Triton backend unavailable ({err}); using torch kernels")
+            return None
+        result, reason = run_attention_triton(
+            inputs, attrs, interpret=self.backend == "triton-interpret"
+        )
+        if result is None:
+            self._warn_once(
+                reason or "?",
+                f"Triton kernel cannot serve this call: {reason}; using torch kernels",
+            )
+        return result
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
