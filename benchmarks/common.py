@@ -109,18 +109,35 @@ def worker_main(runner: Callable[[str, dict[str, Any]], dict[str, float]]) -> No
 
 
 def run_matrix(
-    script: str, variants: list[str], configs: list[dict[str, Any]], timeout: int = 1800
+    script: str,
+    variants: list[str],
+    configs: list[dict[str, Any]],
+    timeout: int = 1800,
+    *,
+    compare_tree: str | None = None,
+    compare_variants: tuple[str, ...] = (),
 ) -> list[dict]:
-    """Parent side: run every (config, variant) in a subprocess; collect rows."""
+    """Parent side: run every (config, variant) in a subprocess; collect rows.
+
+    With ``compare_tree`` (another checkout of attnopt, e.g. a ``git worktree`` of an older
+    commit), each of ``compare_variants`` also runs from that tree's copy of the same script, so
+    it imports that tree's attnopt; its rows are labelled ``variant@tree``. Both run in this one
+    matrix, side by side.
+    """
+    runs: list[tuple[str, str, str]] = [(v, script, v) for v in variants]
+    if compare_tree:
+        other = str(Path(compare_tree).resolve() / "benchmarks" / Path(script).name)
+        label = Path(compare_tree).name
+        runs += [(v, other, f"{v}@{label}") for v in compare_variants if v in variants]
     rows = []
     for config in configs:
-        for variant in variants:
-            cmd = [sys.executable, script, "--worker", variant, json.dumps(config)]
+        for variant, path, label in runs:
+            cmd = [sys.executable, path, "--worker", variant, json.dumps(config)]
             proc = subprocess.run(
                 cmd, capture_output=True, text=True, timeout=timeout, env=os.environ
             )
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            row: dict[str, Any] = {"variant": variant, **config}
+            row: dict[str, Any] = {"variant": label, **config}
             if line is None:
                 row["error"] = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
             else:

@@ -7,7 +7,9 @@ glibc malloc to keep freed activations mapped (attnopt.runtime.memory); the row
 few calls; setup is capture+compile including the first call; peak MB is the growth of the
 process's peak RSS. Prints a table, writes benchmarks/results/exact.json. Asserts nothing.
 
-Run: ``.venv/bin/python benchmarks/exact.py [--repeats 3]``.
+Run: ``.venv/bin/python benchmarks/exact.py [--repeats 3] [--compare-tree ../attnopt-old]``
+(``--compare-tree``: also run attnopt-exact from another checkout, e.g. ``git worktree add
+../attnopt-old <commit>``, side by side in the same run).
 """
 
 from __future__ import annotations
@@ -43,9 +45,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seqs", type=int, nargs="*", default=[512, 2048])
     parser.add_argument("--variants", nargs="*", default=VARIANTS)
+    parser.add_argument(
+        "--compare-tree",
+        default=None,
+        help="another attnopt checkout (e.g. a git worktree of an older commit): its "
+        "attnopt-exact runs too, in the same matrix",
+    )
     ns = parser.parse_args()
     configs = [{"seq": s, "batch": 1, "repeats": ns.repeats} for s in ns.seqs]
-    rows = run_matrix(__file__, ns.variants, configs)
+    rows = run_matrix(
+        __file__,
+        ns.variants,
+        configs,
+        compare_tree=ns.compare_tree,
+        compare_variants=("attnopt-exact",),
+    )
     render(
         "BERT-base (HF eager model), CPU fp32: exact attention fusion",
         rows,
