@@ -410,3 +410,27 @@ def test_neighborhood_bf16_and_full_kernel_is_dense():
     assert torch.equal(
         full, dense_attention_cpu(q, k, v, scale=16**-0.5, causal=False, mask=None, bias=None)
     )
+
+
+def test_bookkeeping_threads_leaves_other_threads_alone():
+    import threading
+
+    from attnopt.runtime.cpu.common import bookkeeping_threads
+
+    before = torch.get_num_threads()
+    if before == 1:
+        pytest.skip("one torch thread: nothing to lower")
+    seen = []
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        with bookkeeping_threads():  # another Python thread is alive: the count must not move
+            seen.append(torch.get_num_threads())
+    finally:
+        release.set()
+        other.join()
+    with bookkeeping_threads():  # alone: lowered for the section, restored after
+        seen.append(torch.get_num_threads())
+    assert seen == [before, 1]
+    assert torch.get_num_threads() == before

@@ -53,14 +53,15 @@ def bookkeeping_threads() -> Iterator[None]:
     Ops on tensors of ~10^4-10^5 elements still fork to every OpenMP thread; on a loaded 2-core
     machine each fork waits for a descheduled worker (milliseconds per op, measured: routing at
     N=4096 took 500 ms on 2 threads and 17 ms on one). The heavy gathers and flash calls stay
-    outside these sections. The thread count is process-global, so this is not for kernels
-    called from several Python threads at once.
+    outside these sections. The thread count is process-global, so it is only lowered while this
+    is the process's one Python thread: with other threads alive (a server, a data loader), the
+    section runs on the threads it has, and nothing another thread could observe changes.
 
     Yields:
         Nothing; the previous thread count is restored on exit.
     """
     threads = torch.get_num_threads()
-    if threads == 1:
+    if threads == 1 or threading.active_count() > 1:
         yield
         return
     torch.set_num_threads(1)
