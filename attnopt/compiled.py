@@ -318,6 +318,17 @@ class CompiledModule(torch.nn.Module):
         """Near-misses of attention detection: ``(where, why it was not fused)``."""
         return self._latest().explanations
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes this module does not define are the wrapped model's (``config``,
+        ``device``, ``dtype``, ``get_input_embeddings``, ...), as with torch.compile's wrapper."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_modules", {}).get("model")
+            if model is None or name.startswith("__"):
+                raise
+            return getattr(model, name)
+
     def __repr__(self) -> str:
         return (
             f"CompiledModule({type(self.model).__name__}, passes={str(self.pipeline)!r}, "

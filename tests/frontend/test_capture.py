@@ -145,3 +145,26 @@ def test_budget_is_not_silently_ignored():
         warnings.simplefilter("always")
         attnopt.compile(model, (torch.randn(2, 4),), budget=Budget(cosine=0.99))
     assert any("budget" in str(w.message) and "not used" in str(w.message) for w in caught)
+
+
+def test_compiled_module_forwards_the_models_attributes():
+    class Tagged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.config = {"hidden_size": 4}
+
+        def describe(self) -> str:
+            return "tagged"
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = Tagged().eval()
+    cm = attnopt.compile(model, (torch.randn(2, 4),))
+    assert cm.config is model.config
+    assert cm.describe() == "tagged"
+    assert cm.proj is model.proj  # submodules too
+    assert cm.stats["compilations"] == 1  # its own attributes win
+    with pytest.raises(AttributeError):
+        _ = cm.no_such_attribute
