@@ -21,20 +21,20 @@ from torch.export.graph_signature import InputKind
 
 from attnopt.errors import CaptureError
 from attnopt.ir import Graph, ScalarType, TensorType, Value
-from attnopt.ir.ops import (
+from attnopt.ir.aten_args import encode_template
+from attnopt.ir.core_ops import (
     AtenAttrs,
     CastAttrs,
     DimAttrs,
     FillAttrs,
-    NoAttrs,
     ParamAttrs,
     PermuteAttrs,
     ReduceAttrs,
     ScalarOperandAttrs,
     ShapeAttrs,
     TransposeAttrs,
-    encode_template,
 )
+from attnopt.ir.ops import NoAttrs
 
 aten = torch.ops.aten
 

@@ -178,7 +178,7 @@ class Graph:
         Returns:
             The value of the new ``param`` node (placed first in the node list).
         """
-        from attnopt.ir.ops import ParamAttrs
+        from attnopt.ir.core_ops import ParamAttrs
 
         name = hint
         while name in self.tensors:
@@ -317,7 +317,8 @@ class Graph:
 
 
 def _is_pure(node: Node) -> bool:
-    from attnopt.ir.ops import get_op, is_inplace_target
+    from attnopt.ir.aten_args import is_inplace_target
+    from attnopt.ir.ops import get_op
 
     if node.op == "aten":
         return not is_inplace_target(node.attrs.target)

@@ -19,7 +19,7 @@ import torch
 from attnopt.ir import Graph, Node, Value
 from attnopt.ir.attention import AttentionAttrs
 from attnopt.ir.attention_reference import mask_is_inert, visible_keys_mask
-from attnopt.ir.ops import CastAttrs, DimAttrs, ScalarOperandAttrs, ShapeAttrs, TransposeAttrs
+from attnopt.ir.core_ops import CastAttrs, DimAttrs, ScalarOperandAttrs, ShapeAttrs, TransposeAttrs
 from attnopt.passes.attention_match import (
     ADDITIVE_MASK_LIMIT,
     AttentionMatch,
@@ -321,7 +321,7 @@ def _not(graph: Graph, anchor: Node, value: Value) -> Value:
 
 
 def _fill(value: float) -> Any:
-    from attnopt.ir.ops import FillAttrs
+    from attnopt.ir.core_ops import FillAttrs
 
     return FillAttrs(value=value)
 

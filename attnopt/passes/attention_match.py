@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from attnopt.ir import Graph, Node, Value, aten_call_args
-from attnopt.ir.ops import ScalarOperandAttrs
+from attnopt.ir.core_ops import ScalarOperandAttrs
 from attnopt.passes.helpers import (
     constant_scalar,
 )

@@ -23,14 +23,9 @@ from typing import Any, ClassVar
 import torch
 
 from attnopt.ir import Graph, Node, Value, aten_call_args, get_op
-from attnopt.ir.ops import (
-    DimAttrs,
-    NoAttrs,
-    PermuteAttrs,
-    ScalarOperandAttrs,
-    ShapeAttrs,
-    is_inplace_target,
-)
+from attnopt.ir.aten_args import is_inplace_target
+from attnopt.ir.core_ops import DimAttrs, PermuteAttrs, ScalarOperandAttrs, ShapeAttrs
+from attnopt.ir.ops import NoAttrs
 from attnopt.passes.attention_match import reaches_matmul
 from attnopt.passes.base import Pass, PassContext, PassResult
 from attnopt.passes.helpers import constant_scalar, constant_tensor, emit_before

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from attnopt.ir import Graph, Node, Value
-from attnopt.ir.ops import AtenAttrs, encode_template
+from attnopt.ir.aten_args import encode_template
+from attnopt.ir.core_ops import AtenAttrs
 
 #: Ops that only re-index their input (no arithmetic): walked through to find projections.
 VIEW_OPS = ("reshape", "transpose", "permute", "contiguous", "unsqueeze", "expand")

@@ -19,7 +19,8 @@ from attnopt.ir import (
     register_op,
     verify,
 )
-from attnopt.ir.ops import DimAttrs, OpDef, ShapeAttrs
+from attnopt.ir.core_ops import DimAttrs, ShapeAttrs
+from attnopt.ir.ops import OpDef
 
 TEXT = """graph(%x: f32[2,8,64], %mask: b8[2,1,1,8], %keep: b8[16]) {
   %w: f32[64,64] = param() {name="proj.weight"}
