@@ -38,7 +38,7 @@ from attnopt.passes.attention_build import (
 )
 from attnopt.passes.attention_match import NoMatch, match_attention
 from attnopt.passes.base import Pass, PassContext, PassResult
-from attnopt.passes.canonicalize import VIEW_RULES
+from attnopt.passes.canonical_views import VIEW_RULES
 from attnopt.passes.helpers import (
     constant_tensor,
 )
