@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from attnopt.ir.block_sparse import route_blocks
+from attnopt.ir.block_routing import route_blocks
 from attnopt.runtime.cpu.block_sparse import block_sparse_attention
 from attnopt.runtime.cpu.sliding_window import sliding_window_attention
 

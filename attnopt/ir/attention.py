@@ -8,8 +8,9 @@ Inputs: ``q [B,Hq,Sq,D]``, ``k [B,Hkv,Sk,D]``, ``v [B,Hkv,Sk,Dv]``, then optiona
 :class:`AttentionOperands` names them (never decode the list by position). The exact semantics are
 in docs/attention-op.md. The op's implementation is :func:`reference_attention`, plain torch for
 every variant, built from the variant definitions in :mod:`attnopt.ir.attention_reference`,
-:mod:`attnopt.ir.block_sparse`, :mod:`attnopt.ir.neighborhood` and
-:mod:`attnopt.ir.linear_attention`. Fast kernels live in the runtime and are tested against it.
+:mod:`attnopt.ir.block_sparse` (with :mod:`attnopt.ir.block_routing`),
+:mod:`attnopt.ir.neighborhood` and :mod:`attnopt.ir.linear_attention`. Fast kernels live in the
+runtime and are tested against it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Any, NamedTuple
 import torch
 
 from attnopt.ir.attention_reference import attention_reference, visible_keys_mask
-from attnopt.ir.block_sparse import BlockMeta, block_meta_visible, route_blocks
+from attnopt.ir.block_routing import apply_permutation, permute_for_sparsity, route_blocks
+from attnopt.ir.block_sparse import BlockMeta, block_meta_visible
 from attnopt.ir.linear_attention import (
     FeatureMap,
     feature_map_for,
@@ -195,7 +197,7 @@ def block_meta_of(
         operands: the call's operands (tensors).
         attrs: the node's attributes.
         small_ops: context for the small block computations of routing (see
-            :func:`attnopt.ir.block_sparse.route_blocks`).
+            :func:`attnopt.ir.block_routing.route_blocks`).
 
     Returns:
         The :class:`~attnopt.ir.block_sparse.BlockMeta`.
@@ -323,8 +325,6 @@ def reference_attention(inputs: Sequence[Any], attrs: AttentionAttrs) -> torch.T
             scale=attrs.scale,
         )
     if variant == "block_sparse" and attrs.permute_keys:
-        from attnopt.ir.block_sparse import apply_permutation, permute_for_sparsity
-
         perm, _ = permute_for_sparsity(q, k, v, attrs.block, scale=attrs.scale)
         k, v = apply_permutation(k, perm), apply_permutation(v, perm)
         operands = operands._replace(k=k, v=v)

@@ -123,7 +123,7 @@ class BlockSparse(Pass):
         return PassResult(changed=bool(chosen), rewrites=len(chosen), notes=notes)
 
     def _calibrate(self, graph: Graph, ctx: PassContext, chosen: list[Site]) -> None:
-        from attnopt.ir.block_sparse import calibration_block_scores, static_block_pattern
+        from attnopt.ir.block_routing import calibration_block_scores, static_block_pattern
 
         if ctx.executor is None:
             raise PassError(f"{self.name}: routing=static needs a runtime to calibrate with")

@@ -28,7 +28,7 @@ from attnopt.ir.attention import (
     feature_map_of,
     variant_heads,
 )
-from attnopt.ir.block_sparse import apply_permutation, permute_for_sparsity
+from attnopt.ir.block_routing import apply_permutation, permute_for_sparsity
 from attnopt.runtime.cpu.block_sparse import block_sparse_attention
 from attnopt.runtime.cpu.common import bookkeeping_threads
 from attnopt.runtime.cpu.dense import dense_attention_cpu

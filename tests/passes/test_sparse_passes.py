@@ -81,7 +81,8 @@ def test_block_sparse_density_one_is_exact():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_block_sparse_topk_routing_matches_routed_reference(causal):
-    from attnopt.ir.block_sparse import block_meta_visible, route_blocks
+    from attnopt.ir.block_routing import route_blocks
+    from attnopt.ir.block_sparse import block_meta_visible
 
     q, k, v, keep = _inputs(48, 48)
     cm = attnopt.compile(

@@ -8,15 +8,14 @@ import pytest
 import torch
 
 from attnopt.ir.attention_reference import attention_reference, visible_keys_mask
-from attnopt.ir.block_sparse import (
-    BlockMeta,
+from attnopt.ir.block_routing import (
     apply_permutation,
-    block_meta_visible,
     calibration_block_scores,
     permute_for_sparsity,
     route_blocks,
     static_block_pattern,
 )
+from attnopt.ir.block_sparse import BlockMeta, block_meta_visible
 from attnopt.ir.neighborhood import neighborhood_visible
 from attnopt.runtime.cpu import block_sparse as cpu_block_sparse
 from attnopt.runtime.cpu import sliding_window as cpu_sparse

@@ -20,7 +20,7 @@ from attnopt.ir.attention import (
     reference_attention,
     variant_heads,
 )
-from attnopt.ir.block_sparse import route_blocks
+from attnopt.ir.block_routing import route_blocks
 from attnopt.runtime.dispatch import VARIANT_KERNELS, attention_torch
 from attnopt.tolerances import assert_close
 
