@@ -4,11 +4,12 @@ Entry points: :func:`run_and_compare` (run two models, get a :class:`NumericsRep
 :func:`build_report` (from outputs already computed, plus optional per-site outputs),
 :func:`compare_outputs`, :func:`tensor_metrics`, :func:`logits_metrics`, :class:`Budget`,
 :func:`plot_attention_map`. Tolerances (``"exact"``, ``"none"``, lossy presets, a Budget) are
-described in :mod:`attnopt.validate.report`; per-dtype tables live in :mod:`attnopt.tolerances`.
+described in :mod:`attnopt.validate.budget`; per-dtype tables live in :mod:`attnopt.tolerances`.
 This package does not depend on the compiler: callers supply outputs or callables.
 """
 
 from attnopt.validate.api import run_and_compare
+from attnopt.validate.budget import Budget, resolve_tolerance
 from attnopt.validate.compare import build_report, compare_outputs, flatten_outputs
 from attnopt.validate.errors import ValidationError
 from attnopt.validate.metrics import (
@@ -17,13 +18,8 @@ from attnopt.validate.metrics import (
     tensor_metrics,
     tolerance_metrics,
 )
-from attnopt.validate.report import (
-    Budget,
-    NumericsReport,
-    SiteReport,
-    plot_attention_map,
-    resolve_tolerance,
-)
+from attnopt.validate.plots import plot_attention_map
+from attnopt.validate.report import NumericsReport, SiteReport
 
 __all__ = [
     "Budget",

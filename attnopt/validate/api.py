@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from attnopt.validate.budget import Budget
 from attnopt.validate.compare import (
     build_report,
     check_same_structure,
@@ -23,7 +24,7 @@ from attnopt.validate.compare import (
     is_logits_name,
 )
 from attnopt.validate.errors import ValidationError
-from attnopt.validate.report import Budget, NumericsReport
+from attnopt.validate.report import NumericsReport
 
 Batch = tuple[tuple, dict]
 
@@ -157,7 +158,7 @@ def run_and_compare(
         tolerance: ``"exact"``, ``"none"``, a lossy preset name, or a :class:`Budget`.
         oracle: also run a deep copy of the reference converted to float64 on float64 copies
             of the floating inputs, and judge "exact" against that fp64 oracle as described in
-            :mod:`attnopt.validate.report`. If the copy cannot run, a warning says so.
+            :mod:`attnopt.validate.budget`. If the copy cannot run, a warning says so.
         logits_keys: output names judged as logits (top-1 agreement, KL divergence).
 
     Returns:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from attnopt.validate.budget import Budget, Criterion, judge_metrics, resolve_tolerance
 from attnopt.validate.errors import ValidationError
 from attnopt.validate.metrics import (
     MetricDict,
@@ -28,14 +29,7 @@ from attnopt.validate.metrics import (
     tensor_metrics,
     tolerance_metrics,
 )
-from attnopt.validate.report import (
-    Budget,
-    Criterion,
-    NumericsReport,
-    SiteReport,
-    judge_metrics,
-    resolve_tolerance,
-)
+from attnopt.validate.report import NumericsReport, SiteReport
 
 
 def _join(prefix: str, key: object) -> str:
@@ -274,7 +268,7 @@ def build_report(
         ref_outputs: the reference model's output (any nesting :func:`flatten_outputs` reads).
         cand_outputs: the candidate's output, same structure and shapes.
         tolerance: ``"exact"``, ``"none"``, a lossy preset name, or a :class:`Budget`
-            (see :mod:`attnopt.validate.report`).
+            (see :mod:`attnopt.validate.budget`).
         site_pairs: ``{site name: (reference site output, candidate site output)}`` in layer
             order. A name starting ``"site N"`` gives the site index N; otherwise its position.
         oracle_outputs: the output of a float64 copy of the reference on float64 inputs; when

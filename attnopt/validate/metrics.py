@@ -2,7 +2,8 @@
 
 Entry points: :func:`tensor_metrics`, :func:`logits_metrics`, :func:`tolerance_metrics`,
 :func:`oracle_metrics`. Each returns a flat ``dict[str, float | int | bool]`` so a report can
-merge, print and serialise them without knowing where they came from.
+merge, print and serialise them without knowing where they came from; :func:`format_metric` is
+one value's text, as reports and budget checks print it.
 
 Non-finite values. Positions where the reference is NaN or +-inf are never divided by: they are
 counted (``ref_nonfinite``, flag ``ref_has_nonfinite``) and the candidate must reproduce them
@@ -302,3 +303,32 @@ def oracle_metrics(
         "candidate_fp64_rmse": cand_err,
         "fp64_error_ratio": ratio,
     }
+
+
+def format_metric(key: str, value: float | int | bool) -> str:
+    """Short text for one metric value, as the report tables print it.
+
+    Args:
+        key: the metric name (chooses the format).
+        value: its value.
+
+    Returns:
+        e.g. ``"3.1e-06"``, ``"1-2.0e-09"`` (a cosine just below 1), ``"inf"``.
+    """
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if key in ("cosine", "top1_agreement"):
+        if value == 1.0:
+            return "1"
+        if 0.999999 <= value < 1.0:
+            return f"1-{1.0 - value:.1e}"
+        return f"{value:.6f}"
+    if key in ("sqnr_db", "tol_ratio", "fp64_error_ratio"):
+        return f"{value:.1f}" if key == "sqnr_db" else f"{value:.3g}"
+    return "0" if value == 0 else f"{value:.2e}"

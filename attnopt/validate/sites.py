@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from attnopt.validate.api import input_batches, run_and_compare
+from attnopt.validate.budget import Budget, resolve_tolerance
 from attnopt.validate.compare import site_reports
 from attnopt.validate.errors import ValidationError
-from attnopt.validate.report import Budget, NumericsReport, resolve_tolerance
+from attnopt.validate.report import NumericsReport
 
 
 def _compiled(model: Any, args: tuple, kwargs: dict) -> Any:

@@ -1,0 +1,255 @@
+"""Accuracy budgets and tolerance presets: how a tolerance is resolved and an output judged.
+
+Entry points: :class:`Budget`, :func:`resolve_tolerance` (a user's ``tolerance`` argument ->
+:class:`Criterion`), :func:`judge_metrics` (why an output's metrics fail a criterion).
+
+A tolerance is one of:
+
+- ``"exact"``: elementwise ``|cand - ref| <= atol + rtol * |ref|`` with the per-dtype table
+  :data:`attnopt.tolerances.EXACT` (dtype of the reference output).
+- ``"none"`` (alias ``"no-rewrite"``): the same check with the tighter table
+  :data:`attnopt.tolerances.NO_REWRITE`, for a compile with ``passes="none"``.
+- ``"lossy-tight"``, ``"lossy"``, ``"lossy-loose"``: the presets of
+  :data:`attnopt.tolerances.LOSSY_BUDGETS`.
+- a :class:`Budget`: limits on cosine, SQNR, max abs error, relative L2 error, top-1 agreement.
+
+With a float64 oracle (a float64 copy of the reference run on float64 inputs), a table check that
+fails is judged again the way torch._dynamo's accuracy checker does: the candidate passes when its
+RMSE against fp64 is at most ``max(atol, k * eager RMSE against fp64)`` with
+``k = attnopt.tolerances.ORACLE_ERROR_RATIO`` (2.1): a rewrite may reorder float arithmetic, so it
+is as exact as eager when it is about as close to the true value as eager itself.
+
+Every tolerance fails an output whose non-finite values (NaN, inf) differ from the reference's.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+import torch
+
+from attnopt.tolerances import (
+    EXACT,
+    LOSSY_BUDGETS,
+    NO_REWRITE,
+    ORACLE_ERROR_RATIO,
+    Tolerance,
+)
+from attnopt.validate.metrics import format_metric
+
+__all__ = [
+    "Budget",
+    "Criterion",
+    "judge_metrics",
+    "resolve_tolerance",
+]
+
+# (low, high, low inclusive, high inclusive) per Budget field.
+_LIMITS: dict[str, tuple[float, float, bool, bool]] = {
+    "cosine": (0.0, 1.0, False, True),
+    "sqnr_db": (-math.inf, math.inf, False, False),
+    "max_abs": (0.0, math.inf, True, False),
+    "rel_l2": (0.0, math.inf, True, False),
+    "top1": (0.0, 1.0, False, True),
+}
+
+
+def _interval(name: str) -> str:
+    low, high, low_in, high_in = _LIMITS[name]
+    if name == "sqnr_db":
+        return "a finite number"
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Accuracy budget for a lossy rewrite; ``None`` leaves a metric unchecked.
+
+    Attributes:
+        cosine: minimum cosine similarity of every output, in (0, 1].
+        sqnr_db: minimum SQNR in dB of every output (finite).
+        max_abs: maximum absolute error of every output, >= 0.
+        rel_l2: maximum relative L2 error of every output, >= 0.
+        top1: minimum top-1 agreement of logits outputs, in (0, 1].
+    """
+
+    cosine: float | None = None
+    sqnr_db: float | None = None
+    max_abs: float | None = None
+    rel_l2: float | None = None
+    top1: float | None = None
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(
+                    f"Budget.{item.name} must be a real number or None, got {type(value).__name__}"
+                )
+            value = float(value)
+            low, high, low_in, high_in = _LIMITS[item.name]
+            above = value >= low if low_in else value > low
+            below = value <= high if high_in else value < high
+            if not (above and below and not math.isnan(value)):
+                raise ValueError(f"Budget.{item.name} must be {_interval(item.name)}, got {value}")
+            object.__setattr__(self, item.name, value)
+        if all(getattr(self, item.name) is None for item in fields(self)):
+            raise ValueError("Budget needs at least one limit (cosine, sqnr_db, max_abs, ...)")
+
+    def describe(self) -> str:
+        """The limits as text, e.g. ``"cosine>=0.999, sqnr_db>=25"``.
+
+        Returns:
+            One line naming every limit that is set.
+        """
+        ops = {"cosine": ">=", "sqnr_db": ">=", "max_abs": "<=", "rel_l2": "<=", "top1": ">="}
+        return ", ".join(
+            f"{name}{ops[name]}{getattr(self, name):g}"
+            for name in ops
+            if getattr(self, name) is not None
+        )
+
+    def check(self, metrics: Mapping[str, float], *, is_logits: bool = False) -> list[str]:
+        """Reasons why ``metrics`` break this budget (empty when within).
+
+        Args:
+            metrics: a metric dict from :mod:`attnopt.validate.metrics`.
+            is_logits: whether the output is logits (only then is ``top1`` checked).
+
+        Returns:
+            Human-readable reasons, one per broken limit.
+        """
+        checks = [
+            ("cosine", "cosine", True),
+            ("sqnr_db", "sqnr_db", True),
+            ("max_abs", "max_abs", False),
+            ("rel_l2", "rel_l2", False),
+        ]
+        if is_logits:
+            checks.append(("top1", "top1_agreement", True))
+        reasons = []
+        for field_name, key, at_least in checks:
+            limit = getattr(self, field_name)
+            if limit is None or key not in metrics:
+                continue
+            value = metrics[key]
+            within = value >= limit if at_least else value <= limit
+            if not within:  # NaN is never within
+                relation = "<" if at_least else ">"
+                if math.isnan(value):
+                    relation = "is undefined, budget"
+                reasons.append(f"{key} {format_metric(key, value)} {relation} {limit:g}")
+        return reasons
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A resolved tolerance: a per-dtype table (exact / no-rewrite) or a budget."""
+
+    name: str
+    table: Mapping[torch.dtype, Tolerance] | None = None
+    budget: Budget | None = None
+
+    def tolerance_for(self, dtype: torch.dtype) -> Tolerance:
+        """The table entry for outputs of ``dtype`` (integers and bools: exact equality).
+
+        Args:
+            dtype: the reference output's dtype.
+
+        Returns:
+            Its :class:`attnopt.tolerances.Tolerance`.
+        """
+        if self.table is None:
+            raise ValueError(f"tolerance {self.name!r} is a budget, not a per-dtype table")
+        if not dtype.is_floating_point:
+            return Tolerance(atol=0.0, rtol=0.0)
+        return self.table.get(dtype, self.table[torch.float32])
+
+
+_TABLES = {"exact": EXACT, "none": NO_REWRITE, "no-rewrite": NO_REWRITE}
+
+
+def resolve_tolerance(tolerance: str | Budget | Criterion) -> Criterion:
+    """Turn a user's ``tolerance`` argument into a :class:`Criterion`.
+
+    Args:
+        tolerance: ``"exact"``, ``"none"``/``"no-rewrite"``, a name from
+            :data:`attnopt.tolerances.LOSSY_BUDGETS`, or a :class:`Budget`.
+
+    Returns:
+        The criterion outputs are judged by.
+
+    Raises:
+        ValueError: for an unknown preset name.
+        TypeError: for anything else.
+    """
+    if isinstance(tolerance, Criterion):
+        return tolerance
+    if isinstance(tolerance, Budget):
+        return Criterion(name=f"budget({tolerance.describe()})", budget=tolerance)
+    if isinstance(tolerance, str):
+        if tolerance in _TABLES:
+            return Criterion(name=tolerance, table=_TABLES[tolerance])
+        if tolerance in LOSSY_BUDGETS:
+            return Criterion(name=tolerance, budget=Budget(**LOSSY_BUDGETS[tolerance]))
+        options = ", ".join(repr(name) for name in [*_TABLES, *LOSSY_BUDGETS])
+        raise ValueError(f"unknown tolerance {tolerance!r}; use one of {options} or a Budget")
+    raise TypeError(f"tolerance must be a preset name or a Budget, got {type(tolerance).__name__}")
+
+
+def judge_metrics(
+    metrics: Mapping[str, float], criterion: Criterion, *, is_logits: bool = False
+) -> list[str]:
+    """Reasons why one output (or site) fails ``criterion`` (empty when it passes).
+
+    Table criteria read ``tol_ratio`` (and the fp64 oracle metrics when present); budgets read
+    the metrics they limit. Any ``nonfinite_mismatch`` fails.
+
+    Args:
+        metrics: the output's metric dict, including ``tolerance_metrics`` for table criteria.
+        criterion: from :func:`resolve_tolerance`.
+        is_logits: whether the output is logits.
+
+    Returns:
+        Human-readable reasons.
+    """
+    reasons = []
+    mismatch = int(metrics.get("nonfinite_mismatch", 0))
+    if mismatch:
+        reasons.append(f"{mismatch} positions where NaN/inf differ from the reference")
+    if criterion.budget is not None:
+        return reasons + criterion.budget.check(metrics, is_logits=is_logits)
+    ratio = metrics.get("tol_ratio", 0.0)
+    if ratio <= 1.0:
+        return reasons
+    atol = metrics.get("atol", 0.0)
+    if "candidate_fp64_rmse" in metrics:
+        eager_err = metrics["eager_fp64_rmse"]
+        allowed = max(atol, ORACLE_ERROR_RATIO * eager_err)
+        if metrics["candidate_fp64_rmse"] <= allowed:
+            return reasons  # as close to fp64 as eager is: exact in the fp64-oracle sense
+        reasons.append(
+            f"{_times(ratio)} the {criterion.name} tolerance (atol={atol:g}, "
+            f"rtol={metrics.get('rtol', 0.0):g}) at {_violations(metrics)}, "
+            f"and vs fp64 its RMSE {metrics['candidate_fp64_rmse']:.3g} > "
+            f"max(atol, {ORACLE_ERROR_RATIO:g} x eager's {eager_err:.3g})"
+        )
+    else:
+        reasons.append(
+            f"{_times(ratio)} the {criterion.name} tolerance (atol={atol:g}, "
+            f"rtol={metrics.get('rtol', 0.0):g}) at {_violations(metrics)}"
+        )
+    return reasons
+
+
+def _times(ratio: float) -> str:
+    return "error beyond" if math.isinf(ratio) else f"error {ratio:.3g}x"
+
+
+def _violations(metrics: Mapping[str, float]) -> str:
+    return f"{metrics.get('tol_violations', 0)} of {metrics.get('numel', '?')} positions"
