@@ -133,6 +133,7 @@ class HeadPrune(Pass):
                 if reason is None:
                     graph.infer_types()
                     verify(graph)
+                    reason = _outputs_keep_their_types(snapshot, graph)
             except Exception as err:  # noqa: BLE001 - any inconsistency means: leave the site alone
                 reason = f"shapes do not re-infer after slicing ({type(err).__name__}: {err})"
             if reason is None:
@@ -266,6 +267,17 @@ def _kept_heads_unchanged(before: dict, after: dict, index: int, kept: torch.Ten
             "the kept heads' attention outputs changed after slicing (max diff "
             f"{worst:.2e}): an op between a projection and the attention mixes heads"
         )
+    return None
+
+
+def _outputs_keep_their_types(before: Graph, after: Graph) -> str | None:
+    """None when slicing left every graph output's shape and dtype as it was (a lossy pass never
+    changes the model's outputs: a projection or head layout that is also returned blocks it)."""
+    for position, (old, new) in enumerate(zip(before.outputs, after.outputs)):
+        if old is not None and new is not None and old.type != new.type:
+            return (
+                f"graph output {position} reads a sliced value ({old.type} would become {new.type})"
+            )
     return None
 
 
