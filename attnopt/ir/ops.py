@@ -109,26 +109,12 @@ def _type_of_result(result: Any) -> Type:
 
 
 def static_numel(type_: Type | None) -> int:
-    """Element count of a statically shaped tensor type.
-
-    Args:
-        type_: any value type, or None for an absent operand.
-
-    Returns:
-        The number of elements, or 0 for scalars, absent operands and symbolic shapes.
-    """
+    """Elements of a static tensor type (0 for scalars, absent operands, symbolic shapes)."""
     return type_.numel() if isinstance(type_, TensorType) and type_.is_static else 0
 
 
 def static_nbytes(type_: Type | None) -> int:
-    """Size in bytes of a statically shaped tensor type.
-
-    Args:
-        type_: any value type, or None for an absent operand.
-
-    Returns:
-        The number of bytes, or 0 for scalars, absent operands and symbolic shapes.
-    """
+    """Bytes of a static tensor type (0 for scalars, absent operands, symbolic shapes)."""
     return type_.nbytes() if isinstance(type_, TensorType) and type_.is_static else 0
 
 
