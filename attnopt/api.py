@@ -40,7 +40,11 @@ def compile(  # noqa: A001 - the public name is fixed by the design
             ``"fuse-attention,sliding-window{window=512,sinks=4}"``, a list of passes, or a
             PassManager.
         backend: "auto" (Triton on CUDA, fast torch kernels on CPU), "torch", "triton" or
-            "triton-interpret" (the generated Triton kernels in the interpreter, for tests).
+            "triton-interpret" (the generated Triton kernels in Triton's interpreter, for tests).
+            The interpreter needs ``TRITON_INTERPRET=1`` in the environment before anything
+            imports triton: Triton fixes its library's mode for the whole process at that
+            import. attnopt never sets it (it only decorates its own kernels for the
+            interpreter); without it, compile warns and attention runs on the torch kernels.
         calibration: iterable of ``(args, kwargs)`` for passes that score heads/layers/tokens.
         budget: an accuracy budget (``attnopt.Budget``) for the budgeted search. The search is not
             built yet: a budget is accepted, warned about at compile time, and not used (give
@@ -76,13 +80,12 @@ def compile(  # noqa: A001 - the public name is fixed by the design
             stacklevel=2,
         )
     if backend == "triton-interpret":
-        from attnopt.runtime.triton.backend import prepare_interpreter
+        from attnopt.runtime.triton.loader import interpreter_reason
 
-        if not prepare_interpreter():
+        reason = interpreter_reason()
+        if reason is not None:
             warnings.warn(
-                "triton was imported before attnopt could switch on its interpreter; set "
-                "TRITON_INTERPRET=1 before importing torch._dynamo/triton. Attention runs on the "
-                "torch kernels instead.",
+                f"backend='triton-interpret': {reason}. Attention runs on the torch kernels.",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -304,10 +304,19 @@ class CompiledModule(torch.nn.Module):
 
     @property
     def kernels(self) -> dict[str, str]:
-        """Generated Triton kernel sources, by kernel name."""
+        """Sources of the generated Triton kernels the attention sites run, by kernel name.
+
+        With ``backend="triton"`` or ``"triton-interpret"`` these are exactly the kernels that
+        run when the process can run Triton kernels at all (the same decision serves both;
+        otherwise compile warns and the torch kernels run); with the torch backend, those a
+        Triton backend would run.
+        """
         from attnopt.runtime.triton.backend import kernel_sources_for
 
-        return kernel_sources_for(self._latest().graph)
+        entry = self._latest()
+        return kernel_sources_for(
+            entry.graph, interpret=entry.kernels.backend == "triton-interpret"
+        )
 
     @property
     def history(self) -> list[dict[str, Any]]:

@@ -34,8 +34,10 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from attnopt.ir.attention_reference import attention_reference, visible_keys_mask  # noqa: E402
+from attnopt.ir.block_sparse import BlockMeta, block_meta_visible  # noqa: E402
+from attnopt.runtime.triton.blocks import block_meta_from_block_mask  # noqa: E402
 from attnopt.runtime.triton.launch import (  # noqa: E402
-    BlockSparseMeta,
+    AttentionCall,
     triton_attention,
     triton_can_run,
 )
@@ -75,16 +77,14 @@ def _padding_mask(shape: Shape, device: torch.device, additive: bool) -> torch.T
     return torch.where(allowed, zero, torch.tensor(float("-inf"), device=device))
 
 
-def _block_meta(shape: Shape, device: torch.device) -> BlockSparseMeta:
+def _block_meta(shape: Shape, device: torch.device) -> BlockMeta:
     block = 64 if shape.seq >= 256 else 16
     num_blocks = math.ceil(shape.seq / block)
     gen = torch.Generator().manual_seed(0)
     block_mask = torch.rand(num_blocks, num_blocks, generator=gen) < 0.5
     block_mask |= torch.eye(num_blocks, dtype=torch.bool)
     block_mask[:, 0] = True
-    return BlockSparseMeta.from_block_mask(
-        block_mask.to(device), block, block, q_len=shape.seq, kv_len=shape.seq
-    )
+    return block_meta_from_block_mask(block_mask.to(device), block, block)
 
 
 VARIANTS = [
@@ -99,7 +99,10 @@ VARIANTS = [
         "window-sinks",
         lambda s, d: {"causal": True, "window_left": s.seq // 8, "window_right": 0, "sinks": 4},
     ),
-    Variant("block-sparse", lambda s, d: {"block_meta": _block_meta(s, d)}),
+    Variant(
+        "block-sparse",
+        lambda s, d: {"block_meta": _block_meta(s, d), "split_full_blocks": True},
+    ),
 ]
 
 
@@ -119,7 +122,7 @@ def make_qkv(shape: Shape, gqa: bool, dtype: torch.dtype, device: torch.device) 
 def visibility(shape: Shape, options: dict, device: torch.device) -> torch.Tensor | None:
     """The extra dense visibility (window or block-sparse) the reference and SDPA need."""
     if options.get("block_meta") is not None:
-        return options["block_meta"].visible_mask(shape.seq, shape.seq)
+        return block_meta_visible(options["block_meta"], shape.seq, shape.seq)
     if "window_left" in options:
         return visible_keys_mask(
             shape.seq,
@@ -180,11 +183,12 @@ def time_gpu(shape: Shape, dtype: torch.dtype) -> list[dict]:
         q, k, v = make_qkv(shape, variant.gqa, dtype, device)
         options = variant.build(shape, device)
         row: dict = {"variant": variant.name, "shape": shape.__dict__, "dtype": str(dtype)}
-        reason = triton_can_run(q, k, v, **_can_run_options(options))
+        call = AttentionCall(q, k, v, **options)
+        reason = triton_can_run(call)
         if reason is not None:
             rows.append({**row, "skipped": reason})
             continue
-        kernel_ms = do_bench(functools.partial(triton_attention, q, k, v, scale=None, **options))
+        kernel_ms = do_bench(functools.partial(triton_attention, call))
         flops = 2.0 * shape.batch * shape.q_heads * visible_pairs(shape, options, device)
         flops *= 2 * shape.head_dim
         operands = [q, k, v, q] + [t for t in options.values() if isinstance(t, torch.Tensor)]
@@ -205,10 +209,6 @@ def time_gpu(shape: Shape, dtype: torch.dtype) -> list[dict]:
     return rows
 
 
-def _can_run_options(options: dict) -> dict:
-    return {key: value for key, value in options.items() if key != "causal"}
-
-
 def check_interpreter(shape: Shape, dtypes: tuple[torch.dtype, ...]) -> list[dict]:
     """Correctness of every variant in Triton's interpreter against the torch reference."""
     device = torch.device("cpu")
@@ -219,12 +219,13 @@ def check_interpreter(shape: Shape, dtypes: tuple[torch.dtype, ...]) -> list[dic
             q, k, v = make_qkv(shape, variant.gqa, dtype, device)
             options = variant.build(shape, device)
             row: dict = {"variant": variant.name, "shape": shape.__dict__, "dtype": str(dtype)}
-            reason = triton_can_run(q, k, v, interpret=True, **_can_run_options(options))
+            call = AttentionCall(q, k, v, **options)
+            reason = triton_can_run(call, interpret=True)
             if reason is not None:
                 rows.append({**row, "skipped": reason})
                 continue
             start = time.perf_counter()
-            out = triton_attention(q, k, v, scale=None, interpret=True, **options)
+            out = triton_attention(call, interpret=True)
             seconds = time.perf_counter() - start
             reference_options = {
                 key: options[key] for key in ("mask", "bias", "causal", "softcap") if key in options

@@ -159,6 +159,8 @@ class KernelNamespace:
         self.taps: dict[int, torch.Tensor] | None = None
         self.input_taps: dict[int, list[list[Any]]] | None = None
         self.calls: dict[str, int] = {"triton": 0, "torch": 0}
+        #: Launches per generated Triton kernel, by kernel name.
+        self.triton_kernels: dict[str, int] = {}
         self._warned: set[str] = set()
 
     @staticmethod
@@ -193,15 +195,15 @@ class KernelNamespace:
         except ImportError as err:
             self._warn_once("import", f"Triton backend unavailable ({err}); using torch kernels")
             return None
-        result, reason = run_attention_triton(
-            inputs, attrs, interpret=self.backend == "triton-interpret"
-        )
-        if result is None:
+        run = run_attention_triton(inputs, attrs, interpret=self.backend == "triton-interpret")
+        if run.output is None or run.kernel is None:
             self._warn_once(
-                reason or "?",
-                f"Triton kernel cannot serve this call: {reason}; using torch kernels",
+                run.reason or "?",
+                f"Triton kernel cannot serve this call: {run.reason}; using torch kernels",
             )
-        return result
+            return None
+        self.triton_kernels[run.kernel] = self.triton_kernels.get(run.kernel, 0) + 1
+        return run.output
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

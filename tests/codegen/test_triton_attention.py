@@ -1,8 +1,8 @@
 """Generated Triton attention kernels against attnopt.ir.attention_reference, in Triton's interpreter.
 
 Every variant (dense, causal with q_len != kv_len, GQA/MQA, bool and additive masks with
-broadcasting, bias, softcap, sliding window with sinks, block-sparse with full blocks; fp32 and
-fp16; head sizes 16/32/64/128 and 80) must match `attention_reference` within
+broadcasting, bias, softcap, sliding window with sinks, block-sparse with and without full-block
+lists; fp32 and fp16; head sizes 16/32/64/128 and 80) must match `attention_reference` within
 `attnopt.tolerances`. See conftest.py for how TRITON_INTERPRET is set.
 """
 
@@ -28,15 +28,12 @@ from attnopt.codegen.triton_attention import (
 )
 from attnopt.errors import BackendError
 from attnopt.ir.attention_reference import attention_reference, visible_keys_mask
-from attnopt.runtime.triton import launch as triton_launch
+from attnopt.ir.block_sparse import BlockMeta, block_meta_visible
+from attnopt.runtime.triton import loader as triton_loader
+from attnopt.runtime.triton.blocks import block_meta_from_block_mask, split_full_blocks
 from attnopt.runtime.triton.cache import KernelCache
-from attnopt.runtime.triton.launch import (
-    BlockSparseMeta,
-    attention_kernel_config,
-    triton_attention,
-    triton_can_run,
-    triton_interpreter_ready,
-)
+from attnopt.runtime.triton.launch import AttentionCall, triton_attention, triton_can_run
+from attnopt.runtime.triton.loader import triton_interpreter_ready
 from attnopt.tolerances import assert_close
 
 pytest.importorskip("triton")
@@ -144,15 +141,7 @@ def make_inputs(case: Case, seed: int = 0) -> dict:
         shape += (math.ceil(case.q_len / block_q), math.ceil(case.kv_len / block_k))
         block_mask = torch.rand(*shape, generator=gen) > 0.5
         block_mask[..., 0] = True  # sink-like first block; other rows may see nothing
-        inputs["block_meta"] = BlockSparseMeta.from_block_mask(
-            block_mask,
-            block_q,
-            block_k,
-            q_len=case.q_len,
-            kv_len=case.kv_len,
-            causal=case.causal,
-            split_full=split_full,
-        )
+        inputs["block_meta"] = block_meta_from_block_mask(block_mask, block_q, block_k)
     return inputs
 
 
@@ -172,14 +161,15 @@ def run_case(case: Case, inputs: dict, cache: KernelCache) -> tuple[torch.Tensor
             device=q.device,
         )
     if case.blocks is not None:
-        visible = inputs["block_meta"].visible_mask(case.q_len, case.kv_len)
+        visible = block_meta_visible(inputs["block_meta"], case.q_len, case.kv_len)
     scale = 1.0 / math.sqrt(case.head_dim)
-    out = triton_attention(
+    call = AttentionCall(
         q, k, v,
         mask=inputs.get("mask"), bias=inputs.get("bias"), scale=scale, causal=case.causal,
         softcap=case.softcap, window_left=window[0], window_right=window[1], sinks=window[2],
-        block_meta=inputs.get("block_meta"), interpret=q.device.type != "cuda", cache=cache,
+        block_meta=inputs.get("block_meta"), split_full_blocks=bool(case.blocks and case.blocks[3]),
     )  # fmt: skip
+    out = triton_attention(call, interpret=q.device.type != "cuda", cache=cache)
     expected = attention_reference(
         q, k, v,
         mask=inputs.get("mask"), bias=inputs.get("bias"), scale=scale, causal=case.causal,
@@ -227,7 +217,7 @@ def test_block_sparse_skips_unlisted_blocks(kernel_cache: KernelCache) -> None:
     case = Case("sparse-skip", q_len=64, kv_len=128, blocks=(32, 32, False, True))
     inputs = make_inputs(case)
     block_mask = torch.tensor([[True, True, False, False], [False, True, False, True]])
-    inputs["block_meta"] = BlockSparseMeta.from_block_mask(block_mask, 32, 32, q_len=64, kv_len=128)
+    inputs["block_meta"] = block_meta_from_block_mask(block_mask, 32, 32)
     _, expected = run_case(case, inputs, kernel_cache)
     for name in ("k", "v"):
         inputs[name] = inputs[name].clone()
@@ -240,22 +230,38 @@ def test_block_sparse_skips_unlisted_blocks(kernel_cache: KernelCache) -> None:
 def test_strided_inputs_from_packed_qkv(kernel_cache: KernelCache) -> None:
     packed = torch.randn(2, 19, 3, 3 * 40, generator=torch.Generator().manual_seed(1))
     q, k, v = (part.transpose(1, 2) for part in packed.split(40, dim=-1))  # [B, H, S, D] views
-    out = triton_attention(q, k, v, scale=None, causal=True, interpret=True, cache=kernel_cache)
+    call = AttentionCall(q, k, v, causal=True)
+    out = triton_attention(call, interpret=True, cache=kernel_cache)
     assert_close(out, attention_reference(q, k, v, causal=True))
 
 
-def test_block_meta_from_block_mask_lists_and_full_blocks() -> None:
+def test_block_meta_from_block_mask_lists_blocks_ascending() -> None:
+    block_mask = torch.tensor([[True, False, True], [False, False, False], [True, True, True]])
+    meta = block_meta_from_block_mask(block_mask, 16, 32)
+    assert (meta.block_q, meta.block_k) == (16, 32)
+    assert meta.kv_counts.tolist() == [[[2, 0, 3]]]
+    assert meta.kv_indices[0, 0, 0, :2].tolist() == [0, 2]
+    assert meta.kv_indices[0, 0, 2].tolist() == [0, 1, 2]
+    dense = block_meta_visible(meta, 48, 80)
+    assert dense[0, 0, 0].tolist() == [True] * 32 + [False] * 32 + [True] * 16
+    assert not dense[0, 0, 16:32].any()
+
+
+def test_split_full_blocks() -> None:
     block_mask = torch.tensor([[True, False, True], [True, True, True]])
-    meta = BlockSparseMeta.from_block_mask(block_mask, 16, 16, q_len=32, kv_len=40, causal=True)
+    meta = block_meta_from_block_mask(block_mask, 16, 16)
+    partial, full = split_full_blocks(meta, q_len=32, kv_len=40, causal=True)
     # Offset 8: row 0 sees keys 0..8, so only row block 1 (rows 16..31) sees key block 0 fully;
     # key block 2 (keys 32..47) runs past kv_len, so it is never full.
-    assert meta.full_kv_counts.tolist() == [[[0, 1]]]
-    assert meta.full_kv_indices[0, 0, 1, 0].item() == 0
-    assert meta.kv_counts.tolist() == [[[2, 2]]]
-    assert meta.kv_indices.tolist() == [[[[0, 2], [1, 2]]]]
-    dense = meta.visible_mask(32, 40)
-    assert dense.shape == (1, 1, 32, 40)
-    assert dense[0, 0, 0].tolist() == [True] * 16 + [False] * 16 + [True] * 8
+    assert full.kv_counts.tolist() == [[[0, 1]]]
+    assert full.kv_indices[0, 0, 1, 0].item() == 0
+    assert partial.kv_counts.tolist() == [[[2, 2]]]
+    assert partial.kv_indices.tolist() == [[[[0, 2], [1, 2]]]]
+    together = block_meta_visible(partial, 32, 40) | block_meta_visible(full, 32, 40)
+    assert torch.equal(together, block_meta_visible(meta, 32, 40))
+    # Without causality every listed block inside the keys is full.
+    partial, full = split_full_blocks(meta, q_len=32, kv_len=40, causal=False)
+    assert full.kv_counts.tolist() == [[[1, 2]]] and partial.kv_counts.tolist() == [[[1, 1]]]
 
 
 def test_render_names_and_constexprs() -> None:
@@ -317,33 +323,42 @@ def test_config_rejects_bad_attributes(kwargs: dict) -> None:
 
 def test_config_from_call() -> None:
     q, k, v = torch.zeros(1, 8, 5, 80), torch.zeros(1, 2, 9, 80), torch.zeros(1, 2, 9, 40)
-    config = attention_kernel_config(
-        q, k, v, mask=torch.ones(9, dtype=torch.bool), window_left=4, window_right=0, sinks=2
-    )
+    mask = torch.ones(9, dtype=torch.bool)
+    call = AttentionCall(q, k, v, mask=mask, window_left=4, window_right=0, sinks=2)
+    config = call.kernel_config()
     assert (config.gqa_group, config.mask_kind, config.sparsity) == (4, "bool", "sliding_window")
     assert (config.head_dim_padded, config.head_dim_v_padded, config.sinks) == (128, 64, 2)
-    assert attention_kernel_config(q, k, v, sinks=3).sinks == 0  # no window: every key visible
+    # No window: every key is visible, sinks are dropped.
+    assert AttentionCall(q, k, v, sinks=3).kernel_config().sinks == 0
+    meta = block_meta_from_block_mask(torch.ones(1, 1), 16, 16)
+    sparse = AttentionCall(q, k, v, block_meta=meta)
+    assert not sparse.kernel_config().has_full_blocks
+    split = AttentionCall(q, k, v, block_meta=meta, split_full_blocks=True).kernel_config()
+    assert (split.sparsity, split.block_q, split.has_full_blocks) == ("block_sparse", 16, True)
 
 
 def test_can_run_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
     q = torch.zeros(1, 2, 4, 64)
-    assert triton_can_run(torch.zeros(1, 2, 4, 512), torch.zeros(1, 2, 4, 512), q, interpret=True)
-    assert "float64" in triton_can_run(q.double(), q.double(), q.double(), interpret=True)
-    assert "broadcast" in triton_can_run(
-        q, q, q, mask=torch.ones(3, 5, dtype=torch.bool), interpret=True
-    )
-    assert "multiple" in triton_can_run(torch.zeros(1, 3, 4, 64), q, q, interpret=True)
+    wide = torch.zeros(1, 2, 4, 512)
+    assert triton_can_run(AttentionCall(wide, wide, q), interpret=True)
+    double = q.double()
+    assert "float64" in triton_can_run(AttentionCall(double, double, double), interpret=True)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    assert "broadcast" in triton_can_run(AttentionCall(q, q, q, mask=mask), interpret=True)
+    assert "multiple" in triton_can_run(AttentionCall(torch.zeros(1, 3, 4, 64), q, q))
+    meta = block_meta_from_block_mask(torch.ones(3, 1, dtype=torch.bool), 16, 16)
+    assert "query blocks" in AttentionCall(q, q, q, block_meta=meta).unsupported()
+    bf16 = q.bfloat16()
+    assert "bfloat16" in AttentionCall(bf16, bf16, bf16).unsupported(interpret=True)
+    assert AttentionCall(bf16, bf16, bf16).unsupported() is None
     if IN_PROCESS:
-        assert triton_can_run(q, q, q, interpret=True) is None
-        assert "bfloat16" in triton_can_run(
-            q.bfloat16(), q.bfloat16(), q.bfloat16(), interpret=True
-        )
+        assert triton_can_run(AttentionCall(q, q, q), interpret=True) is None
     # The interpreter is only used when asked for, even in a process that could interpret.
-    assert "CUDA" in triton_can_run(q, q, q)
+    assert "CUDA" in triton_can_run(AttentionCall(q, q, q))
     with pytest.raises(BackendError, match="CUDA"):
-        triton_attention(q, q, q, scale=None)
-    monkeypatch.setattr(triton_launch, "triton_interpreter_ready", lambda: False)
-    assert "TRITON_INTERPRET" in triton_can_run(q, q, q, interpret=True)
+        triton_attention(AttentionCall(q, q, q))
+    monkeypatch.setattr(triton_loader, "triton_interpreter_ready", lambda: False)
+    assert "TRITON_INTERPRET" in triton_can_run(AttentionCall(q, q, q), interpret=True)
 
 
 def test_in_subprocess() -> None:
@@ -405,10 +420,8 @@ def test_kernel_on_gpu(case: Case, kernel_cache: KernelCache) -> None:
     }
     if "block_meta" in inputs:
         meta = inputs["block_meta"]
-        inputs["block_meta"] = BlockSparseMeta(
-            meta.block_q, meta.block_k, meta.kv_counts.cuda(), meta.kv_indices.cuda(),
-            None if meta.full_kv_counts is None else meta.full_kv_counts.cuda(),
-            None if meta.full_kv_indices is None else meta.full_kv_indices.cuda(),
-        )  # fmt: skip
+        inputs["block_meta"] = BlockMeta(
+            meta.block_q, meta.block_k, meta.kv_counts.cuda(), meta.kv_indices.cuda()
+        )
     out, expected = run_case(case, inputs, kernel_cache)
     assert_close(out, expected)

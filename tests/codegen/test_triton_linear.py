@@ -1,7 +1,8 @@
-"""Triton linear-attention kernels (attnopt.codegen.triton_linear) in the Triton interpreter.
+"""Triton linear-attention kernels (rendered by attnopt.codegen.triton_linear, launched by
+attnopt.runtime.triton.linear) in the Triton interpreter.
 
-The kernels run in one child process started with ``TRITON_INTERPRET=1`` (Triton reads it when it
-is imported, so it must not leak into this pytest process); the child checks every case against
+The kernels run in one child process started with ``TRITON_INTERPRET=1`` (Triton reads it when
+triton is first imported, whatever this pytest process did); the child checks every case against
 :func:`attnopt.ir.linear_attention.linear_attention_reference` and reports JSON.
 """
 
@@ -42,9 +43,9 @@ def _run_cases() -> dict[str, bool]:
     """Child process body: every case against the naive quadratic form (fp32 tolerances)."""
     import torch
 
-    from attnopt.codegen.triton_linear import triton_linear_attention
     from attnopt.ir.linear_attention import linear_attention_reference as linear_attention_naive
     from attnopt.ir.linear_attention import make_feature_map
+    from attnopt.runtime.triton.linear import triton_linear_attention
     from attnopt.tolerances import exact_tolerance
 
     tolerance = exact_tolerance(torch.float32)
@@ -63,8 +64,9 @@ def _run_cases() -> dict[str, bool]:
         feature_map = make_feature_map(name, 16, num_features=32, seed=0)
         expected = linear_attention_naive(q, k, v, feature_map, causal=causal, mask=mask)
         if name in ("elu", "relu"):
+            config = LinearKernelConfig(feature_map=name, causal=causal)
             actual = triton_linear_attention(
-                q, k, v, name, causal=causal, mask=mask, chunk=16, block_m=16, interpret=True
+                q, k, v, config, mask=mask, chunk=16, block_m=16, interpret=True
             )
         else:
             max_len = max(q_len, kv_len)
@@ -76,10 +78,10 @@ def _run_cases() -> dict[str, bool]:
             if fq.log_scale is not None:
                 log_k = fk.log_scale.repeat_interleave(q_heads // kv_heads, dim=1)
                 eps = 1e-6 * torch.exp(-(fq.log_scale + log_k))[..., 0]
+            config = LinearKernelConfig(feature_map="identity", causal=causal)
             actual = triton_linear_attention(
-                fq.values, fk.values, v, "identity", causal=causal, mask=mask, eps=eps,
-                chunk=16, interpret=True,
-            )  # fmt: skip
+                fq.values, fk.values, v, config, mask=mask, eps=eps, chunk=16, interpret=True
+            )
         close = torch.allclose(actual, expected, atol=tolerance.atol, rtol=tolerance.rtol)
         results[_case_id(case)] = bool(close)
         if not close:
@@ -88,8 +90,9 @@ def _run_cases() -> dict[str, bool]:
 
 
 @pytest.fixture(scope="module")
-def interpreter_results() -> dict[str, bool]:
-    env = dict(os.environ, TRITON_INTERPRET="1")
+def interpreter_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bool]:
+    cache_dir = tmp_path_factory.mktemp("linear-kernels")
+    env = dict(os.environ, TRITON_INTERPRET="1", ATTNOPT_CACHE_DIR=str(cache_dir))
     done = subprocess.run(
         [sys.executable, __file__, "--child"], env=env, capture_output=True, text=True, timeout=300
     )

@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 import attnopt
-from attnopt.runtime.triton.launch import triton_interpreter_ready
+from attnopt.runtime.triton.loader import triton_interpreter_ready
 from tests import zoo
 from tests.helpers import assert_matches_eager, zoo_cases, zoo_model
 

@@ -11,14 +11,19 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from attnopt.codegen.triton_attention import AttentionKernelConfig, render_attention_kernel
+from attnopt.codegen.triton_linear import LinearKernelConfig, render_linear_kernel
+from attnopt.ir.linear_attention import linear_attention_reference, make_feature_map
 from attnopt.runtime.triton.cache import (
     KernelCache,
     default_cache_dir,
     kernel_cache_key,
     validate_key,
 )
+from attnopt.runtime.triton.loader import triton_interpreter_ready
+from attnopt.tolerances import assert_close
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCE = "VALUE = 3\n"
@@ -99,11 +104,11 @@ _RUN_KERNEL = textwrap.dedent(
     import torch
     from attnopt.ir.attention_reference import attention_reference
     from attnopt.runtime.triton.cache import KernelCache
-    from attnopt.runtime.triton.launch import triton_attention
+    from attnopt.runtime.triton.launch import AttentionCall, triton_attention
 
     cache = KernelCache(sys.argv[1])
     q, k, v = (torch.randn(1, 2, 9, 32) for _ in range(3))
-    out = triton_attention(q, k, v, scale=None, causal=True, interpret=True, cache=cache)
+    out = triton_attention(AttentionCall(q, k, v, causal=True), interpret=True, cache=cache)
     error = (out - attention_reference(q, k, v, causal=True)).abs().max().item()
     print(json.dumps({"outcome": cache.last_outcome, "hits": cache.stats.hits,
                       "misses": cache.stats.misses, "error": error}))
@@ -141,3 +146,27 @@ def test_second_process_reuses_the_cache_and_corruption_is_repaired(tmp_path: Pa
     assert cache.last_outcome == "rebuilt"
     assert cache.lookup(source_path.stem) == source_path
     assert "@triton.jit" in source_path.read_text()
+
+
+@pytest.mark.skipif(
+    not triton_interpreter_ready(), reason="triton imported without TRITON_INTERPRET"
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_kernels_load_through_the_cache_directory(
+    causal: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The linear kernels are stored where ATTNOPT_CACHE_DIR says, like the attention kernels."""
+    from attnopt.runtime.triton.linear import triton_linear_attention
+
+    monkeypatch.setenv("ATTNOPT_CACHE_DIR", str(tmp_path))
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=generator) for _ in range(3))
+    config = LinearKernelConfig(feature_map="elu", causal=causal)
+    out = triton_linear_attention(q, k, v, config, interpret=True)
+    expected = linear_attention_reference(q, k, v, make_feature_map("elu", 16), causal=causal)
+    assert_close(out, expected)
+    (source_path,) = tmp_path.glob("*.py")
+    assert source_path.read_text() == render_linear_kernel(config)
+    metadata = json.loads(source_path.with_suffix(".json").read_text())
+    assert metadata["kernel"] == config.kernel_name and metadata["device"] == "interpreter"
+    assert KernelCache(tmp_path).lookup(source_path.stem) == source_path
