@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -248,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         The exit code.
     """
     ns = build_parser().parse_args(argv)
+    if getattr(ns, "backend", None) == "triton-interpret" and "triton" not in sys.modules:
+        # The command is its own process and the user asked for the interpreter: Triton reads
+        # this once, when it is first imported (attnopt.compile itself never sets it).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     from attnopt.errors import AttnoptError
 
     try:
