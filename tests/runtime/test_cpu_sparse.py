@@ -411,25 +411,32 @@ def test_neighborhood_bf16_and_full_kernel_is_dense():
     )
 
 
+_THREADS_CHECK = """
+import threading, torch
+from attnopt.runtime.cpu.common import bookkeeping_threads
+torch.set_num_threads(2)
+seen = []
+release = threading.Event()
+other = threading.Thread(target=release.wait)
+other.start()
+with bookkeeping_threads():  # another Python thread is alive: the count must not move
+    seen.append(torch.get_num_threads())
+release.set()
+other.join()
+with bookkeeping_threads():  # alone: lowered for the section, restored after
+    seen.append(torch.get_num_threads())
+seen.append(torch.get_num_threads())
+print(seen)
+"""
+
+
 def test_bookkeeping_threads_leaves_other_threads_alone():
-    import threading
+    import subprocess
+    import sys
 
-    from attnopt.runtime.cpu.common import bookkeeping_threads
-
-    before = torch.get_num_threads()
-    if before == 1:
-        pytest.skip("one torch thread: nothing to lower")
-    seen = []
-    release = threading.Event()
-    other = threading.Thread(target=release.wait)
-    other.start()
-    try:
-        with bookkeeping_threads():  # another Python thread is alive: the count must not move
-            seen.append(torch.get_num_threads())
-    finally:
-        release.set()
-        other.join()
-    with bookkeeping_threads():  # alone: lowered for the section, restored after
-        seen.append(torch.get_num_threads())
-    assert seen == [before, 1]
-    assert torch.get_num_threads() == before
+    # A fresh process: the test process may have helper threads of its own alive.
+    result = subprocess.run(
+        [sys.executable, "-c", _THREADS_CHECK], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[2, 1, 2]"
