@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from attnopt.ir import Graph, TensorType
+from attnopt.ir.symbolic import evaluate_dim
 from attnopt.passes.select import layer_of
 
 
@@ -26,7 +27,8 @@ class AttentionSite:
         num_heads: query heads.
         num_kv_heads: key/value heads (GQA/MQA when fewer).
         head_dim: query/key head dim.
-        q_len: query length at the compiled signature.
+        q_len: query length: an int, or a symbolic dim (``"s1"``) when one program serves
+            every length.
         kv_len: key length.
         has_mask: a mask input (padding or pattern) is applied.
         has_bias: an additive bias (relative position, ALiBi) is applied.
@@ -47,8 +49,8 @@ class AttentionSite:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    q_len: int
-    kv_len: int
+    q_len: int | str
+    kv_len: int | str
     has_mask: bool
     has_bias: bool
     scale: float
@@ -63,6 +65,11 @@ class AttentionSite:
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (for JSON)."""
         return asdict(self)
+
+
+def _at_example(graph: Graph, dim: int | str) -> int:
+    """A dim's value at the example the graph was captured with (symbolic dims)."""
+    return evaluate_dim(dim, graph.meta.get("symbol_hints", {}))
 
 
 def collect_sites(graph: Graph) -> list[AttentionSite]:
@@ -83,7 +90,8 @@ def collect_sites(graph: Graph) -> list[AttentionSite]:
         assert isinstance(q, TensorType) and isinstance(k, TensorType)
         module = node.meta.get("module")
         info = node.meta.get("site", {})
-        q_len, kv_len = int(q.shape[2]), int(k.shape[2])
+        q_len, kv_len = q.shape[2], k.shape[2]  # ints, or symbolic dims (str)
+        example = _at_example(graph, q_len), _at_example(graph, kv_len)
         sites.append(
             AttentionSite(
                 index=attrs.site,
@@ -103,7 +111,7 @@ def collect_sites(graph: Graph) -> list[AttentionSite]:
                 variant=attrs.variant,
                 heads_kept=info.get("heads_kept"),
                 tokens_kept=info.get("tokens_kept", 1.0),
-                kept_fraction=node.meta.get("kept_fraction", kept_fraction(attrs, q_len, kv_len)),
+                kept_fraction=node.meta.get("kept_fraction", kept_fraction(attrs, *example)),
                 block=dict(info.get("block", {})),
                 mask_causal=attrs.mask_causal,
             )

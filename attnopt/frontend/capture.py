@@ -38,6 +38,9 @@ class CapturedProgram:
         out_spec: pytree spec to rebuild the model's output structure.
         method: the capture method that succeeded.
         seconds: capture time.
+        attempts: the failures of the methods tried before it.
+        symbol_ranges: with symbolic shapes, each symbol's valid range ``(lower, upper)``
+            (``upper`` None: unbounded), as torch.export proved it.
     """
 
     graph: Graph
@@ -47,6 +50,7 @@ class CapturedProgram:
     method: str
     seconds: float
     attempts: list[str] = field(default_factory=list)
+    symbol_ranges: dict[str, tuple[int, int | None]] = field(default_factory=dict)
 
 
 def _prepare_model(model: torch.nn.Module) -> None:
@@ -88,9 +92,74 @@ def _mask_hints_off() -> Iterator[None]:
         transformer._detect_is_causal_mask = original  # noqa: SLF001
 
 
-def _export(model: torch.nn.Module, args: tuple, kwargs: dict, strict: bool) -> Any:
-    with torch.no_grad(), _mask_hints_off():
-        ep = torch.export.export(model, args, kwargs, strict=strict)
+def dynamic_shapes_for(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """torch.export ``dynamic_shapes`` marking the batch and sequence dims of the inputs.
+
+    Integer and bool tensors (token ids, masks, positions) get every dim marked; floating
+    tensors their first dim (batch), and the second too when they are ``[B, S, D]`` sequences of
+    embeddings. ``Dim.AUTO`` lets export keep a dim static where the model needs it to be.
+
+    Args:
+        model: the module (its ``forward`` signature names the arguments).
+        args: example positional inputs.
+        kwargs: example keyword inputs.
+
+    Returns:
+        A dict from ``forward``'s parameter names to per-input specs.
+    """
+    import inspect
+
+    from torch.export import Dim
+
+    def spec(leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
+            return None
+        if leaf.dtype.is_floating_point or leaf.dtype.is_complex:
+            axes = range(2 if leaf.dim() == 3 else 1)
+        else:
+            axes = range(leaf.dim())
+        return {axis: Dim.AUTO for axis in axes}
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
+
+
+@contextlib.contextmanager
+def _size_oblivious(dynamic: bool) -> Iterator[None]:
+    """Trace symbolic sizes without specialising on 0 and 1 (a batch of one is common), for
+    this export only. The driver checks sizes of one against eager before it serves them."""
+    if not dynamic:
+        yield
+        return
+    from torch.fx.experimental import _config
+
+    with _config.patch(backed_size_oblivious=True):
+        yield
+
+
+def _symbol_ranges(ep: Any) -> dict[str, tuple[int, int | None]]:
+    ranges: dict[str, tuple[int, int | None]] = {}
+    for symbol, value_range in ep.range_constraints.items():
+        lower, upper = _bound(value_range.lower), _bound(value_range.upper)
+        ranges[str(symbol)] = (0 if lower is None else lower, upper)
+    return ranges
+
+
+def _bound(value: Any) -> int | None:
+    """An int range bound, None for an infinite one (sympy's and torch's infinities)."""
+    try:
+        bound = int(value)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return None
+    return None if abs(bound) >= 2**62 else bound
+
+
+def _export(
+    model: torch.nn.Module, args: tuple, kwargs: dict, strict: bool, dynamic: bool = False
+) -> Any:
+    with torch.no_grad(), _mask_hints_off(), _size_oblivious(dynamic):
+        shapes = dynamic_shapes_for(model, args, kwargs) if dynamic else None
+        ep = torch.export.export(model, args, kwargs, strict=strict, dynamic_shapes=shapes)
         if _has_mutation(ep):
             # In-place ops (T5's relative buckets use +=) would mutate folded constants: make the
             # program functional, with an empty table so nothing else is decomposed.
@@ -98,10 +167,10 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, strict: bool) -> 
     return ep
 
 
-def _fx_then_export(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+def _fx_then_export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> Any:
     with _mask_hints_off():
         traced = torch.fx.symbolic_trace(model)
-    return _export(traced, args, kwargs, strict=False)
+    return _export(traced, args, kwargs, strict=False, dynamic=dynamic)
 
 
 def capture_program(
@@ -118,8 +187,9 @@ def capture_program(
         model: the module (put in eval mode by the caller for inference graphs).
         args: example positional inputs.
         kwargs: example keyword inputs.
-        dynamic: reserved; shapes are specialised per input signature and the runtime recompiles
-            for a new signature (``CompiledModule.stats``). ``True`` is accepted and means the same.
+        dynamic: True: capture with symbolic batch and sequence dims (see
+            :func:`dynamic_shapes_for`); the graph's types then hold symbolic dims and it runs at
+            any size in the symbols' ranges. None or False: every dim as in the example.
         method: ``"auto"``, ``"export"``, ``"export-strict"`` or ``"fx"``.
 
     Returns:
@@ -143,9 +213,10 @@ def capture_program(
     for attempt in order:
         try:
             if attempt == "fx":
-                ep = _fx_then_export(model, args, kwargs)
+                ep = _fx_then_export(model, args, kwargs, bool(dynamic))
             else:
-                ep = _export(model, args, kwargs, strict=attempt == "export-strict")
+                strict = attempt == "export-strict"
+                ep = _export(model, args, kwargs, strict=strict, dynamic=bool(dynamic))
         except Exception as err:  # noqa: BLE001 - every failure is reported to the user
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
             attempts.append(f"{attempt}: {type(err).__name__}: {first_line[:300]}")
@@ -162,6 +233,7 @@ def capture_program(
             method=attempt,
             seconds=time.perf_counter() - start,
             attempts=attempts,
+            symbol_ranges=_symbol_ranges(ep) if dynamic else {},
         )
     tried = "\n  ".join(attempts)
     raise CaptureError(

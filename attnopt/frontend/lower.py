@@ -35,6 +35,7 @@ from attnopt.ir.core_ops import (
     TransposeAttrs,
 )
 from attnopt.ir.ops import NoAttrs
+from attnopt.ir.symbolic import SymbolRef, canonical_dim
 
 aten = torch.ops.aten
 
@@ -112,7 +113,7 @@ class _Lowering:
             return None
 
         def resolve(obj: Any) -> Any:
-            # Nodes lowered to Python constants (none today) are substituted by value.
+            # Nodes lowered to Python values (symbolic sizes: SymbolRef) are substituted by value.
             if isinstance(obj, torch.fx.Node) and not isinstance(self.env[obj], Value):
                 return self.env[obj]
             return obj
@@ -236,6 +237,23 @@ def _ints(x: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in x)
 
 
+def _sizes(x: Any) -> tuple[int | str, ...]:
+    """A shape argument: ints, and symbolic sizes (fx nodes or SymInts) as expression texts."""
+    sizes: list[int | str] = []
+    for item in x:
+        if isinstance(item, torch.fx.Node):
+            item = item.meta.get("val")
+        if isinstance(item, bool):
+            raise TypeError("a bool is not a size")
+        if isinstance(item, int):
+            sizes.append(int(item))
+        elif isinstance(item, torch.SymInt):
+            sizes.append(canonical_dim(item.node.expr))
+        else:
+            raise TypeError(f"size {item!r} is neither an int nor a symbolic int")
+    return tuple(sizes)
+
+
 def _clone(lw: _Lowering, n: torch.fx.Node) -> Any:
     # In a functional graph a copy is only needed for its layout: contiguous() when asked for.
     x = lw.value(n.args[0])
@@ -313,15 +331,15 @@ _LOWERINGS: dict[Any, Callable[[_Lowering, torch.fx.Node], Any]] = {
         "transpose", lambda n: TransposeAttrs(dim0=int(n.args[1]), dim1=int(n.args[2]))
     ),
     aten.permute.default: _lower_simple("permute", lambda n: PermuteAttrs(dims=_ints(n.args[1]))),
-    aten.view.default: _lower_simple("reshape", lambda n: ShapeAttrs(shape=_ints(n.args[1]))),
-    aten.reshape.default: _lower_simple("reshape", lambda n: ShapeAttrs(shape=_ints(n.args[1]))),
+    aten.view.default: _lower_simple("reshape", lambda n: ShapeAttrs(shape=_sizes(n.args[1]))),
+    aten.reshape.default: _lower_simple("reshape", lambda n: ShapeAttrs(shape=_sizes(n.args[1]))),
     aten._unsafe_view.default: _lower_simple(
-        "reshape", lambda n: ShapeAttrs(shape=_ints(n.args[1]))
+        "reshape", lambda n: ShapeAttrs(shape=_sizes(n.args[1]))
     ),
     aten.expand.default: _lower_simple(
         "expand",
         lambda n: (
-            ShapeAttrs(shape=_ints(n.args[1]))
+            ShapeAttrs(shape=_sizes(n.args[1]))
             if not n.kwargs.get("implicit") and len(n.args) == 2
             else None
         ),
@@ -409,12 +427,42 @@ def lower_exported_program(ep: ExportedProgram, *, model_name: str = "model") ->
                 graph.outputs.append(value)
             continue
         raise CaptureError(f"{model_name}: unexpected fx node {fx_node.op} {fx_node.target}")
+    hints = symbol_hints(ep)
+    if hints:
+        graph.meta["symbol_hints"] = hints
     graph.dead_code_elimination()
     return graph
 
 
+def symbol_hints(ep: ExportedProgram) -> dict[str, int]:
+    """The example value of every symbolic size of the user inputs (symbol name -> int).
+
+    Args:
+        ep: an exported program (with dynamic shapes, or without: then empty).
+
+    Returns:
+        The hints, by symbol name.
+    """
+    hints: dict[str, int] = {}
+    for fx_node in ep.graph.nodes:
+        if fx_node.op != "placeholder":
+            continue
+        val = fx_node.meta.get("val")
+        for size in getattr(val, "shape", ()):
+            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                hints[str(size.node.expr)] = int(size.node.hint)
+    return hints
+
+
 def _lower_call(lw: _Lowering, fx_node: torch.fx.Node) -> Any:
     target = fx_node.target
+    val = fx_node.meta.get("val")
+    if isinstance(val, torch.SymInt):
+        # A size computed from input shapes (sym_size, products of sizes): the graph carries it
+        # as a symbolic dim where it is used, bound from the inputs at run time.
+        return SymbolRef(str(canonical_dim(val.node.expr)))
+    if isinstance(val, (torch.SymBool, torch.SymFloat)) and target not in _DROPPED:
+        return None  # shape guards and their asserts: the symbols' ranges are checked on entry
     if target is operator.getitem:
         container = lw.value(fx_node.args[0])
         return container[fx_node.args[1]]

@@ -6,7 +6,8 @@ Entry points: :func:`encode_template` (capture: argument structure -> JSON data)
 ``aten`` node's arguments, with its input Values in place), :func:`is_inplace_target`.
 
 In a template ``{"$v": i}`` stands for input ``i``; non-JSON leaves (non-finite floats, dtypes,
-devices, layouts, memory formats) are tagged objects such as ``{"$dtype": "float16"}``.
+devices, layouts, memory formats) are tagged objects such as ``{"$dtype": "float16"}``; a
+symbolic size (a dim that depends on the input shapes) is ``{"$s": "s1"}``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from attnopt.ir.symbolic import SymbolRef, canonical_dim, dim_source
 
 
 def encode_template(obj: Any, tensor_index: Callable[[Any], int | None]) -> Any:
@@ -32,6 +35,8 @@ def encode_template(obj: Any, tensor_index: Callable[[Any], int | None]) -> Any:
     index = tensor_index(obj)
     if index is not None:
         return {"$v": index}
+    if isinstance(obj, SymbolRef):
+        return {"$s": canonical_dim(obj.expr)}
     if obj is None or isinstance(obj, (bool, int, str)):
         return obj
     if isinstance(obj, float):
@@ -51,13 +56,27 @@ def encode_template(obj: Any, tensor_index: Callable[[Any], int | None]) -> Any:
     raise TypeError(f"cannot record an argument of type {type(obj).__name__}: {obj!r}")
 
 
-def decode_template(data: Any, inputs: Sequence[Any]) -> Any:
-    """Inverse of :func:`encode_template`, substituting ``inputs`` for ``{"$v": i}``."""
+def decode_template(
+    data: Any, inputs: Sequence[Any], symbols: Callable[[Any], Any] | None = None
+) -> Any:
+    """Inverse of :func:`encode_template`, substituting ``inputs`` for ``{"$v": i}``.
+
+    Args:
+        data: the JSON data.
+        inputs: the values of the op's inputs.
+        symbols: maps a symbolic size (``{"$s": expr}``) to its value; without it a symbolic
+            size decodes to a :class:`~attnopt.ir.symbolic.SymbolRef` (what passes inspect).
+
+    Returns:
+        The argument structure.
+    """
     if isinstance(data, list):
-        return [decode_template(x, inputs) for x in data]
+        return [decode_template(x, inputs, symbols) for x in data]
     if isinstance(data, dict):
         if "$v" in data:
             return inputs[data["$v"]]
+        if "$s" in data:
+            return SymbolRef(data["$s"]) if symbols is None else symbols(data["$s"])
         if "$float" in data:
             return float(data["$float"])
         if "$dtype" in data:
@@ -68,7 +87,7 @@ def decode_template(data: Any, inputs: Sequence[Any]) -> Any:
             return getattr(torch, data["$layout"])
         if "$memory_format" in data:
             return getattr(torch, data["$memory_format"])
-        return {k: decode_template(v, inputs) for k, v in data.items()}
+        return {k: decode_template(v, inputs, symbols) for k, v in data.items()}
     return data
 
 
@@ -79,6 +98,8 @@ def template_source(data: Any, names: Sequence[str]) -> str:
     if isinstance(data, dict):
         if "$v" in data:
             return names[data["$v"]]
+        if "$s" in data:
+            return dim_source(data["$s"])
         if "$float" in data:
             return f"float({data['$float']!r})"
         for key in ("$dtype", "$layout", "$memory_format"):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from attnopt.ir.aten_args import decode_template, resolve_target, template_source
 from attnopt.ir.ops import Cost, NoAttrs, OpDef, register_op, static_nbytes, static_numel
+from attnopt.ir.symbolic import dim_source
 from attnopt.ir.types import TensorType, Type
 
 
@@ -75,9 +76,10 @@ class PermuteAttrs:
 
 @dataclass(frozen=True)
 class ShapeAttrs:
-    """``reshape`` / ``expand``: the target shape (-1 allowed once for reshape)."""
+    """``reshape`` / ``expand``: the target shape (-1 allowed once for reshape); a symbolic
+    entry (a str dim such as ``"s1"``) is bound from the inputs' shapes at run time."""
 
-    shape: tuple[int, ...] = ()
+    shape: tuple[int | str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,15 @@ class AtenAttrs:
     outputs: int = 1
 
 
+def _shape_source(shape: Sequence[int | str]) -> str:
+    """Python source of a shape attribute: ints as they are, symbolic dims computed at run time."""
+    return "[" + ", ".join(dim_source(d) for d in shape) + "]"
+
+
 def _aten_impl(inputs: Sequence[Any], attrs: AtenAttrs) -> Any:
-    args, kwargs = decode_template(json.loads(attrs.args), inputs)
+    # ``symbols`` is set when the attributes are seen through substitute_symbols.
+    symbols = getattr(attrs, "symbols", None)
+    args, kwargs = decode_template(json.loads(attrs.args), inputs, symbols)
     return resolve_target(attrs.target)(*args, **kwargs)
 
 
@@ -251,7 +260,7 @@ register_op(
         "reshape",
         ShapeAttrs,
         lambda inputs, attrs: inputs[0].reshape(attrs.shape),
-        emit=lambda n, a: f"{n[0]}.reshape({list(a.shape)})",
+        emit=lambda n, a: f"{n[0]}.reshape({_shape_source(a.shape)})",
     )
 )
 register_op(
@@ -259,7 +268,7 @@ register_op(
         "expand",
         ShapeAttrs,
         lambda inputs, attrs: inputs[0].expand(attrs.shape),
-        emit=lambda n, a: f"{n[0]}.expand({list(a.shape)})",
+        emit=lambda n, a: f"{n[0]}.expand({_shape_source(a.shape)})",
         cost=lambda i, o, a: Cost(0.0, 0.0),
     )
 )

@@ -72,11 +72,31 @@ class OpDef:
             return self.infer(input_types, attrs)
         if self.name == "param":
             return [TensorType.of(graph.tensors[attrs.name])]
+        if _is_symbolic_call(input_types, attrs):
+            return self._infer_symbolic(input_types, attrs, graph)
         metas = [_meta(t) for t in input_types]
         with torch.no_grad():
             result = self.impl(metas, attrs)
         results = result if isinstance(result, (tuple, list)) else (result,)
         return [_type_of_result(r) for r in results]
+
+    def _infer_symbolic(self, input_types: list[Type | None], attrs: Any, graph: Any) -> list[Type]:
+        """Output types of a call with symbolic dims: the reference runs on fake tensors."""
+        shapes = symbolic_context(graph)
+        fakes = [
+            shapes.fake(t.shape, t.dtype) if isinstance(t, TensorType) else _meta(t)
+            for t in input_types
+        ]
+        concrete = substitute_symbols(attrs, shapes.symint)
+        result = shapes.run(self.impl, fakes, concrete)
+        results = result if isinstance(result, (tuple, list)) else (result,)
+        types: list[Type] = []
+        for r in results:
+            if isinstance(r, torch.Tensor):
+                types.append(TensorType(tuple(shapes.dim_of(d) for d in r.shape), r.dtype))
+            else:
+                types.append(_type_of_result(r))
+        return types
 
     def cost_of(self, input_types: list[Type | None], output_types: list[Type], attrs: Any) -> Cost:
         """The node's cost; by default one flop per output element and every byte touched."""
@@ -84,6 +104,59 @@ class OpDef:
             return self.cost(input_types, output_types, attrs)
         moved = sum(static_nbytes(t) for t in [*input_types, *output_types])
         return Cost(flops=float(sum(static_numel(t) for t in output_types)), bytes=float(moved))
+
+
+def _is_symbolic_call(input_types: Sequence[Type | None], attrs: Any) -> bool:
+    if any(isinstance(t, TensorType) and not t.is_static for t in input_types):
+        return True
+    return has_symbols(attrs)
+
+
+def has_symbols(attrs: Any) -> bool:
+    """Whether an op's attributes hold a symbolic size (a str dim, or ``{"$s": ...}`` in an
+    ``aten`` argument template)."""
+    shape = getattr(attrs, "shape", None)
+    if isinstance(shape, tuple) and any(isinstance(d, str) for d in shape):
+        return True
+    args = getattr(attrs, "args", None)
+    return isinstance(args, str) and '"$s"' in args
+
+
+def substitute_symbols(attrs: Any, size_of: Callable[[Any], Any]) -> Any:
+    """The attributes with every symbolic size replaced by ``size_of(dim)`` (a SymInt while
+    inferring shapes, an int at run time). Attributes without symbols are returned as they are."""
+    if not has_symbols(attrs):
+        return attrs
+    shape = getattr(attrs, "shape", None)
+    if isinstance(shape, tuple):
+        return _SymbolicAttrs(attrs, shape=tuple(size_of(d) for d in shape))
+    return _SymbolicAttrs(attrs, symbols=size_of)
+
+
+class _SymbolicAttrs:
+    """Attributes seen through a substitution of their symbolic sizes (for reference impls)."""
+
+    def __init__(self, attrs: Any, **overrides: Any):
+        self._attrs, self._overrides = attrs, overrides
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._overrides:
+            return self._overrides[name]
+        return getattr(self._attrs, name)
+
+
+def symbolic_context(graph: Any) -> Any:
+    """The graph's :class:`~attnopt.ir.symbolic.SymbolicShapes` (built once from its hints)."""
+    from attnopt.ir.symbolic import SymbolicShapes
+
+    if graph is None or not graph.meta.get("symbol_hints"):
+        raise ValueError("a symbolic shape needs the graph's symbol hints (graph.meta)")
+    hints = graph.meta["symbol_hints"]
+    cached = graph.meta.get("_symbolic_context")
+    if cached is None or cached.hints != hints:
+        cached = SymbolicShapes(hints)
+        graph.meta["_symbolic_context"] = cached
+    return cached
 
 
 def _meta(type_: Type | None) -> Any:

@@ -78,7 +78,12 @@ def _parse_type(tokens: _Tokens) -> Type:
     dims: list[int | str] = []
     while not tokens.at("]"):
         kind, text = tokens.take()
-        dims.append(int(text) if kind == "number" else text)
+        if kind == "number":
+            dims.append(int(text))
+        elif kind == "string":
+            dims.append(json.loads(text))
+        else:
+            dims.append(text)
         if tokens.at(","):
             tokens.take(",")
     tokens.take("]")

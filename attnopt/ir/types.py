@@ -5,8 +5,11 @@ Entry points: :class:`TensorType`, :class:`ScalarType`, :func:`dtype_name`, :fun
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -27,6 +30,7 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {
 _NAME_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 Dim = int | str
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -97,11 +101,27 @@ class TensorType:
 
     @staticmethod
     def of(tensor: torch.Tensor) -> TensorType:
-        """The type of a concrete (or meta/fake) tensor."""
-        return TensorType(tuple(int(d) for d in tensor.shape), tensor.dtype)
+        """The type of a concrete (or meta/fake) tensor; a symbolic size (``SymInt``) becomes
+        its expression text (``"s0"``, ``"s0*s1"``)."""
+        return TensorType(tuple(_dim_of(d) for d in tensor.shape), tensor.dtype)
 
     def __str__(self) -> str:
-        return f"{dtype_name(self.dtype)}[{','.join(str(d) for d in self.shape)}]"
+        return f"{dtype_name(self.dtype)}[{','.join(_dim_text(d) for d in self.shape)}]"
+
+
+def _dim_of(size: Any) -> Dim:
+    if isinstance(size, int):
+        return size
+    from attnopt.ir.symbolic import canonical_dim
+
+    return canonical_dim(size.node.expr)
+
+
+def _dim_text(dim: Dim) -> str:
+    """A dim in IR text: ints and plain symbol names as they are, expressions as JSON strings."""
+    if isinstance(dim, int) or _NAME.fullmatch(dim):
+        return str(dim)
+    return json.dumps(dim)
 
 
 @dataclass(frozen=True)

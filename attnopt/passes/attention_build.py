@@ -20,6 +20,7 @@ from attnopt.ir import Graph, Node, Value
 from attnopt.ir.attention import AttentionAttrs
 from attnopt.ir.attention_reference import mask_is_inert, visible_keys_mask
 from attnopt.ir.core_ops import CastAttrs, DimAttrs, ScalarOperandAttrs, ShapeAttrs, TransposeAttrs
+from attnopt.ir.types import Dim
 from attnopt.passes.attention_match import (
     ADDITIVE_MASK_LIMIT,
     AttentionMatch,
@@ -79,7 +80,7 @@ def _constant_keep(graph: Graph, mask: Value, masked_when: bool) -> torch.Tensor
     return ~keep if masked_when else keep
 
 
-def causal_window(keep: torch.Tensor, q_len: int, kv_len: int) -> int | None:
+def causal_window(keep: torch.Tensor, q_len: Dim, kv_len: Dim) -> int | None:
     """The window of a bool visibility tensor that is exactly a bottom-right causal pattern.
 
     Args:
@@ -92,6 +93,8 @@ def causal_window(keep: torch.Tensor, q_len: int, kv_len: int) -> int | None:
         (``off = kv_len - q_len``): ``kv_len - 1`` or more is the plain causal pattern. None when
         ``keep`` is not such a pattern (or some query would see no key).
     """
+    if not (isinstance(q_len, int) and isinstance(kv_len, int)):
+        return None  # a constant has static lengths: it cannot be a pattern over symbolic ones
     if keep.dtype != torch.bool or keep.dim() < 2 or keep.shape[-1] != kv_len:
         return None
     if kv_len < q_len or keep.shape[-2] != q_len:
@@ -106,13 +109,13 @@ def causal_window(keep: torch.Tensor, q_len: int, kv_len: int) -> int | None:
     return window if bool((keep == expected).all()) else None
 
 
-def is_causal_pattern(keep: torch.Tensor, q_len: int, kv_len: int) -> bool:
+def is_causal_pattern(keep: torch.Tensor, q_len: Dim, kv_len: Dim) -> bool:
     """Whether a bool visibility tensor is exactly the bottom-right causal pattern (no empty row)."""
     window = causal_window(keep, q_len, kv_len)
-    return window is not None and window >= kv_len - 1
+    return window is not None and isinstance(kv_len, int) and window >= kv_len - 1
 
 
-def additive_window(tensor: torch.Tensor, q_len: int, kv_len: int) -> int | None:
+def additive_window(tensor: torch.Tensor, q_len: Dim, kv_len: Dim) -> int | None:
     """:func:`causal_window` of an additive mask that is 0 where visible and a mask value elsewhere."""
     if not tensor.dtype.is_floating_point or tensor.dim() < 2 or tensor.shape[-1] != kv_len:
         return None
@@ -130,7 +133,7 @@ def _narrower(window: int | None, other: int) -> int:
 _AND_TARGETS = ("aten.__and__.Tensor", "aten.logical_and.default")
 
 
-def mask_implies_causal(graph: Graph, mask: Value, q_len: int, kv_len: int) -> bool:
+def mask_implies_causal(graph: Graph, mask: Value, q_len: Dim, kv_len: Dim) -> bool:
     """Whether ``mask`` can only let a query see keys the causal rule allows.
 
     True when the mask is (a broadcast, cast or where-fill of) a conjunction one of whose constant
@@ -178,7 +181,7 @@ def _to_rank4(graph: Graph, anchor: Node, value: Value) -> Value:
     return value
 
 
-def _broadcast_batch(graph: Graph, anchor: Node, value: Value, batch: int) -> Value:
+def _broadcast_batch(graph: Graph, anchor: Node, value: Value, batch: Dim) -> Value:
     if value.shape[0] == batch:
         return value
     if value.shape[0] != 1:
@@ -228,7 +231,7 @@ def build_attention(
     Returns:
         The replacement value (same shape and dtype as ``replaces``).
     """
-    q_len, kv_len = int(q.shape[-2]), int(k.shape[-2])
+    q_len, kv_len = q.shape[-2], k.shape[-2]  # ints, or symbolic dims (str)
     meta = site_meta(graph, source, q, k)
     mask_causal = not causal and any(
         mask_implies_causal(graph, x, q_len, kv_len) for x in masks + biases
@@ -245,9 +248,15 @@ def build_attention(
         v4 = _broadcast_batch(graph, anchor, v4, q4.shape[0])
     if k4.shape[1] != v4.shape[1]:
         raise NoMatch("k and v have different head counts")
-    if q4.shape[1] % k4.shape[1]:
+    q_heads, kv_heads = q4.shape[1], k4.shape[1]
+    if not (isinstance(q_heads, int) and isinstance(kv_heads, int)):
+        if q_heads != kv_heads:
+            raise NoMatch("symbolic head counts that differ")
+    elif q_heads % kv_heads:
         raise NoMatch("query heads are not a multiple of key/value heads")
-    windowed = causal and window_left is not None and window_left < kv_len - 1
+    windowed = (
+        causal and window_left is not None and isinstance(kv_len, int) and window_left < kv_len - 1
+    )
     if windowed and softcap is not None:
         # The sliding-window variant has no soft-capping: keep the window as a constant mask on
         # the dense op (Gemma-2's local layers without a padding mask).
@@ -354,7 +363,7 @@ def rewrite_match(graph: Graph, m: AttentionMatch) -> Value:
     assert q is not None and kt is not None and v is not None
     anchor = m.pv
     canon = tuple(m.qk.output.shape)
-    q_len, kv_len = int(canon[-2]), int(canon[-1])
+    q_len, kv_len = canon[-2], canon[-1]  # ints, or symbolic dims (str)
     masks: list[Value] = []
     biases: list[Value] = []
     window: int | None = None  # a constant causal(-window) pattern replaced by attributes

@@ -14,6 +14,7 @@ from typing import Any
 from attnopt.ir import Graph, Node, Value, aten_call_args
 from attnopt.ir.core_ops import PermuteAttrs, ScalarOperandAttrs
 from attnopt.ir.ops import NoAttrs
+from attnopt.ir.symbolic import SymbolRef
 from attnopt.passes.helpers import emit_before
 from attnopt.passes.pattern import Rule, p
 
@@ -62,9 +63,18 @@ def _full_slice(graph: Graph, node: Node) -> Value | None:
         return None
     size = source.shape[bound["dim"]]
     start, end = bound["start"], bound["end"]
-    if start not in (None, 0) or not (end is None or (isinstance(end, int) and end >= size)):
+    if start not in (None, 0) or not (end is None or _reaches(end, size)):
         return None
     return source if node.output.type == source.type else None
+
+
+def _reaches(end: Any, size: int | str) -> bool:
+    """Whether a slice end covers a whole dim (a symbolic dim: by its name or INT64_MAX)."""
+    if isinstance(end, SymbolRef):
+        return end.expr == size
+    if not isinstance(end, int):
+        return False
+    return end >= size if isinstance(size, int) else end >= 2**62
 
 
 def _baddbmm(graph: Graph, node: Node, **_: Any) -> Value | None:

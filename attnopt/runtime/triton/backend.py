@@ -27,6 +27,7 @@ from attnopt.ir import AttentionAttrs, AttentionOperands, Graph, TensorType
 from attnopt.ir.attention import block_meta_of, effective_variant, feature_map_of, variant_heads
 from attnopt.ir.block_sparse import BlockMeta
 from attnopt.ir.linear_attention import prepare_features
+from attnopt.ir.symbolic import evaluate_dim
 from attnopt.runtime.cpu.linear_features import row_eps
 from attnopt.runtime.triton.blocks import neighborhood_block_meta
 from attnopt.runtime.triton.launch import AttentionCall, triton_attention
@@ -244,17 +245,23 @@ def run_attention_triton(inputs: list[Any], attrs: AttentionAttrs, *, interpret:
     return TritonRun(kernel.run(interpret=interpret), kernel.name, None)
 
 
-def _meta_tensor(type_: Any) -> torch.Tensor | None:
-    if not isinstance(type_, TensorType) or not type_.is_static:
+def _meta_tensor(type_: Any, hints: dict[str, int]) -> torch.Tensor | None:
+    """A meta tensor of the type; symbolic dims take their example values (the kernel choice
+    depends on head sizes, dtypes and mask layouts, not on lengths)."""
+    if not isinstance(type_, TensorType):
         return None
-    return torch.empty(type_.shape, dtype=type_.dtype, device="meta")
+    try:
+        shape = [evaluate_dim(d, hints) for d in type_.shape]
+    except KeyError:
+        return None
+    return torch.empty(shape, dtype=type_.dtype, device="meta")
 
 
 def kernel_sources_for(graph: Graph, *, interpret: bool = False) -> dict[str, str]:
     """Sources of the generated kernels the graph's attention nodes run on a Triton backend.
 
     The same decision as :func:`run_attention_triton` (:func:`triton_kernel_for`), on the
-    graph's static types; nodes whose types are not static are left out.
+    graph's types (symbolic dims at their example values).
 
     Args:
         graph: a compiled graph.
@@ -266,7 +273,10 @@ def kernel_sources_for(graph: Graph, *, interpret: bool = False) -> dict[str, st
     sources: dict[str, str] = {}
     for node in graph.find("attention"):
         present = [value for value in node.inputs if value is not None]
-        tensors = [None if value is None else _meta_tensor(value.type) for value in node.inputs]
+        hints = graph.meta.get("symbol_hints", {})
+        tensors = [
+            None if value is None else _meta_tensor(value.type, hints) for value in node.inputs
+        ]
         if sum(tensor is not None for tensor in tensors) != len(present):
             continue
         kernel = triton_kernel_for(AttentionOperands.of(tensors), node.attrs, interpret=interpret)
