@@ -1,7 +1,7 @@
 """attnopt: a compiler for the attention in PyTorch models.
 
 Entry points: :func:`compile`, :func:`capture`, :func:`validate`, :class:`Pass`,
-:class:`PassManager`, :mod:`attnopt.passes`, :mod:`attnopt.ir`.
+:class:`PassManager`, :class:`Plan`, :mod:`attnopt.passes`, :mod:`attnopt.ir`.
 """
 
 from attnopt import ir
@@ -13,9 +13,11 @@ from attnopt.errors import (
     CaptureError,
     PassError,
     PipelineError,
+    PlanError,
     SignatureError,
 )
 from attnopt.passes.base import Pass, PassContext, PassManager, PassResult
+from attnopt.passes.plan import Plan
 from attnopt.sites import AttentionSite
 from attnopt.validate import Budget, NumericsReport, ValidationError
 from attnopt.validate.sites import sensitivity
@@ -38,6 +40,8 @@ __all__ = [
     "PassManager",
     "PassResult",
     "PipelineError",
+    "Plan",
+    "PlanError",
     "SignatureError",
     "capture",
     "compile",

@@ -6,6 +6,7 @@ Entry points: :func:`compile`, :func:`capture`.
 from __future__ import annotations
 
 import builtins
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from attnopt.compiled import CompiledModule
 from attnopt.frontend.capture import capture
 from attnopt.passes.base import Pass, PassManager, as_pipeline
+from attnopt.passes.plan import Plan
 
 
 def compile(  # noqa: A001 - the public name is fixed by the design
@@ -22,13 +24,14 @@ def compile(  # noqa: A001 - the public name is fixed by the design
     args: tuple = (),
     kwargs: dict | None = None,
     *,
-    passes: str | Sequence[Pass] | PassManager = "exact",
+    passes: str | Sequence[Pass] | PassManager | None = None,
     backend: str = "auto",
     calibration: Any = None,
     budget: Any = None,
     method: str = "auto",
     max_signatures: int = 8,
     retain_memory: bool = True,
+    plan: Plan | str | os.PathLike[str] | None = None,
 ) -> CompiledModule:
     """Compile ``model`` for the attention in it.
 
@@ -38,7 +41,8 @@ def compile(  # noqa: A001 - the public name is fixed by the design
         kwargs: example keyword inputs.
         passes: "exact" (canonicalize + fuse attention), "none", pipeline text such as
             ``"fuse-attention,sliding-window{window=512,sinks=4}"``, a list of passes, or a
-            PassManager.
+            PassManager. None (the default): the plan's pipeline when ``plan`` is given, else
+            "exact".
         backend: "auto" (Triton on CUDA, fast torch kernels on CPU), "torch", "triton" or
             "triton-interpret" (the generated Triton kernels in Triton's interpreter, for tests).
             The interpreter needs ``TRITON_INTERPRET=1`` in the environment before anything
@@ -53,6 +57,16 @@ def compile(  # noqa: A001 - the public name is fixed by the design
         max_signatures: input signatures kept compiled at once.
         retain_memory: on the CPU, tune glibc malloc (process-wide) so freed activations are reused
             instead of unmapped and faulted in again on every op; see attnopt.runtime.memory.
+        plan: an :class:`attnopt.Plan` or the path of one saved with ``cm.plan.save(path)``: the
+            passes reapply its decisions (heads kept, sites linearised, static block patterns)
+            instead of calibrating, so no calibration data is needed and the outputs are those of
+            the compile that recorded it. Without one, the first compilation records
+            ``cm.plan`` and later input signatures replay it.
+
+    Raises:
+        PlanError: the plan cannot be read, or does not fit the model or the pipeline (checked
+            before anything is rewritten).
+
 
     Returns:
         A :class:`CompiledModule` with the model's call signature.
@@ -70,6 +84,19 @@ def compile(  # noqa: A001 - the public name is fixed by the design
         )
     if not isinstance(args, builtins.tuple):
         args = (args,)
+    if plan is not None and not isinstance(plan, Plan):
+        if not isinstance(plan, (str, os.PathLike)):
+            raise TypeError(f"plan must be an attnopt.Plan or a path, not {type(plan).__name__}")
+        plan = Plan.load(plan)
+    if passes is None:
+        passes = plan.pipeline if plan is not None else "exact"
+    if plan is not None and calibration is not None:
+        warnings.warn(
+            "attnopt.compile(plan=..., calibration=...): the plan's decisions are replayed, the "
+            "calibration data is not used",
+            UserWarning,
+            stacklevel=2,
+        )
     pipeline = as_pipeline(passes)
     if budget is not None:
         warnings.warn(
@@ -98,6 +125,7 @@ def compile(  # noqa: A001 - the public name is fixed by the design
         max_signatures=max_signatures,
         method=method,
         retain_memory=retain_memory,
+        plan=plan,
     )
     if args or kwargs:
         compiled.compile_for(args, kwargs or {})

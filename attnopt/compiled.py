@@ -13,6 +13,7 @@ batch size or sequence length never gives a wrong result. ``stats`` counts compi
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from attnopt.errors import BackendError, CaptureError, SignatureError
 from attnopt.frontend.capture import CapturedProgram, capture_program
 from attnopt.ir import Graph, verify
 from attnopt.passes.base import PassContext, PassManager
+from attnopt.passes.plan import Plan
 from attnopt.runtime.dispatch import KernelNamespace
 from attnopt.runtime.execute import Program, load_program
 from attnopt.sites import AttentionSite, collect_sites
@@ -143,6 +145,12 @@ class CompiledModule(torch.nn.Module):
         method: capture method (see :func:`attnopt.capture`).
         retain_memory: keep freed activation memory mapped between ops (glibc malloc tuning,
             process-wide; see :mod:`attnopt.runtime.memory`).
+        plan: decisions to replay instead of calibrating (:class:`attnopt.Plan`). Without one, the
+            first compilation records ``self.plan`` and every later one (a new input signature)
+            replays it, so calibration runs once.
+
+    Pickling keeps the model, the plan (as JSON) and the options, never a generated program or
+    kernel: an unpickled module compiles again on its first call, replaying the plan.
     """
 
     def __init__(
@@ -156,8 +164,12 @@ class CompiledModule(torch.nn.Module):
         max_signatures: int = 8,
         method: str = "auto",
         retain_memory: bool = True,
+        plan: Plan | None = None,
     ):
         super().__init__()
+        if plan is not None:
+            plan.check_model(type(model).__name__)
+            plan.check_pipeline(pipeline.passes)
         if backend not in BACKENDS:
             raise BackendError(f"backend must be one of {BACKENDS}, not {backend!r}")
         if not isinstance(max_signatures, int) or max_signatures < 1:
@@ -170,6 +182,7 @@ class CompiledModule(torch.nn.Module):
         self.max_signatures = max_signatures
         self.method = method
         self.retain_memory = retain_memory
+        self._plan = plan
         self._entries: OrderedDict[tuple, CompiledEntry] = OrderedDict()
         self._last: CompiledEntry | None = None
         self._structure: Any = None
@@ -221,16 +234,21 @@ class CompiledModule(torch.nn.Module):
         backend = resolve_backend(self.backend, device)
         graph = captured.graph
         ctx = PassContext(
-            calibration=self.calibration,
+            # Replaying: decisions come from the plan; calibration data is never read again.
+            calibration=self.calibration if self._plan is None else None,
             budget=self.budget,
             backend=backend,
             model=self.model,
             example=(args, kwargs),
+            plan=Plan(type(self.model).__name__, str(self.pipeline)),
+            replay=self._plan,
         )
         ctx.executor = lambda g, a, k, record_inputs=False: run_graph(
             g, captured, backend, a, k, record_inputs=record_inputs
         )
         self.pipeline.run(graph, ctx)
+        if self._plan is None:
+            self._plan = ctx.plan
         graph.dead_code_elimination()
         verify(graph)
         kernels = KernelNamespace(backend)
@@ -288,6 +306,13 @@ class CompiledModule(torch.nn.Module):
         return self._last
 
     @property
+    def plan(self) -> Plan | None:
+        """Every decision the passes made from data (:class:`attnopt.Plan`): recorded by the first
+        compilation, replayed by every later one; ``plan.save(path)`` to reuse it. None before
+        the first compilation unless a plan was given."""
+        return self._plan
+
+    @property
     def graph(self) -> Graph:
         """The final IR of the most recently used signature."""
         return self._latest().graph
@@ -326,6 +351,30 @@ class CompiledModule(torch.nn.Module):
     def explain(self) -> list[tuple[str, str]]:
         """Near-misses of attention detection: ``(where, why it was not fused)``."""
         return self._latest().explanations
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle as (model, plan JSON, options): never programs, kernels or calibration data."""
+        if self._plan is None and self.calibration is not None:
+            raise pickle.PicklingError(
+                "this CompiledModule has calibration data but no plan yet: compile it once "
+                "(call it, or compile_for(...)) before pickling, so workers replay its plan"
+            )
+        return {
+            "model": self.model,
+            "pipeline": self.pipeline,
+            "plan": None if self._plan is None else self._plan.to_json(),
+            "options": {
+                "backend": self.backend,
+                "max_signatures": self.max_signatures,
+                "method": self.method,
+                "retain_memory": self.retain_memory,
+            },
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuild from :meth:`__getstate__`: nothing compiled until the first call."""
+        plan = None if state["plan"] is None else Plan.from_json(state["plan"])
+        self.__init__(state["model"], state["pipeline"], plan=plan, **state["options"])
 
     def __getattr__(self, name: str) -> Any:
         """Attributes this module does not define are the wrapped model's (``config``,

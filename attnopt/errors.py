@@ -27,3 +27,8 @@ class PipelineError(AttnoptError, ValueError):
 
 class BackendError(AttnoptError, ValueError):
     """An unknown or unavailable backend."""
+
+
+class PlanError(AttnoptError, ValueError):
+    """A saved plan that cannot be applied: corrupt or truncated, a newer format version, or made
+    for another model, layer count, site or pipeline; names the mismatch."""

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from attnopt.errors import PassError, PipelineError
+from attnopt.errors import PassError, PipelineError, PlanError
 from attnopt.ir import Graph, verify
+from attnopt.passes.plan import Plan, site_table
+from attnopt.passes.select import Site
 
 _PASSES: dict[str, type[Pass]] = {}
 
@@ -56,6 +58,14 @@ class PassContext:
             graph of this compilation on model inputs (set by the runtime; passes that calibrate
             use it). ``taps`` maps site index to its output, or with ``record_inputs`` to the list
             of its input lists.
+        plan: the :class:`~attnopt.passes.plan.Plan` this compilation records its decisions in
+            (None: not recorded).
+        replay: a plan whose decisions the passes apply instead of calibrating (None: calibrate).
+        position: the position of the running pass in its pipeline (set by the PassManager).
+
+    A pass that decides from data asks :meth:`decision` first: while replaying it gets the
+    recorded decision (and must apply it without calibrating); otherwise it gets None, calibrates,
+    and stores what it decided with :meth:`record`.
     """
 
     calibration: Any = None
@@ -66,6 +76,86 @@ class PassContext:
     explanations: list[tuple[str, str]] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     executor: Any = None
+    plan: Plan | None = None
+    replay: Plan | None = None
+    position: int = 0
+    _site_keys: dict[int, str] | None = field(default=None, repr=False)
+
+    @property
+    def replaying(self) -> bool:
+        """True when decisions come from :attr:`replay` (no calibration)."""
+        return self.replay is not None
+
+    def enter_pass(self, position: int, pass_: Pass, graph: Graph) -> None:
+        """Called by the PassManager before each pass. Before the first lossy pass, the graph's
+        sites are taken into the recorded plan and, when replaying, checked against the replayed
+        plan's, so a plan that does not fit fails before any decision is applied.
+
+        Args:
+            position: the pass's position in the pipeline.
+            pass_: the pass.
+            graph: the graph it is about to run on.
+
+        Raises:
+            PlanError: the replayed plan's sites are not this graph's.
+        """
+        self.position = position
+        if not pass_.exact:
+            self.take_sites(graph)
+
+    def take_sites(self, graph: Graph) -> None:
+        """Record (and, when replaying, check) the graph's site table once per compilation."""
+        if self._site_keys is not None:
+            return
+        table = site_table(graph)
+        if self.replay is not None:
+            self.replay.check_sites(table)
+        if self.plan is not None:
+            self.plan.sites = table
+        self._site_keys = {site.index: site.key for site in table}
+
+    def site_key(self, site: Site) -> str:
+        """The plan key of ``site`` (its module path; see :mod:`attnopt.passes.plan`)."""
+        if self._site_keys is not None and site.index in self._site_keys:
+            return self._site_keys[site.index]
+        return site.module or f"site:{site.index}"
+
+    def decision(self, pass_: Pass, site: Site) -> dict[str, Any] | None:
+        """The replayed decision of ``pass_`` for ``site``, or None when not replaying.
+
+        Args:
+            pass_: the running pass.
+            site: the site it decides for.
+
+        Returns:
+            The decision (also recorded into :attr:`plan`), or None: calibrate and :meth:`record`.
+
+        Raises:
+            PlanError: replaying, and the plan holds no decision of this pass for this site.
+        """
+        if self.replay is None:
+            return None
+        key = self.site_key(site)
+        decision = self.replay.decision(self.position, str(pass_), key)
+        if decision is None:
+            raise PlanError(
+                f"the plan has no {pass_} decision for site {key!r} (site {site.index}): it was "
+                "made for another model or edited; re-create it by compiling with calibration"
+            )
+        if self.plan is not None:
+            self.plan.record(self.position, str(pass_), key, decision)
+        return decision
+
+    def record(self, pass_: Pass, site: Site, decision: dict[str, Any]) -> None:
+        """Store what ``pass_`` decided for ``site`` from data (plain JSON data).
+
+        Args:
+            pass_: the running pass.
+            site: the site.
+            decision: the decision; replaying it must reproduce the rewrite.
+        """
+        if self.plan is not None:
+            self.plan.record(self.position, str(pass_), self.site_key(site), decision)
 
     def calibration_batches(self) -> list[tuple[tuple, dict]]:
         """Calibration ``(args, kwargs)`` batches, or the example being compiled when none."""
@@ -383,8 +473,12 @@ class PassManager:
 
         Raises:
             PassError: naming the failing pass and the passes before it.
+            PlanError: ``ctx.replay`` does not fit this pipeline or graph (raised before the first
+                lossy pass rewrites anything).
         """
         ctx = ctx or PassContext()
+        if ctx.replay is not None:
+            ctx.replay.check_pipeline(self.passes)
         results = []
         for position, p in enumerate(self.passes):
             before = [str(q) for q in self.passes[:position]]
@@ -392,8 +486,9 @@ class PassManager:
                 self._dump(graph, f"{position:02d}-before-{p.name}.ir")
             start = time.perf_counter()
             try:
+                ctx.enter_pass(position, p, graph)
                 result = p.run(graph, ctx)
-            except PassError:
+            except (PassError, PlanError):
                 raise
             except Exception as err:  # noqa: BLE001 - wrapped with the pipeline for the user
                 raise PassError(
@@ -426,6 +521,7 @@ class PassManager:
             if self.dump_dir is not None:
                 self._dump(graph, f"{position:02d}-after-{p.name}.ir")
             results.append(result)
+        ctx.take_sites(graph)
         return results
 
     def _dump(self, graph: Graph, filename: str) -> None:

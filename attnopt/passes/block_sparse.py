@@ -14,6 +14,16 @@ Routing:
 The diagonal block (``keep_local``) and the sink blocks are always kept; causal sites never select
 future blocks; the model's padding mask excludes fully padded blocks. Below ``min_len`` keys a site
 stays dense (InfLLM-V2's switch). ``permute_keys`` reorders keys by importance first (PBS-Attn).
+
+Plan (``routing=static``): the pass records, per site, the calibrated per-head block scores
+(``block_scores`` ``[heads][query blocks][key blocks]``, the mean true attention mass per block)
+with the block sizes and the calibrated lengths; the pattern (``kv_counts`` / ``kv_indices``) is
+always built from those stored scores, so replaying a plan rebuilds it bit for bit without
+calibrating. At a length with the same number of query and key blocks the pattern is rebuilt for
+that length (the same scores, the same causal / local / sink rules). At a length whose block count
+differs, the scores say nothing about blocks that did not exist, so the site stays **dense**
+(exact) there, with a note in the pass history; a signature with symbolic lengths also keeps the
+site dense (a static pattern is made for one block grid).
 """
 
 from __future__ import annotations
@@ -23,8 +33,10 @@ from typing import ClassVar, Literal
 
 import torch
 
-from attnopt.errors import PassError, PipelineError
+from attnopt.errors import PassError, PipelineError, PlanError
 from attnopt.ir import Graph
+from attnopt.ir.attention import AttentionAttrs
+from attnopt.ir.block_routing import calibration_block_scores, static_block_pattern
 from attnopt.passes.base import Pass, PassContext, PassResult
 from attnopt.passes.select import (
     Site,
@@ -89,9 +101,10 @@ class BlockSparse(Pass):
             raise PipelineError(f"{self.name}: routing=static needs density or threshold")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        """Rewrite the selected dense sites (static patterns are calibrated here)."""
+        """Rewrite the selected dense sites (static patterns are calibrated or replayed here)."""
         notes: list[str] = other_variant_notes(graph, self)
         chosen: list[Site] = []
+        original: dict[int, AttentionAttrs] = {}
         for site in sites_for(graph, self, min_kv_len=self.min_len):
             if site.attrs.softcap is not None:
                 notes.append(f"site {site.index}: soft-capped sites stay dense")
@@ -104,6 +117,7 @@ class BlockSparse(Pass):
             if self.heads is not None and max(self.heads) >= site.num_heads:
                 notes.append(f"site {site.index}: has {site.num_heads} heads, heads={self.heads}")
                 continue
+            original[site.index] = site.attrs
             site.update(
                 heads=tuple(self.heads or ()),
                 variant="block_sparse",
@@ -119,46 +133,35 @@ class BlockSparse(Pass):
             )
             chosen.append(site)
         if chosen and self.routing == "static":
-            self._calibrate(graph, ctx, chosen)
+            chosen = self._static_patterns(graph, ctx, chosen, original, notes)
         return PassResult(changed=bool(chosen), rewrites=len(chosen), notes=notes)
 
-    def _calibrate(self, graph: Graph, ctx: PassContext, chosen: list[Site]) -> None:
-        from attnopt.ir.block_routing import calibration_block_scores, static_block_pattern
-
-        if ctx.executor is None:
-            raise PassError(f"{self.name}: routing=static needs a runtime to calibrate with")
-        batches = ctx.calibration_batches()
-        if not batches:
-            raise PassError(f"{self.name}: routing=static needs calibration=[(args, kwargs), ...]")
-        wanted = {site.index for site in chosen}
-        dense = graph.copy()
-        for node in dense.find("attention"):
-            if node.attrs.site in wanted:
-                Site(node).update(variant="dense")
-        scores: dict[int, list[torch.Tensor]] = {}
-        for args, kwargs in batches:
-            _, taps = ctx.executor(dense, args, kwargs, record_inputs=True)
-            for index in wanted:
-                for inputs in taps.get(index, []):
-                    q, k = inputs[0], inputs[1]
-                    mask = inputs[3] if len(inputs) > 3 else None
-                    site_attrs = next(s.attrs for s in chosen if s.index == index)
-                    scores.setdefault(index, []).append(
-                        calibration_block_scores(
-                            q,
-                            k,
-                            block_q=self.query_block or self.block,
-                            block_k=self.block,
-                            scale=site_attrs.scale,
-                            causal=site_attrs.causal,
-                            mask=mask,
-                        )
-                    )
+    def _static_patterns(
+        self,
+        graph: Graph,
+        ctx: PassContext,
+        chosen: list[Site],
+        original: dict[int, AttentionAttrs],
+        notes: list[str],
+    ) -> list[Site]:
+        """Attach each site's static pattern, built from recorded or freshly calibrated block
+        scores; sites whose block grid is not the calibrated one go back to dense."""
+        if ctx.replaying:  # every decision is read and checked before any pattern is attached
+            decisions = {site.index: self._planned(ctx, site) for site in chosen}
+        else:
+            decisions = self._calibrate(graph, ctx, chosen)
+            for site in chosen:
+                ctx.record(self, site, decisions[site.index])
+        patterned = []
         for site in chosen:
-            if site.index not in scores:
-                raise PassError(f"{self.name}: site {site.index} never ran during calibration")
+            decision = decisions[site.index]
+            reason = _grid_mismatch(decision, site)
+            if reason is not None:
+                site.node.attrs = original[site.index]
+                notes.append(f"site {site.index}: stays dense: {reason}")
+                continue
             meta = static_block_pattern(
-                scores[site.index],
+                torch.tensor(decision["block_scores"], dtype=torch.float32),
                 density=self.density,
                 threshold=self.threshold,
                 block_q=self.query_block or self.block,
@@ -169,8 +172,115 @@ class BlockSparse(Pass):
                 sinks=self.sinks,
                 causal=site.causal,
             )
-            counts = graph.add_tensor(f"block_sparse.site{site.index}.kv_counts", meta.kv_counts)
-            indices = graph.add_tensor(f"block_sparse.site{site.index}.kv_indices", meta.kv_indices)
+            device = _tensor_device(graph)
+            counts = graph.add_tensor(
+                f"block_sparse.site{site.index}.kv_counts", meta.kv_counts.to(device)
+            )
+            indices = graph.add_tensor(
+                f"block_sparse.site{site.index}.kv_indices", meta.kv_indices.to(device)
+            )
             inputs = list(site.node.inputs) + [None] * (5 - len(site.node.inputs))
             site.node.inputs = [*inputs[:5], counts, indices]
             site.node.meta["kept_fraction"] = meta.kept_fraction(-(-site.kv_len // self.block))
+            patterned.append(site)
+        return patterned
+
+    def _planned(self, ctx: PassContext, site: Site) -> dict:
+        """A replayed decision, checked against this pass's blocks and the site's heads."""
+        decision = ctx.decision(self, site)
+        assert decision is not None
+        try:
+            scores = torch.tensor(decision["block_scores"], dtype=torch.float32)
+            fits = (
+                decision["block_q"] == (self.query_block or self.block)
+                and decision["block_k"] == self.block
+                and scores.dim() == 3
+                and scores.shape[0] == site.num_heads
+                and tuple(scores.shape[1:])
+                == _grid(decision["q_len"], decision["kv_len"], decision["block_q"], self.block)
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise PlanError(
+                f"{self}: unreadable static pattern for site {ctx.site_key(site)!r} ({err})"
+            ) from err
+        if not fits:
+            raise PlanError(
+                f"{self}: the plan's static pattern for site {ctx.site_key(site)!r} does not fit "
+                f"{site.num_heads} heads and blocks of {self.query_block or self.block}x{self.block}"
+            )
+        return decision
+
+    def _calibrate(self, graph: Graph, ctx: PassContext, chosen: list[Site]) -> dict[int, dict]:
+        """Per site: the block scores averaged over the calibration batches, as a decision."""
+        if ctx.executor is None:
+            raise PassError(f"{self.name}: routing=static needs a runtime to calibrate with")
+        batches = ctx.calibration_batches()
+        if not batches:
+            raise PassError(f"{self.name}: routing=static needs calibration=[(args, kwargs), ...]")
+        block_q = self.query_block or self.block
+        attrs = {site.index: site.attrs for site in chosen}
+        dense = graph.copy()
+        for node in dense.find("attention"):
+            if node.attrs.site in attrs:
+                Site(node).update(variant="dense")
+        scores: dict[int, list[torch.Tensor]] = {}
+        lengths: dict[int, tuple[int, int]] = {}
+        for args, kwargs in batches:
+            _, taps = ctx.executor(dense, args, kwargs, record_inputs=True)
+            for index, site_attrs in attrs.items():
+                for inputs in taps.get(index, []):
+                    q, k = inputs[0], inputs[1]
+                    lengths[index] = (int(q.shape[2]), int(k.shape[2]))
+                    scores.setdefault(index, []).append(
+                        calibration_block_scores(
+                            q,
+                            k,
+                            block_q=block_q,
+                            block_k=self.block,
+                            scale=site_attrs.scale,
+                            causal=site_attrs.causal,
+                            mask=inputs[3] if len(inputs) > 3 else None,
+                        )
+                    )
+        decisions = {}
+        for index in attrs:
+            if index not in scores:
+                raise PassError(f"{self.name}: site {index} never ran during calibration")
+            mean = torch.stack(scores[index]).to(torch.float32).mean(dim=0).cpu()
+            decisions[index] = {
+                "block_q": block_q,
+                "block_k": self.block,
+                "q_len": lengths[index][0],
+                "kv_len": lengths[index][1],
+                "block_scores": mean.tolist(),
+            }
+        return decisions
+
+
+def _tensor_device(graph: Graph) -> torch.device:
+    """Where the graph's constants live (the model's device): the pattern goes beside them."""
+    return next(
+        (t.device for t in graph.tensors.values() if t.is_floating_point()), torch.device("cpu")
+    )
+
+
+def _grid(q_len: int, kv_len: int, block_q: int, block_k: int) -> tuple[int, int]:
+    """Number of query and key blocks."""
+    return -(-q_len // block_q), -(-kv_len // block_k)
+
+
+def _grid_mismatch(decision: dict, site: Site) -> str | None:
+    """Why the recorded pattern cannot serve this site's lengths (None: it can)."""
+    q_len, kv_len = site.q.shape[2], site.k.shape[2]
+    if not (isinstance(q_len, int) and isinstance(kv_len, int)):
+        return f"symbolic lengths {q_len}x{kv_len}: a static pattern is made for one block grid"
+    block_q, block_k = decision["block_q"], decision["block_k"]
+    calibrated = _grid(decision["q_len"], decision["kv_len"], block_q, block_k)
+    here = _grid(q_len, kv_len, block_q, block_k)
+    if here == calibrated:
+        return None
+    return (
+        f"the static pattern was calibrated for {calibrated[0]}x{calibrated[1]} blocks "
+        f"({decision['q_len']}x{decision['kv_len']} tokens), this signature has "
+        f"{here[0]}x{here[1]} blocks ({q_len}x{kv_len} tokens)"
+    )

@@ -13,6 +13,10 @@ with the reason in the pass notes: besides the structural checks and shape re-in
 pruned site is run on the first calibration batch before and after slicing, and the kept heads'
 attention outputs must not change (an opaque op between a projection and the attention that
 mixed heads would change them).
+
+Plan: the pass records, per site, ``{"heads_kept": [query heads]}`` or ``{"heads_kept": null,
+"reason": ...}`` for a site it left alone; replaying a plan slices exactly those heads without
+scoring (no calibration data, no graph runs).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from attnopt.errors import PassError
+from attnopt.errors import PassError, PlanError
 from attnopt.ir import Graph, Node, Value, verify
 from attnopt.passes.base import Pass, PassContext, PassResult
 from attnopt.passes.helpers import VIEW_OPS
@@ -118,25 +122,33 @@ class HeadPrune(Pass):
         check_fraction(self.name, "keep", self.keep)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        """Score heads on calibration data, then slice the weights of the dropped heads."""
+        """Score heads on calibration data (or take the replayed plan's heads), then slice the
+        weights of the dropped heads."""
         notes: list[str] = []
         chosen = sites_for(graph, self, variant=None)
-        importance = self._importance(graph, ctx, chosen) if chosen and self.keep < 1.0 else {}
+        # Replaying: every decision is read and checked before the first site is sliced.
+        planned = {site.index: _planned_heads(self, site, ctx) for site in chosen}
+        importance = {}
+        if chosen and self.keep < 1.0 and not ctx.replaying:
+            importance = self._importance(graph, ctx, chosen)
         pruned = 0
         taps_before = None
         for index in [site.index for site in chosen]:
             site = next(s for s in sites_for(graph, self, variant=None) if s.index == index)
+            if ctx.replaying and planned[index] is None:
+                notes.append(f"site {index}: not pruned (plan)")
+                continue
             snapshot = graph.copy()
             kept: torch.Tensor | None = None
             try:
-                reason, kept = self._prune(graph, site, importance.get(index))
+                reason, kept = self._prune(graph, site, importance.get(index), planned[index])
                 if reason is None:
                     graph.infer_types()
                     verify(graph)
                     reason = _outputs_keep_their_types(snapshot, graph)
             except Exception as err:  # noqa: BLE001 - any inconsistency means: leave the site alone
                 reason = f"shapes do not re-infer after slicing ({type(err).__name__}: {err})"
-            if reason is None:
+            if reason is None and not ctx.replaying:  # replaying: checked when it was recorded
                 try:
                     if taps_before is None:
                         taps_before = self._taps(snapshot, ctx)
@@ -147,14 +159,17 @@ class HeadPrune(Pass):
                     reason = _kept_heads_unchanged(taps_before, taps_after, index, kept)
                 if reason is None:
                     taps_before = taps_after
-                    node = next(
-                        s.node for s in sites_for(graph, self, variant=None) if s.index == index
-                    )
-                    node.meta.setdefault("site", {})["heads_kept"] = int(kept.numel())
             if reason is not None:
+                if ctx.replaying:
+                    raise PlanError(f"{self}: the plan prunes site {index}, but {reason}")
                 _restore(graph, snapshot)
                 notes.append(f"site {index}: not pruned: {reason}")
+                ctx.record(self, site, {"heads_kept": None, "reason": reason})
                 continue
+            assert kept is not None
+            node = next(s.node for s in sites_for(graph, self, variant=None) if s.index == index)
+            node.meta.setdefault("site", {})["heads_kept"] = int(kept.numel())
+            ctx.record(self, site, {"heads_kept": [int(h) for h in kept]})
             pruned += 1
         return PassResult(changed=bool(pruned), rewrites=pruned, notes=notes)
 
@@ -184,15 +199,17 @@ class HeadPrune(Pass):
         return ctx.executor(graph, args, kwargs)[1]  # type: ignore[misc]
 
     def _prune(
-        self, graph: Graph, site: Site, head_norms: Any
+        self, graph: Graph, site: Site, head_norms: Any, planned: torch.Tensor | None = None
     ) -> tuple[str | None, torch.Tensor | None]:
-        """Slice one site's projections: ``(None, kept query heads)``, or ``(reason, None)``."""
+        """Slice one site's projections: ``(None, kept query heads)``, or ``(reason, None)``.
+
+        The kept heads are ``planned`` (from a replayed plan) or the best by ``head_norms``."""
         users = graph.users()
         heads, kv_heads = site.num_heads, int(site.k.shape[1])
         head_dim, value_dim = int(site.q.shape[3]), int(site.v.shape[3])
         group = heads // kv_heads
         keep_groups = max(1, round(self.keep * kv_heads))
-        if keep_groups >= kv_heads:
+        if planned is None and keep_groups >= kv_heads:
             return "nothing to prune at this keep fraction", None
         for extra in site.node.inputs[3:5]:
             if extra is not None and len(extra.shape) == 4 and extra.shape[1] not in (1,):
@@ -206,16 +223,19 @@ class HeadPrune(Pass):
         for proj in projections:
             if len(users.get(proj.output, [])) != 1:
                 return "a projection output is read elsewhere", None
-        if head_norms is None:
+        if planned is None and head_norms is None:
             return "the site did not run during calibration", None
         out_weight = _param_tensor(graph, out_proj.inputs[1])
         if out_weight is None or out_weight.shape[1] != heads * value_dim:
             return "output projection weight does not match the heads", None
-        column_norms = (
-            out_weight.float().reshape(out_weight.shape[0], heads, value_dim).norm(dim=(0, 2))
-        )
-        scores = (head_norms * column_norms).reshape(kv_heads, group).sum(dim=1)
-        kept_groups = torch.topk(scores, keep_groups).indices.sort().values
+        if planned is not None:
+            kept_groups = planned.reshape(-1, group)[:, 0] // group
+        else:
+            column_norms = (
+                out_weight.float().reshape(out_weight.shape[0], heads, value_dim).norm(dim=(0, 2))
+            )
+            scores = (head_norms * column_norms).reshape(kv_heads, group).sum(dim=1)
+            kept_groups = torch.topk(scores, keep_groups).indices.sort().values
         kept_q = (kept_groups[:, None] * group + torch.arange(group)[None, :]).reshape(-1)
         for proj, kept, dim in (
             (projections[0], kept_q, head_dim),
@@ -250,6 +270,40 @@ class HeadPrune(Pass):
         proj.inputs[1] = graph.add_tensor(
             f"{name}.pruned", tensor.index_select(1, columns).contiguous()
         )
+
+
+def _planned_heads(owner: HeadPrune, site: Site, ctx: PassContext) -> torch.Tensor | None:
+    """The query heads a replayed plan keeps at ``site`` (None: not replaying, or not pruned).
+
+    Raises:
+        PlanError: the recorded heads are not whole key/value groups of this site's heads.
+    """
+    decision = ctx.decision(owner, site)
+    if decision is None or decision.get("heads_kept") is None:
+        return None
+    heads, kv_heads = site.num_heads, int(site.k.shape[1])
+    group = heads // kv_heads
+    kept = decision["heads_kept"]
+    valid = (
+        isinstance(kept, list)
+        and 0 < len(kept) < heads
+        and len(kept) % group == 0
+        and all(isinstance(h, int) and 0 <= h < heads for h in kept)
+    )
+    if valid:
+        tensor = torch.tensor(kept, dtype=torch.long)
+        firsts = tensor.reshape(-1, group)[:, :1]
+        valid = bool(
+            (tensor.reshape(-1, group) == firsts + torch.arange(group)).all()
+            and (firsts % group == 0).all()
+            and (firsts.flatten().diff() > 0).all()
+        )
+    if not valid:
+        raise PlanError(
+            f"{owner}: the plan's heads_kept={kept!r} for site {ctx.site_key(site)!r} are not "
+            f"whole groups of {group} among its {heads} heads, ascending"
+        )
+    return tensor
 
 
 def _kept_heads_unchanged(before: dict, after: dict, index: int, kept: torch.Tensor) -> str | None:

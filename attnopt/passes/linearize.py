@@ -12,6 +12,10 @@ Layer selection (LinVideo's selective transfer): with ``count`` or ``budget`` th
 on the calibration data, each site's end-to-end error when linearised alone, then linearises the
 least sensitive sites first, up to ``count`` sites or while the cosine similarity of every output
 stays at or above ``budget``.
+
+Plan: with ``count`` or ``budget`` the pass records, per eligible site, ``{"linearized": bool}``
+(and the site's cosine when linearised alone); replaying a plan linearises exactly those sites
+without measuring anything.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from attnopt.errors import PassError, PipelineError
+from attnopt.errors import PassError, PipelineError, PlanError
 from attnopt.ir import Graph
 from attnopt.passes.base import Pass, PassContext, PassResult
 from attnopt.passes.select import (
@@ -111,7 +115,10 @@ class Linearize(Pass):
             for site in eligible:
                 self._apply(site)
             return PassResult(changed=bool(eligible), rewrites=len(eligible), notes=notes)
-        chosen = self._select(graph, ctx, eligible, notes)
+        if ctx.replaying:
+            chosen = self._replayed(ctx, eligible, notes)
+        else:
+            chosen = self._select(graph, ctx, eligible, notes)
         for site in eligible:
             if site.index in chosen:
                 self._apply(site)
@@ -164,4 +171,26 @@ class Linearize(Pass):
                     continue
             chosen = trial
         notes.append(f"linearised sites {sorted(chosen)}")
+        for site in eligible:
+            ctx.record(
+                self,
+                site,
+                {"linearized": site.index in chosen, "cosine_alone": alone[site.index]},
+            )
+        return chosen
+
+    def _replayed(self, ctx: PassContext, eligible: list[Site], notes: list[str]) -> set[int]:
+        """The sites a replayed plan linearises (every decision is checked before any rewrite)."""
+        chosen = set()
+        for site in eligible:
+            decision = ctx.decision(self, site)
+            assert decision is not None
+            if not isinstance(decision.get("linearized"), bool):
+                raise PlanError(
+                    f"{self}: the plan's decision {decision!r} for site {ctx.site_key(site)!r} "
+                    "has no linearized=true/false"
+                )
+            if decision["linearized"]:
+                chosen.add(site.index)
+        notes.append(f"linearised sites {sorted(chosen)} (plan)")
         return chosen
