@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 import attnopt
@@ -57,3 +58,19 @@ def test_docs_code_matches_example():
     assert 'name: ClassVar[str] = "long-context-window"' in doc
     assert "select_sites(graph, causal=True, min_kv_len=self.min_kv_len + 1)" in doc
     assert "select_sites(graph, causal=True, min_kv_len=self.min_kv_len + 1)" in EXAMPLE.read_text()
+
+
+def test_ray_embeddings_ship_the_plan_to_local_workers():
+    """examples/ray_embeddings.py: Ray Data workers embed with the driver's compiled module, each
+    compiling by replaying its plan (no calibration), and agree with the driver."""
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
+    path = EXAMPLE.parent / "ray_embeddings.py"
+    spec = importlib.util.spec_from_file_location("ray_embeddings", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(sentences=96, workers=2, batch_size=32)
+    assert result["embeddings"].shape == (96, 384)
+    assert result["max_abs_diff"] < 1e-4
+    assert 1 <= result["worker_compilations"] <= 4
+    [decisions] = result["plan"].decisions.values()
+    assert len(decisions) == 6 and all(len(d["heads_kept"]) == 9 for d in decisions.values())
