@@ -80,6 +80,8 @@ class Neighborhood(Pass):
             )
 
     def _grid_for(self, site: Site, ctx: PassContext) -> tuple[tuple[int, ...], int] | None:
+        if not isinstance(site.kv_len, int):
+            return None  # a token grid is fixed: a symbolic length has none
         if self.grid is not None:
             num_global = (
                 self.num_global

@@ -18,6 +18,7 @@ from typing import Any
 
 from attnopt.ir import Graph, Node, Value
 from attnopt.ir.attention import VARIANTS, AttentionAttrs
+from attnopt.ir.types import Dim
 
 
 def layer_of(module_path: str | None) -> int | None:
@@ -77,14 +78,15 @@ class Site:
         return self.node.inputs[4] if len(self.node.inputs) > 4 else None
 
     @property
-    def q_len(self) -> int:
-        """Query length."""
-        return int(self.q.shape[2])
+    def q_len(self) -> Dim:
+        """Query length: an int, or a symbolic dim (``"s1"``) when one program serves every
+        length."""
+        return self.q.shape[2]
 
     @property
-    def kv_len(self) -> int:
-        """Key length."""
-        return int(self.k.shape[2])
+    def kv_len(self) -> Dim:
+        """Key length (an int or a symbolic dim)."""
+        return self.k.shape[2]
 
     @property
     def num_heads(self) -> int:
@@ -142,7 +144,8 @@ def select_sites(
         layers: layer indices (from module paths) to keep.
         causal: keep only causal (True) or only non-causal (False) sites.
         kind: "self" or "cross".
-        min_kv_len: keep sites whose key length is at least this.
+        min_kv_len: keep sites whose key length is at least this (a site of symbolic length is
+            kept: the pass sets the op's ``min_len`` so that shorter inputs run dense).
         module: a regular expression the module path must match (``re.search``).
         variant: keep sites currently of this variant ("dense" by default; None for any).
 
@@ -163,7 +166,7 @@ def select_sites(
             continue
         if kind is not None and node.meta.get("site", {}).get("kind", "self") != kind:
             continue
-        if site.kv_len < min_kv_len:
+        if isinstance(site.kv_len, int) and site.kv_len < min_kv_len:
             continue
         if pattern is not None and not pattern.search(site.module or ""):
             continue

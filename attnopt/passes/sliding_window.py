@@ -64,6 +64,8 @@ class SlidingWindow(Pass):
                 window_left=self.window,
                 window_right=0 if site.causal else self.window,
                 sinks=self.sinks,
+                # a symbolic length is only known at run time: the op keeps short inputs dense
+                min_len=self.min_len if not isinstance(site.kv_len, int) else site.attrs.min_len,
             )
             changed += 1
         return PassResult(changed=bool(changed), rewrites=changed, notes=notes)
