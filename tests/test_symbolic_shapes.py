@@ -138,3 +138,26 @@ def test_symbolic_signature_rejects_what_the_program_cannot_serve():
     assert bind(torch.zeros(7, 513, dtype=torch.long)) is None  # outside the proven range
     assert bind(torch.zeros(7, 30, dtype=torch.int32)) is None  # another dtype
     assert bind(torch.zeros(7, 30, 2, dtype=torch.long)) is None  # another rank
+
+
+@pytest.mark.parametrize(
+    "passes",
+    [
+        "canonicalize,fuse-attention,sliding-window{window=4,sinks=1,min_len=12}",
+        "canonicalize,fuse-attention,block-sparse{block=4,density=0.5}",
+    ],
+)
+def test_lossy_passes_run_symbolically_as_they_do_per_shape(passes):
+    model = zoo_model("minilm", "sdpa")
+    args, kwargs = zoo.get("minilm").example(2, 16)
+    symbolic, _ = _compile_quietly(model, args, kwargs, passes=passes)
+    per_shape = attnopt.compile(model, args, kwargs, passes=passes, dynamic=False)
+    assert symbolic.stats["mode"] == "symbolic", symbolic.symbolic_refusal
+    assert symbolic.sites[0].variant != "dense"
+    for batch, seq in [(3, 9), (1, 20), (4, 33)]:  # 9 < min_len: that length stays dense
+        args, kwargs = zoo.get("minilm").example(batch, seq)
+        with torch.no_grad():
+            expected = per_shape(*args, **kwargs)[0]
+            actual = symbolic(*args, **kwargs)[0]
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    assert symbolic.stats["captures"] == 2

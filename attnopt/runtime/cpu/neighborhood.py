@@ -1,15 +1,7 @@
-"""Neighbourhood attention on 2-D and 3-D token grids for CPU (issue 5), NATTEN semantics.
+"""Neighbourhood attention on 2-D and 3-D token grids for CPU, NATTEN semantics.
 
-Entry point: :func:`neighborhood_attention`; the rule itself is :mod:`attnopt.ir.neighborhood`.
-
-Tokens are ``num_global`` leading tokens (CLS, registers) followed by a row-major grid ``(H, W)`` or
-``(T, H, W)``. Along each axis of length ``L`` with kernel ``K`` and dilation ``d``, position ``i``
-belongs to the dilation class ``r = i % d`` (the ``ceil((L - r) / d)`` positions ``r, r + d, ...``);
-inside its class, at class index ``c = i // d``, its window starts at
-``clamp(c - K // 2, 0, len_r - K)`` and holds ``K`` consecutive class members: the window is shifted
-inward at the borders, so every token has exactly ``K`` neighbours per axis (NATTEN's rule; it
-needs ``K * d <= L``). A grid token sees the product of its per-axis windows plus every global
-token; global tokens see every token.
+Entry point: :func:`neighborhood_attention`. Which keys a token sees (grids, global tokens, the
+inward-shifted windows, dilation) is the rule of :mod:`attnopt.ir.neighborhood`.
 
 The kernel is tiled like GNA: queries are grouped into tiles of ``tile`` consecutive class members
 per axis; the union of a tile's windows is a box of at most ``tile + K - 1`` members per axis. Each
