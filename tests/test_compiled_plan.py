@@ -132,6 +132,7 @@ def test_pickle_holds_model_plan_and_options_and_recompiles_lazily(monkeypatch):
     model = zoo_model("bert", "eager")
     args, kwargs = zoo.get("bert").example(4, 16)
     cm = attnopt.compile(model, args, kwargs, passes=PRUNE, calibration=[(args, kwargs)])
+    first_compile = cm.stats["compilations"]
     data = pickle.dumps(cm)
     assert cm.source.encode() not in data and b"make_program" not in data
     monkeypatch.setattr(attnopt.compiled, "run_graph", refuse_graph_runs)
@@ -139,7 +140,7 @@ def test_pickle_holds_model_plan_and_options_and_recompiles_lazily(monkeypatch):
     assert restored.plan == cm.plan and restored.stats["compilations"] == 0
     assert restored.calibration is None
     assert torch.equal(_hidden(restored, args, kwargs), _hidden(cm, args, kwargs))
-    assert restored.stats["compilations"] == 1
+    assert restored.stats["compilations"] == first_compile  # what the first call compiled
 
 
 def test_pickling_before_the_plan_exists_refuses_to_drop_calibration():
