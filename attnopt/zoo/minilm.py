@@ -124,7 +124,7 @@ def minilm_sentence_transformer(attn_implementation: str | None = "sdpa") -> Any
 
     Returns:
         A ``sentence_transformers.SentenceTransformer`` on the CPU, in eval mode; ``st[0]`` is its
-        Transformer module, whose inner Hugging Face model is the one to compile.
+        Transformer module and ``st[0].model`` the inner Hugging Face model to compile.
     """
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
