@@ -124,31 +124,26 @@ class HeadPrune(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         """Score heads on calibration data (or take the replayed plan's heads), then slice the
         weights of the dropped heads."""
-        notes: list[str] = []
         chosen = sites_for(graph, self, variant=None)
-        # Replaying: every decision is read and checked before the first site is sliced.
-        planned = {site.index: _planned_heads(self, site, ctx) for site in chosen}
-        importance = {}
-        if chosen and self.keep < 1.0 and not ctx.replaying:
-            importance = self._importance(graph, ctx, chosen)
+        if ctx.replaying:
+            return self._replay(graph, ctx, chosen)
+        notes: list[str] = []
+        importance = self._importance(graph, ctx, chosen) if chosen and self.keep < 1.0 else {}
         pruned = 0
         taps_before = None
         for index in [site.index for site in chosen]:
             site = next(s for s in sites_for(graph, self, variant=None) if s.index == index)
-            if ctx.replaying and planned[index] is None:
-                notes.append(f"site {index}: not pruned (plan)")
-                continue
             snapshot = graph.copy()
             kept: torch.Tensor | None = None
             try:
-                reason, kept = self._prune(graph, site, importance.get(index), planned[index])
+                reason, kept = self._prune(graph, site, importance.get(index))
                 if reason is None:
                     graph.infer_types()
                     verify(graph)
                     reason = _outputs_keep_their_types(snapshot, graph)
             except Exception as err:  # noqa: BLE001 - any inconsistency means: leave the site alone
                 reason = f"shapes do not re-infer after slicing ({type(err).__name__}: {err})"
-            if reason is None and not ctx.replaying:  # replaying: checked when it was recorded
+            if reason is None:
                 try:
                     if taps_before is None:
                         taps_before = self._taps(snapshot, ctx)
@@ -160,18 +155,51 @@ class HeadPrune(Pass):
                 if reason is None:
                     taps_before = taps_after
             if reason is not None:
-                if ctx.replaying:
-                    raise PlanError(f"{self}: the plan prunes site {index}, but {reason}")
                 _restore(graph, snapshot)
                 notes.append(f"site {index}: not pruned: {reason}")
                 ctx.record(self, site, {"heads_kept": None, "reason": reason})
                 continue
             assert kept is not None
-            node = next(s.node for s in sites_for(graph, self, variant=None) if s.index == index)
-            node.meta.setdefault("site", {})["heads_kept"] = int(kept.numel())
+            _mark_heads_kept(graph, index, kept)
             ctx.record(self, site, {"heads_kept": [int(h) for h in kept]})
             pruned += 1
         return PassResult(changed=bool(pruned), rewrites=pruned, notes=notes)
+
+    def _replay(self, graph: Graph, ctx: PassContext, chosen: list[Site]) -> PassResult:
+        """Slice the heads a replayed plan keeps, without running the graph: every decision is
+        read and checked before the first slice, and shapes are re-inferred once for all sites
+        (the numerical check ran when the plan was recorded, on the same model)."""
+        planned = {site.index: _planned_heads(self, site, ctx) for site in chosen}
+        before = graph.copy()
+        notes: list[str] = []
+        pruned: dict[int, torch.Tensor] = {}
+        for index, kept in planned.items():
+            if kept is None:
+                notes.append(f"site {index}: not pruned (plan)")
+                continue
+            site = next(s for s in sites_for(graph, self, variant=None) if s.index == index)
+            try:
+                reason, _ = self._prune(graph, site, None, kept)
+            except Exception as err:  # noqa: BLE001 - reported as the plan not fitting
+                reason = f"slicing failed ({type(err).__name__}: {err})"
+            if reason is not None:
+                raise PlanError(f"{self}: the plan prunes site {index}, but {reason}")
+            pruned[index] = kept
+        if pruned:
+            try:
+                graph.infer_types()
+                verify(graph)
+            except Exception as err:  # noqa: BLE001 - reported as the plan not fitting
+                raise PlanError(
+                    f"{self}: shapes do not re-infer after slicing the plan's heads "
+                    f"({type(err).__name__}: {err})"
+                ) from err
+            reason = _outputs_keep_their_types(before, graph)
+            if reason is not None:
+                raise PlanError(f"{self}: the plan's heads cannot be sliced: {reason}")
+        for index, kept in pruned.items():
+            _mark_heads_kept(graph, index, kept)
+        return PassResult(changed=bool(pruned), rewrites=len(pruned), notes=notes)
 
     def _importance(
         self, graph: Graph, ctx: PassContext, chosen: list[Site]
@@ -270,6 +298,13 @@ class HeadPrune(Pass):
         proj.inputs[1] = graph.add_tensor(
             f"{name}.pruned", tensor.index_select(1, columns).contiguous()
         )
+
+
+def _mark_heads_kept(graph: Graph, index: int, kept: torch.Tensor) -> None:
+    """Record on site ``index``'s node how many query heads it still computes."""
+    for node in graph.find("attention"):
+        if node.attrs.site == index:
+            node.meta.setdefault("site", {})["heads_kept"] = int(kept.numel())
 
 
 def _planned_heads(owner: HeadPrune, site: Site, ctx: PassContext) -> torch.Tensor | None:
