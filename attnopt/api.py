@@ -32,6 +32,7 @@ def compile(  # noqa: A001 - the public name is fixed by the design
     max_signatures: int = 8,
     retain_memory: bool = True,
     plan: Plan | str | os.PathLike[str] | None = None,
+    dynamic: bool | None = None,
 ) -> CompiledModule:
     """Compile ``model`` for the attention in it.
 
@@ -62,11 +63,15 @@ def compile(  # noqa: A001 - the public name is fixed by the design
             instead of calibrating, so no calibration data is needed and the outputs are those of
             the compile that recorded it. Without one, the first compilation records
             ``cm.plan`` and later input signatures replay it.
+        dynamic: None (the default): capture once with symbolic batch and sequence dims, so any
+            batch size and length runs the same program (``cm.stats["specialisations"]`` counts
+            the new shapes it served); when the model cannot be captured that way, or fuses less,
+            compile once per input shape instead, with a warning giving the reason. True: the
+            same. False: always once per input shape.
 
     Raises:
         PlanError: the plan cannot be read, or does not fit the model or the pipeline (checked
             before anything is rewritten).
-
 
     Returns:
         A :class:`CompiledModule` with the model's call signature.
@@ -126,6 +131,7 @@ def compile(  # noqa: A001 - the public name is fixed by the design
         method=method,
         retain_memory=retain_memory,
         plan=plan,
+        dynamic=dynamic,
     )
     if args or kwargs:
         compiled.compile_for(args, kwargs or {})

@@ -5,16 +5,20 @@ Entry point: :class:`CompiledModule` (built by ``attnopt.compile``). This is the
 runtime: it captures (:mod:`attnopt.frontend`), runs passes (:mod:`attnopt.passes`) with an executor
 that runs graphs for calibration, and hands the final graph to the runtime.
 
-Compiled modules run inference: the program runs under ``torch.no_grad()``. Shapes are
-specialised per input signature (tensor shapes, dtypes, devices and the values of
-non-tensor inputs); a new signature is captured and compiled again and cached, so a different
-batch size or sequence length never gives a wrong result. ``stats`` counts compilations.
+Compiled modules run inference: the program runs under ``torch.no_grad()``. The first call
+captures the model with symbolic batch and sequence dims (torch.export dynamic shapes): that one
+program serves every later call with the same structure, dtypes, devices and non-tensor values
+whose sizes fit the symbols' proven ranges, with no capture or compilation
+(``stats["specialisations"]``). A model that cannot be captured that way, or fuses fewer sites,
+is compiled once per input signature instead (a warning says why); so is a call the symbolic
+program cannot serve. ``stats`` counts captures, compilations and their times.
 """
 
 from __future__ import annotations
 
 import pickle
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,10 +29,12 @@ import torch.utils._pytree as pytree
 from attnopt.errors import BackendError, CaptureError, SignatureError
 from attnopt.frontend.capture import CapturedProgram, capture_program
 from attnopt.ir import Graph, verify
+from attnopt.ir.symbolic import bind_symbols
 from attnopt.passes.base import PassContext, PassManager
 from attnopt.passes.plan import Plan
 from attnopt.runtime.dispatch import KernelNamespace
 from attnopt.runtime.execute import Program, load_program
+from attnopt.signature import SymbolicSignature, signature_key
 from attnopt.sites import AttentionSite, collect_sites
 
 BACKENDS = ("auto", "torch", "triton", "triton-interpret")
@@ -106,12 +112,14 @@ def run_graph(
     if len(flat) <= max(captured.input_positions, default=-1):
         raise SignatureError("calibration inputs do not have the structure of the example inputs")
     inputs = [flat[i] for i in captured.input_positions]
-    for value, tensor in zip(graph.inputs, inputs):
-        if tuple(tensor.shape) != tuple(value.shape):
-            raise SignatureError(
-                f"calibration input {value.name} has shape {tuple(tensor.shape)}, the compiled "
-                f"signature has {tuple(value.shape)}: calibrate with inputs of the example's shapes"
-            )
+    try:
+        bind_symbols([value.type for value in graph.inputs], inputs)
+    except ValueError as err:
+        shapes = ", ".join(f"{v.name}: {v.type}" for v in graph.inputs)
+        raise SignatureError(
+            f"calibration inputs do not fit the compiled graph ({err}; it takes {shapes}): "
+            "calibrate with inputs of the example's shapes"
+        ) from None
     if record_inputs:
         kernels.input_taps = {}
     else:
@@ -122,14 +130,44 @@ def run_graph(
     return list(outputs), taps or {}
 
 
-def _signature(flat: list[Any], spec: Any) -> tuple:
-    parts: list[Any] = [str(spec)]
-    for leaf in flat:
-        if isinstance(leaf, torch.Tensor):
-            parts.append(("T", tuple(leaf.shape), leaf.dtype, leaf.device.type))
-        else:
-            parts.append(("C", type(leaf).__name__, repr(leaf)))
-    return tuple(parts)
+def _narrowed(
+    args: tuple, kwargs: dict, positions: list[int], types: list[Any], symbols: set[str]
+) -> tuple[tuple, dict] | None:
+    """The example with every input dim that is one of ``symbols`` cut to size one (None: no
+    input dim is)."""
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    changed = False
+    for position, type_ in zip(positions, types):
+        tensor = flat[position]
+        for axis, dim in enumerate(getattr(type_, "shape", ())):
+            if dim in symbols:
+                tensor = tensor.narrow(axis, 0, 1)
+                changed = True
+        flat[position] = tensor
+    if not changed:
+        return None
+    narrowed_args, narrowed_kwargs = pytree.tree_unflatten(flat, spec)
+    return tuple(narrowed_args), dict(narrowed_kwargs)
+
+
+def _fewer_fused(symbolic: list[AttentionSite], static: list[AttentionSite]) -> str | None:
+    """Why the symbolic graph is worse than the per-shape one, or None when it is as good.
+
+    It must fuse as many sites, into the same variants, with the same causal and mask facts (a
+    causal mask built from ``arange(seq)`` is a constant only when the length is).
+    """
+    if len(symbolic) < len(static):
+        return f"with symbolic shapes {len(symbolic)} of {len(static)} attention sites fuse"
+
+    def facts(sites: list[AttentionSite]) -> list[tuple]:
+        return sorted((s.variant, s.causal or s.mask_causal, s.has_mask, s.has_bias) for s in sites)
+
+    if facts(symbolic) != facts(static):
+        return (
+            "with symbolic shapes the attention sites lose facts the per-shape graph proves "
+            "(causality from a constant mask, a mask that masks nothing, or their variant)"
+        )
+    return None
 
 
 class CompiledModule(torch.nn.Module):
@@ -165,6 +203,7 @@ class CompiledModule(torch.nn.Module):
         method: str = "auto",
         retain_memory: bool = True,
         plan: Plan | None = None,
+        dynamic: bool | None = None,
     ):
         super().__init__()
         if plan is not None:
@@ -182,11 +221,26 @@ class CompiledModule(torch.nn.Module):
         self.max_signatures = max_signatures
         self.method = method
         self.retain_memory = retain_memory
+        if dynamic not in (None, True, False):
+            raise TypeError(f"dynamic must be None, True or False, not {dynamic!r}")
+        self.dynamic = dynamic
+        self._symbolic: CompiledEntry | None = None
+        self._symbolic_signature: SymbolicSignature | None = None
+        self.symbolic_refusal: str | None = None
         self._plan = plan
         self._entries: OrderedDict[tuple, CompiledEntry] = OrderedDict()
         self._last: CompiledEntry | None = None
         self._structure: Any = None
-        self.stats: dict[str, Any] = {"compilations": 0, "cache_hits": 0, "evictions": 0}
+        self.stats: dict[str, Any] = {
+            "mode": "not compiled",
+            "captures": 0,
+            "capture_seconds": 0.0,
+            "compilations": 0,
+            "compile_seconds": [],
+            "specialisations": 0,
+            "cache_hits": 0,
+            "evictions": 0,
+        }
 
     # --- compilation ------------------------------------------------------------------------
     def compile_for(self, args: tuple = (), kwargs: dict | None = None) -> CompiledEntry:
@@ -204,25 +258,139 @@ class CompiledModule(torch.nn.Module):
     def _entry(self, args: tuple, kwargs: dict) -> tuple[CompiledEntry, list[Any]]:
         """The entry for this signature and the flattened inputs it was looked up with."""
         flat, spec = pytree.tree_flatten((args, kwargs))
-        key = _signature(flat, spec)
+        key = signature_key(flat, spec)
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
             self.stats["cache_hits"] += 1
+        elif self._symbolic_signature is not None and self._symbolic_signature.bind(flat, spec):
+            # A new shape the symbolic program serves as it is: nothing is captured or compiled.
+            entry = self._symbolic
+            self.stats["specialisations"] += 1
+            self._remember(key, entry)
         else:
-            entry = self._compile(args, kwargs, flat)
-            self._entries[key] = entry
-            self.stats["compilations"] += 1
-            if len(self._entries) > self.max_signatures:
-                self._entries.popitem(last=False)
-                self.stats["evictions"] += 1
+            entry = self._compile_signature(args, kwargs, flat, spec)
+            self._remember(key, entry)
         self._last = entry
         return entry, flat
 
-    def _compile(self, args: tuple, kwargs: dict, flat: list[Any]) -> CompiledEntry:
+    def _remember(self, key: tuple, entry: CompiledEntry) -> None:
+        self._entries[key] = entry
+        if len(self._entries) > self.max_signatures:
+            self._entries.popitem(last=False)
+            self.stats["evictions"] += 1
+
+    def _compile_signature(
+        self, args: tuple, kwargs: dict, flat: list[Any], spec: Any
+    ) -> CompiledEntry:
+        """Compile for a call no entry serves: symbolically the first time, else per shape."""
+        if self._symbolic is None and self.symbolic_refusal is None and self.dynamic is not False:
+            given_plan = self._plan  # each of the two compiles below records its own plan
+            try:
+                symbolic = self._compile(args, kwargs, flat, dynamic=True)
+            except Exception as err:  # noqa: BLE001 - any failure: per-shape compilation, told
+                self._plan = given_plan
+                first = (str(err).strip().splitlines() or [repr(err)])[0]
+                self._refuse_symbolic(f"{type(err).__name__}: {first[:300]}")
+            else:
+                symbolic_plan, self._plan = self._plan, given_plan
+                # The same model compiled per shape must not fuse more: else serve it that way.
+                static = self._compile(args, kwargs, flat, dynamic=False)
+                problem = _fewer_fused(symbolic.sites, static.sites)
+                if problem is None:
+                    self._plan = symbolic_plan
+                    self._symbolic = symbolic
+                    ranges = self._checked_size_one(symbolic, args, kwargs)
+                    self._symbolic_signature = SymbolicSignature(
+                        flat,
+                        spec,
+                        symbolic.captured.input_positions,
+                        [value.type for value in symbolic.graph.inputs],
+                        ranges,
+                    )
+                    self.stats["mode"] = "symbolic"
+                    return symbolic
+                self._refuse_symbolic(problem)
+                return static
+        self.stats["mode"] = "per-shape" if self._symbolic is None else "symbolic"
+        return self._compile(args, kwargs, flat, dynamic=False)
+
+    def _checked_size_one(
+        self, entry: CompiledEntry, args: tuple, kwargs: dict
+    ) -> dict[str, tuple[int, int | None]]:
+        """The symbols' ranges, with size one kept only where the program stays consistent.
+
+        Export traced the sizes without specialising on one (a batch of one is common), which
+        torch does not prove for every model. Batch symbols (only ever the first dim of an input)
+        are checked: the example is cut to size one along them, and the program's outputs on it
+        must equal its outputs on the whole example cut the same way (batch elements are
+        independent, so eager would agree). Other symbols, and batches that fail the check,
+        start at two: size one then compiles per shape.
+        """
+        ranges = dict(entry.captured.symbol_ranges)
+        hints = entry.graph.meta.get("symbol_hints", {})
+        types = [value.type for value in entry.graph.inputs]
+        batch_like = {t.shape[0] for t in types if getattr(t, "shape", ())} - {
+            d for t in types for d in getattr(t, "shape", ())[1:]
+        }
+        for name, (lower, upper) in ranges.items():
+            if lower <= 1 and name not in batch_like:
+                ranges[name] = (2, upper)  # a length of one changes what attention sees
+        ones = {n for n, (lower, _) in ranges.items() if lower <= 1 and hints.get(n) != 1}
+        if not ones:
+            return ranges
+        # One probe for them together: sizes that stand for the same batch must agree.
+        probe = _narrowed(args, kwargs, entry.captured.input_positions, types, ones)
+        if probe is None or not self._consistent_at_one(entry, (args, kwargs), probe, ones):
+            for name in ones:
+                ranges[name] = (2, ranges[name][1])
+        return ranges
+
+    @staticmethod
+    def _consistent_at_one(
+        entry: CompiledEntry, example: tuple, probe: tuple, ones: set[str]
+    ) -> bool:
+        def outputs(inputs: tuple) -> list[Any]:
+            flat, _ = pytree.tree_flatten(inputs)
+            with torch.no_grad():
+                return list(entry.program.fn(*[flat[i] for i in entry.captured.input_positions]))
+
+        try:
+            whole, cut = outputs(example), outputs(probe)
+        except Exception:  # noqa: BLE001 - a probe that fails means: do not serve size one
+            return False
+        for value, full, one in zip(entry.graph.outputs, whole, cut):
+            if not isinstance(full, torch.Tensor):
+                continue
+            for axis, dim in enumerate(getattr(value.type, "shape", ())):
+                if dim in ones:
+                    full = full.narrow(axis, 0, 1)
+            if not isinstance(one, torch.Tensor) or one.shape != full.shape:
+                return False
+            if full.is_floating_point():
+                scale = max(float(full.abs().max()) if full.numel() else 0.0, 1.0)
+                if not torch.allclose(one, full, rtol=1e-4, atol=1e-5 * scale):
+                    return False
+            elif not torch.equal(one, full):
+                return False
+        return True
+
+    def _refuse_symbolic(self, reason: str) -> None:
+        self.symbolic_refusal = reason
+        self.stats["mode"] = "per-shape"
+        warnings.warn(
+            f"attnopt compiles {type(self.model).__name__} once per input shape: symbolic shapes "
+            f"were refused ({reason}). Each new batch size or length compiles again.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+    def _compile(self, args: tuple, kwargs: dict, flat: list[Any], dynamic: bool) -> CompiledEntry:
         start = time.perf_counter()
         try:
-            captured = capture_program(self.model, args, kwargs, method=self.method)
+            captured = capture_program(
+                self.model, args, kwargs, method=self.method, dynamic=dynamic
+            )
         except CaptureError as err:
             if self._structure is not None:
                 raise SignatureError(
@@ -258,6 +426,10 @@ class CompiledModule(torch.nn.Module):
             from attnopt.runtime.memory import retain_freed_memory
 
             retain_freed_memory()
+        self.stats["captures"] += 1
+        self.stats["capture_seconds"] += captured.seconds
+        self.stats["compilations"] += 1
+        self.stats["compile_seconds"].append(round(time.perf_counter() - start, 4))
         return CompiledEntry(
             captured=captured,
             graph=graph,
@@ -368,6 +540,7 @@ class CompiledModule(torch.nn.Module):
                 "max_signatures": self.max_signatures,
                 "method": self.method,
                 "retain_memory": self.retain_memory,
+                "dynamic": self.dynamic,
             },
         }
 
