@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from attnopt.errors import BackendError, CaptureError, SignatureError
+from attnopt.errors import BackendError, CaptureError, PlanError, SignatureError
 from attnopt.frontend.capture import CapturedProgram, capture_program
 from attnopt.ir import Graph, verify
 from attnopt.ir.symbolic import bind_symbols
@@ -285,20 +285,30 @@ class CompiledModule(torch.nn.Module):
     ) -> CompiledEntry:
         """Compile for a call no entry serves: symbolically the first time, else per shape."""
         if self._symbolic is None and self.symbolic_refusal is None and self.dynamic is not False:
-            given_plan = self._plan  # each of the two compiles below records its own plan
+            given_plan = self._plan  # the symbolic compile records it, the per-shape one replays
             try:
                 symbolic = self._compile(args, kwargs, flat, dynamic=True)
+            except PlanError:
+                raise  # the plan does not fit this model, whatever the shapes
             except Exception as err:  # noqa: BLE001 - any failure: per-shape compilation, told
                 self._plan = given_plan
                 first = (str(err).strip().splitlines() or [repr(err)])[0]
-                self._refuse_symbolic(f"{type(err).__name__}: {first[:300]}")
-            else:
-                symbolic_plan, self._plan = self._plan, given_plan
-                # The same model compiled per shape must not fuse more: else serve it that way.
+                # An error the per-shape compile repeats is the user's to see, not a fallback.
                 static = self._compile(args, kwargs, flat, dynamic=False)
-                problem = _fewer_fused(symbolic.sites, static.sites)
+                self._refuse_symbolic(f"{type(err).__name__}: {first[:300]}")
+                return static
+            else:
+                # The same model compiled per shape must not fuse more: else serve it that way.
+                # It replays the plan the symbolic compile recorded (calibration runs once); a
+                # plan that does not fit it means the two graphs' sites differ.
+                try:
+                    static = self._compile(args, kwargs, flat, dynamic=False)
+                    problem = _fewer_fused(symbolic.sites, static.sites)
+                except PlanError as err:
+                    self._plan = given_plan
+                    static = self._compile(args, kwargs, flat, dynamic=False)
+                    problem = f"the per-shape graph's sites differ ({err})"
                 if problem is None:
-                    self._plan = symbolic_plan
                     self._symbolic = symbolic
                     ranges = self._checked_size_one(symbolic, args, kwargs)
                     self._symbolic_signature = SymbolicSignature(
