@@ -37,7 +37,12 @@ def make_backend(passes: Any = "exact", backend: str = "auto") -> Callable:
         if not all(isinstance(x, torch.Tensor) for x in example_inputs):
             return gm.forward
         try:
-            compiled = attnopt_compile(gm, tuple(example_inputs), passes=passes, backend=backend)
+            # Dynamo hands over graphs it has already specialised (it recompiles, with symbolic
+            # sizes, when shapes change), and a symbolic torch.export run inside its compile
+            # callback breaks the guards of the frame being compiled: capture this graph as is.
+            compiled = attnopt_compile(
+                gm, tuple(example_inputs), passes=passes, backend=backend, dynamic=False
+            )
         except AttnoptError as err:
             warnings.warn(
                 f"attnopt could not compile a Dynamo graph ({err}); running it as is",
