@@ -224,8 +224,9 @@ class CompiledModule(torch.nn.Module):
         if dynamic not in (None, True, False):
             raise TypeError(f"dynamic must be None, True or False, not {dynamic!r}")
         self.dynamic = dynamic
-        self._symbolic: CompiledEntry | None = None
-        self._symbolic_signature: SymbolicSignature | None = None
+        # One symbolic program per call structure (which inputs, dtypes, non-tensor values).
+        self._symbolic: list[tuple[SymbolicSignature, CompiledEntry]] = []
+        self._kwarg_order: list[str] | None = None
         self.symbolic_refusal: str | None = None
         self._plan = plan
         self._entries: OrderedDict[tuple, CompiledEntry] = OrderedDict()
@@ -257,15 +258,20 @@ class CompiledModule(torch.nn.Module):
 
     def _entry(self, args: tuple, kwargs: dict) -> tuple[CompiledEntry, list[Any]]:
         """The entry for this signature and the flattened inputs it was looked up with."""
+        if self._kwarg_order is None:
+            self._kwarg_order = list(kwargs)
+        elif list(kwargs) != self._kwarg_order and set(kwargs) == set(self._kwarg_order):
+            # Keyword order means nothing to the model: one order, one signature.
+            kwargs = {name: kwargs[name] for name in self._kwarg_order}
         flat, spec = pytree.tree_flatten((args, kwargs))
         key = signature_key(flat, spec)
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
             self.stats["cache_hits"] += 1
-        elif self._symbolic_signature is not None and self._symbolic_signature.bind(flat, spec):
-            # A new shape the symbolic program serves as it is: nothing is captured or compiled.
-            entry = self._symbolic
+        elif (served := self._symbolic_entry(flat, spec)) is not None:
+            # A new shape a symbolic program serves as it is: nothing is captured or compiled.
+            entry = served
             self.stats["specialisations"] += 1
             self._remember(key, entry)
         else:
@@ -273,6 +279,13 @@ class CompiledModule(torch.nn.Module):
             self._remember(key, entry)
         self._last = entry
         return entry, flat
+
+    def _symbolic_entry(self, flat: list[Any], spec: Any) -> CompiledEntry | None:
+        """The symbolic program that serves this call, if one does."""
+        for signature, entry in self._symbolic:
+            if signature.bind(flat, spec) is not None:
+                return entry
+        return None
 
     def _remember(self, key: tuple, entry: CompiledEntry) -> None:
         self._entries[key] = entry
@@ -284,7 +297,7 @@ class CompiledModule(torch.nn.Module):
         self, args: tuple, kwargs: dict, flat: list[Any], spec: Any
     ) -> CompiledEntry:
         """Compile for a call no entry serves: symbolically the first time, else per shape."""
-        if self._symbolic is None and self.symbolic_refusal is None and self.dynamic is not False:
+        if self.symbolic_refusal is None and self.dynamic is not False:
             given_plan = self._plan  # the symbolic compile records it, the per-shape one replays
             try:
                 symbolic = self._compile(args, kwargs, flat, dynamic=True)
@@ -292,7 +305,7 @@ class CompiledModule(torch.nn.Module):
                 raise  # the plan does not fit this model, whatever the shapes
             except Exception as err:  # noqa: BLE001 - any failure: per-shape compilation, told
                 self._plan = given_plan
-                first = (str(err).strip().splitlines() or [repr(err)])[0]
+                first = " ".join(str(err).split()) or repr(err)
                 # An error the per-shape compile repeats is the user's to see, not a fallback.
                 static = self._compile(args, kwargs, flat, dynamic=False)
                 self._refuse_symbolic(f"{type(err).__name__}: {first[:300]}")
@@ -309,20 +322,20 @@ class CompiledModule(torch.nn.Module):
                     static = self._compile(args, kwargs, flat, dynamic=False)
                     problem = f"the per-shape graph's sites differ ({err})"
                 if problem is None:
-                    self._symbolic = symbolic
                     ranges = self._checked_size_one(symbolic, args, kwargs)
-                    self._symbolic_signature = SymbolicSignature(
+                    signature = SymbolicSignature(
                         flat,
                         spec,
                         symbolic.captured.input_positions,
                         [value.type for value in symbolic.graph.inputs],
                         ranges,
                     )
+                    self._symbolic.append((signature, symbolic))
                     self.stats["mode"] = "symbolic"
                     return symbolic
                 self._refuse_symbolic(problem)
                 return static
-        self.stats["mode"] = "per-shape" if self._symbolic is None else "symbolic"
+        self.stats["mode"] = "symbolic" if self._symbolic else "per-shape"
         return self._compile(args, kwargs, flat, dynamic=False)
 
     def _checked_size_one(
@@ -432,7 +445,7 @@ class CompiledModule(torch.nn.Module):
         kernels = KernelNamespace(backend)
         program = load_program(graph, kernels)
         self._structure = captured.in_spec
-        if self.retain_memory and device.type == "cpu":
+        if self.retain_memory and device.type == "cpu" and not self.stats["compilations"]:
             from attnopt.runtime.memory import retain_freed_memory
 
             retain_freed_memory()

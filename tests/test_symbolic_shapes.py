@@ -161,3 +161,20 @@ def test_lossy_passes_run_symbolically_as_they_do_per_shape(passes):
             actual = symbolic(*args, **kwargs)[0]
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
     assert symbolic.stats["captures"] == 2
+
+
+def test_non_tensor_keywords_through_kwargs_stay_symbolic():
+    # sentence-transformers calls model(**features, return_dict=True): return_dict goes through
+    # BertModel.forward's **kwargs, which torch.export cannot take dynamic shapes for.
+    model = zoo_model("minilm", "sdpa")
+    args, kwargs = zoo.get("minilm").example(2, 16)
+    cm, _ = _compile_quietly(model, args, dict(kwargs, return_dict=True))
+    assert cm.stats["mode"] == "symbolic", cm.symbolic_refusal
+    assert cm.sites[0].module == "encoder.layer.0.attention.self"  # the model's own paths
+    for batch, seq in [(3, 9), (1, 20)]:
+        args, kwargs = zoo.get("minilm").example(batch, seq)
+        with torch.no_grad():
+            expected = model(**kwargs, return_dict=True).last_hidden_state
+            actual = cm(**kwargs, return_dict=True).last_hidden_state
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    assert cm.stats["captures"] == 2 and cm.stats["specialisations"] == 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,9 +155,66 @@ def _bound(value: Any) -> int | None:
     return None if abs(bound) >= 2**62 else bound
 
 
+class _BoundKeywords(torch.nn.Module):
+    """``model`` with its non-tensor keyword arguments (``return_dict=True``) bound.
+
+    torch.export cannot take dynamic shapes for a call whose ``**kwargs`` hold non-tensor values
+    (it fails inside its own checks); they are constants of the graph anyway, so they are bound
+    here and the call has tensors only. Module paths keep the model's own (the prefix is removed
+    after lowering).
+    """
+
+    PREFIX = "bound_model"
+
+    def __init__(self, model: torch.nn.Module, constants: dict[str, Any]):
+        import inspect
+
+        super().__init__()
+        setattr(self, self.PREFIX, model)
+        self.constants = dict(constants)
+        # forward takes the model's named parameters (export binds inputs and dynamic shapes by
+        # name), without the **kwargs the constants came through.
+        signature = inspect.signature(model.forward)
+        named = [
+            p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD
+        ]
+        self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+        def forward(module: _BoundKeywords, *args: Any, **kwargs: Any) -> Any:
+            return getattr(module, module.PREFIX)(*args, **kwargs, **module.constants)
+
+        forward.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[self_parameter, *named]
+        )
+        self.forward = types.MethodType(forward, self)  # type: ignore[method-assign]
+
+
+def _keyword_constants(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The non-tensor values passed through ``forward``'s ``**kwargs`` parameter."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    named = {n for n, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    if len(named) == len(parameters):
+        return {}
+    return {
+        name: value
+        for name, value in kwargs.items()
+        if name not in named
+        and not any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
+    }
+
+
 def _export(
     model: torch.nn.Module, args: tuple, kwargs: dict, strict: bool, dynamic: bool = False
 ) -> Any:
+    constants = _keyword_constants(model, args, kwargs) if dynamic else {}
+    if constants:
+        model = _BoundKeywords(model, constants)
+        kwargs = {name: value for name, value in kwargs.items() if name not in constants}
     with torch.no_grad(), _mask_hints_off(), _size_oblivious(dynamic):
         shapes = dynamic_shapes_for(model, args, kwargs) if dynamic else None
         ep = torch.export.export(model, args, kwargs, strict=strict, dynamic_shapes=shapes)
@@ -223,6 +281,7 @@ def capture_program(
             continue
         graph = lower_exported_program(ep, model_name=name)
         graph.meta["model"] = name
+        _strip_bound_prefix(graph)
         flat, in_spec = pytree.tree_flatten((args, kwargs))
         positions = _input_positions(ep, flat)
         return CapturedProgram(
@@ -243,15 +302,29 @@ def capture_program(
     )
 
 
+def _strip_bound_prefix(graph: Graph) -> None:
+    """Module paths as the model names them when it was captured through _BoundKeywords."""
+    prefix = _BoundKeywords.PREFIX + "."
+    if not any(name.startswith(prefix) for name in graph.meta.get("parameters", ())):
+        return
+    for node in graph.nodes:
+        module = node.meta.get("module")
+        if module is not None and (module == _BoundKeywords.PREFIX or module.startswith(prefix)):
+            node.meta["module"] = module[len(prefix) :] or None
+
+
 def _input_positions(ep: Any, flat: list[Any]) -> list[int]:
     from torch.export.graph_signature import InputKind
 
     user_specs = [s for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
-    if len(user_specs) != len(flat):
+    positions = [index for index, leaf in enumerate(flat) if isinstance(leaf, torch.Tensor)]
+    # Non-tensor inputs are constants of the graph: export keeps them as inputs, or not (when
+    # they were bound before export, see _BoundKeywords).
+    if len(user_specs) not in (len(flat), len(positions)):
         raise CaptureError(
             f"export kept {len(user_specs)} user inputs for {len(flat)} flattened inputs"
         )
-    return [index for index, leaf in enumerate(flat) if isinstance(leaf, torch.Tensor)]
+    return positions
 
 
 def capture(

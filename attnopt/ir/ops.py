@@ -72,8 +72,27 @@ class OpDef:
             return self.infer(input_types, attrs)
         if self.name == "param":
             return [TensorType.of(graph.tensors[attrs.name])]
-        if _is_symbolic_call(input_types, attrs):
-            return self._infer_symbolic(input_types, attrs, graph)
+        symbolic = _is_symbolic_call(input_types, attrs)
+        hints = tuple(sorted(graph.meta.get("symbol_hints", {}).items())) if symbolic else ()
+        try:
+            key = (self.name, tuple(input_types), attrs, hints)
+            cached = _INFERRED.get(key)
+        except TypeError:  # unhashable attributes: infer every time
+            key, cached = None, None
+        if cached is not None:
+            return list(cached)
+        if symbolic:
+            types = self._infer_symbolic(input_types, attrs, graph)
+        else:
+            types = self._infer_meta(input_types, attrs)
+        if key is not None:
+            if len(_INFERRED) >= _INFERRED_LIMIT:
+                _INFERRED.clear()
+            _INFERRED[key] = tuple(types)
+        return types
+
+    def _infer_meta(self, input_types: list[Type | None], attrs: Any) -> list[Type]:
+        """Output types of a call with static shapes: the reference runs on meta tensors."""
         metas = [_meta(t) for t in input_types]
         with torch.no_grad():
             result = self.impl(metas, attrs)
@@ -104,6 +123,12 @@ class OpDef:
             return self.cost(input_types, output_types, attrs)
         moved = sum(static_nbytes(t) for t in [*input_types, *output_types])
         return Cost(flops=float(sum(static_numel(t) for t in output_types)), bytes=float(moved))
+
+
+#: Inferred output types by (op, input types, attributes, symbol hints): an op's reference is a
+#: pure function of these, and passes re-infer unchanged nodes many times.
+_INFERRED: dict[tuple, tuple[Type, ...]] = {}
+_INFERRED_LIMIT = 1 << 16
 
 
 def _is_symbolic_call(input_types: Sequence[Type | None], attrs: Any) -> bool:
