@@ -24,8 +24,7 @@ __all__ = ["TEXTS", "run_demo", "run_sentence_transformers_demo"]
 #: What a sentence-transformers user writes to put attnopt in (printed by the demo).
 DROP_IN_CODE = """\
 st = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
-example = dict(st.tokenizer(texts[:16], padding=True, return_tensors="pt"))
-st[0].model = attnopt.compile(st[0].model, kwargs=example)
+st[0].model = attnopt.compile(st[0].model)   # compiles on the first batch, as ST calls it
 embeddings = st.encode(texts, batch_size=16)"""
 
 
@@ -171,8 +170,7 @@ def run_sentence_transformers_demo(
     console.print(DROP_IN_CODE, style="cyan", highlight=False)
     original = st[0].model
     start = time.perf_counter()
-    example = dict(st.tokenizer(texts[:batch_size], padding=True, return_tensors="pt"))
-    cm = attnopt.compile(original, kwargs=example)
+    cm = attnopt.compile(original)  # compiles on the first encode() batch
     setup_s = time.perf_counter() - start
     st[0].model = cm
     try:
