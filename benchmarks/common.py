@@ -192,6 +192,11 @@ def render(
             f"{row['peak_mb']:.0f}",
         )
     Console(width=140).print(table)
+    write_results(out_name, rows)
+
+
+def write_results(out_name: str, rows: list[dict]) -> None:
+    """Write ``rows`` with the machine's description to ``benchmarks/results/out_name``."""
     RESULTS.mkdir(exist_ok=True)
     meta = {
         "machine": platform.machine(),

@@ -35,9 +35,6 @@ Run: ``.venv/bin/python benchmarks/dynamic.py [--sentences 1000] [--repeats 2]``
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import resource
 import sys
 import tempfile
@@ -49,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, run_matrix, worker_main  # noqa: E402
+from benchmarks.common import run_matrix, worker_main, write_results  # noqa: E402
 
 VARIANTS = ["original", "attnopt-exact", "torch.compile"]
 
@@ -240,15 +237,7 @@ def render_table(rows: list[dict], title: str) -> None:
             f"{row.get('max_abs_diff', float('nan')):.2e}",
         )
     Console(width=200).print(table)
-    RESULTS.mkdir(exist_ok=True)
-    meta = {
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "command": " ".join(sys.argv),
-    }
-    (RESULTS / "dynamic.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_results("dynamic.json", rows)
 
 
 def main() -> None:
