@@ -23,13 +23,15 @@ __all__ = ["SymbolicSignature", "signature_key"]
 
 def signature_key(flat: Sequence[Any], spec: Any) -> tuple:
     """The exact signature of a call (flattened inputs and their pytree spec)."""
-    parts: list[Any] = [str(spec)]
-    for leaf in flat:
-        if isinstance(leaf, torch.Tensor):
-            parts.append(("T", tuple(leaf.shape), leaf.dtype, leaf.device.type))
-        else:
-            parts.append(("C", type(leaf).__name__, repr(leaf)))
-    return tuple(parts)
+    return (str(spec), *(_leaf(leaf, sizes=True) for leaf in flat))
+
+
+def _leaf(leaf: Any, *, sizes: bool) -> tuple:
+    """One input as a signature sees it: a tensor's sizes (or only its rank), dtype and device;
+    any other value by type and repr."""
+    if isinstance(leaf, torch.Tensor):
+        return ("T", tuple(leaf.shape) if sizes else leaf.dim(), leaf.dtype, leaf.device.type)
+    return ("C", type(leaf).__name__, repr(leaf))
 
 
 class SymbolicSignature:
@@ -55,12 +57,7 @@ class SymbolicSignature:
         self.input_positions = list(input_positions)
         self.input_types = list(input_types)
         self.ranges = dict(ranges)
-        self.leaves = [
-            ("T", leaf.dtype, leaf.device.type, leaf.dim())
-            if isinstance(leaf, torch.Tensor)
-            else ("C", type(leaf).__name__, repr(leaf))
-            for leaf in flat
-        ]
+        self.leaves = [_leaf(leaf, sizes=False) for leaf in flat]
 
     def bind(self, flat: Sequence[Any], spec: Any) -> dict[str, int] | None:
         """The symbols' values for this call, or None when the program cannot serve it.
@@ -74,13 +71,8 @@ class SymbolicSignature:
         """
         if str(spec) != self.spec or len(flat) != len(self.leaves):
             return None
-        for leaf, expected in zip(flat, self.leaves):
-            if isinstance(leaf, torch.Tensor):
-                actual = ("T", leaf.dtype, leaf.device.type, leaf.dim())
-            else:
-                actual = ("C", type(leaf).__name__, repr(leaf))
-            if actual != expected:
-                return None
+        if any(_leaf(leaf, sizes=False) != want for leaf, want in zip(flat, self.leaves)):
+            return None
         tensors = [flat[i] for i in self.input_positions]
         try:
             env = bind_symbols(self.input_types, tensors)

@@ -1,6 +1,6 @@
 """Symbolic dimensions: named sizes (``s0``, ``s1``, ``s0*s1``) that a graph keeps until run time.
 
-Entry points: :func:`is_symbolic`, :func:`canonical_dim`, :func:`dim_symbols`,
+Entry points: :func:`canonical_dim`, :func:`dim_symbols`,
 :func:`evaluate_dim`, :func:`dim_source`, :class:`SymbolicShapes` (shape inference over symbolic
 dims), :class:`SymbolRef` (a symbolic size inside an op's arguments), :func:`bind_symbols`.
 
@@ -34,23 +34,19 @@ __all__ = [
     "dim_source",
     "dim_symbols",
     "evaluate_dim",
-    "is_symbolic",
 ]
 
 _SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_FUNCTIONS = {"Min": sympy.Min, "Max": sympy.Max, "floor": sympy.floor, "FloorDiv": None}
-
-
-def is_symbolic(dim: Any) -> bool:
-    """Whether ``dim`` is a symbolic size (a str expression) rather than an int."""
-    return isinstance(dim, str)
+_FUNCTIONS = {"Min": sympy.Min, "Max": sympy.Max, "floor": sympy.floor}
+#: Function names in torch's size expressions that are not symbols.
+_NOT_SYMBOLS = {*_FUNCTIONS, "FloorDiv"}
 
 
 @functools.lru_cache(maxsize=4096)
 def _parse(expr: str) -> sympy.Expr:
-    names = {name for name in _SYMBOL.findall(expr) if name not in _FUNCTIONS}
+    names = {name for name in _SYMBOL.findall(expr) if name not in _NOT_SYMBOLS}
     local = {name: sympy.Symbol(name, integer=True, positive=True) for name in names}
-    local.update({"Min": sympy.Min, "Max": sympy.Max, "floor": sympy.floor})
+    local.update(_FUNCTIONS)
     return sympy.sympify(expr, locals=local)
 
 
