@@ -9,6 +9,11 @@ have one reader, and each op on the way must be one whose effect the ``attention
 exactly: a scalar scale, tanh soft-capping, additive tensors, masked_fill / where with a very
 negative fill, dtype casts, constant shifts and reshapes that keep the last two axes. Nothing is
 edited here; :mod:`attnopt.passes.attention_build` turns a match into an ``attention`` node.
+
+A reader that takes only a value's shape, dtype and device (``torch.zeros_like(scores)``,
+``scores.new_full(...)``, ``mask.expand_as(scores)``: :data:`METADATA_OPERAND`) is not a use of
+its elements: it does not count, and the match lists it (``AttentionMatch.shape_readers``) so the
+rewrite can make it stop reading the value the fused op no longer computes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,23 @@ from attnopt.passes.helpers import (
 MASK_FILL_LIMIT = -1.0e4
 #: An additive constant at or below this value is a mask entry, not a bias.
 ADDITIVE_MASK_LIMIT = -1.0e30
+#: ATen ops that read one operand for its shape, dtype and device only, never its elements
+#: (target -> that operand's position). Size queries (``x.size(-1)``, ``x.shape``,
+#: ``x.numel()``, ``aten.sym_size.int``) never reach the IR: capture makes them ints or symbolic
+#: dims.
+METADATA_OPERAND = {
+    "aten.zeros_like.default": 0,
+    "aten.ones_like.default": 0,
+    "aten.empty_like.default": 0,
+    "aten.full_like.default": 0,
+    "aten.new_zeros.default": 0,
+    "aten.new_ones.default": 0,
+    "aten.new_empty.default": 0,
+    "aten.new_full.default": 0,
+    "aten.expand_as.default": 1,
+}
+#: ATen factories of a tensor holding one number everywhere: target -> position of the number.
+_FILL_POSITION = {"aten.full.default": 1, "aten.full_like.default": 1, "aten.new_full.default": 2}
 
 
 class NoMatch(Exception):
@@ -48,10 +70,66 @@ class AttentionMatch:
     fills: list[tuple[Value, bool, float]] = field(default_factory=list)  # (mask, True=masked, v)
     out_cast: torch.dtype | None = None
     add_after_fill: bool = False  # an additive term applied after a fill
+    # Readers of the scores, the weights or a value between that take only its shape, dtype and
+    # device: (reader, the value it reads). The rewrite detaches them from the value.
+    shape_readers: list[tuple[Node, Value]] = field(default_factory=list)
 
 
-def _readers(graph_users: dict[Value, list[Node]], graph: Graph, value: Value) -> int:
-    return len(graph_users.get(value, [])) + sum(1 for v in graph.outputs if v is value)
+def reads_metadata_only(node: Node, value: Value) -> bool:
+    """Whether ``node`` reads only the shape, dtype and device of ``value``, never its elements.
+
+    Args:
+        node: a reader of ``value``.
+        value: the value read.
+
+    Returns:
+        True for an op of :data:`METADATA_OPERAND` that takes ``value`` at that operand and
+        nowhere else (``scores.expand_as(scores)`` reads the elements).
+    """
+    position = METADATA_OPERAND.get(node.attrs.target) if node.op == "aten" else None
+    if position is None:
+        return False
+    args, kwargs = aten_call_args(node)
+    return len(args) > position and args[position] is value and _count(value, [args, kwargs]) == 1
+
+
+def _count(value: Value, data: Any) -> int:
+    if data is value:
+        return 1
+    if isinstance(data, (list, tuple)):
+        return sum(_count(value, item) for item in data)
+    if isinstance(data, dict):
+        return sum(_count(value, item) for item in data.values())
+    return 0
+
+
+def _element_readers(
+    users: dict[Value, list[Node]], value: Value, shape_readers: list[tuple[Node, Value]]
+) -> list[Node]:
+    """The nodes that read the elements of ``value``; those that read only its metadata are
+    added to ``shape_readers`` instead."""
+    readers = []
+    for node in users.get(value, []):
+        if not reads_metadata_only(node, value):
+            readers.append(node)
+        elif all(node is not seen for seen, _ in shape_readers):
+            shape_readers.append((node, value))
+    return readers
+
+
+def _returned(graph: Graph, value: Value) -> int:
+    return sum(1 for v in graph.outputs if v is value)
+
+
+def _describe(readers: list[Node], returned: bool, skip: Node | None = None) -> str:
+    """Who else reads the elements of a value: "read by %a, %b" and/or "returned"."""
+    names = [
+        f"%{node.outputs[0].name}" if node.outputs else node.op
+        for node in readers
+        if node is not skip
+    ]
+    parts = [f"read by {', '.join(dict.fromkeys(names))}"] if names else []
+    return ", ".join(parts + ["returned"] * returned)
 
 
 def reaches_matmul(value: Value, depth: int = 32) -> bool:
@@ -123,13 +201,17 @@ def match_attention(graph: Graph, softmax: Node, users: dict[Value, list[Node]])
     weights = softmax.output
     out_cast = None
     weight_casts: list[torch.dtype] = []
+    shape_readers: list[tuple[Node, Value]] = []
     while True:
-        readers = users.get(weights, [])
-        if _readers(users, graph, weights) != 1:
+        readers = _element_readers(users, weights, shape_readers)
+        returned = _returned(graph, weights)
+        if len(readers) + returned != 1:
             raise NoMatch(
-                f"the attention weights %{weights.name} are used {_readers(users, graph, weights)} "
-                "times (returned or reused); fusing would lose them"
+                f"the attention weights %{weights.name} are used {len(readers) + returned} times "
+                f"({_describe(readers, bool(returned))}); fusing would lose them"
             )
+        if not readers:
+            raise NoMatch(f"the attention weights %{weights.name} are returned, not applied to v")
         reader = readers[0]
         if reader.op == "cast" and reader.attrs.dtype.is_floating_point:
             weights, out_cast = reader.output, reader.attrs.dtype
@@ -141,19 +223,20 @@ def match_attention(graph: Graph, softmax: Node, users: dict[Value, list[Node]])
     pv = reader
     # Backward: softmax input -> ... -> matmul(q, k^T).
     steps: list[tuple[str, Any]] = []
-    value = scores
+    value, consumer = scores, softmax
     while True:
         node = value.producer
         if node is None:
             raise NoMatch(f"the scores %{value.name} are a graph input, not q @ k^T")
-        if node is not softmax and _readers(users, graph, value) != 1 and value is not scores:
-            raise NoMatch(f"the scores %{value.name} are also used elsewhere")
-        if value is scores and _readers(users, graph, value) != 1:
-            raise NoMatch(f"the scores %{value.name} are also used elsewhere")
+        readers = _element_readers(users, value, shape_readers)
+        returned = _returned(graph, value)
+        if len(readers) + returned != 1:
+            others = _describe(readers, bool(returned), skip=consumer)
+            raise NoMatch(f"the scores %{value.name} are also used elsewhere ({others})")
         if node.op == "matmul":
             qk = node
             break
-        value = _step_back(graph, node, steps)
+        value, consumer = _step_back(graph, node, steps), node
     if qk.inputs[0].tensor_type.rank != qk.inputs[1].tensor_type.rank:  # type: ignore[union-attr]
         raise NoMatch("q and k^T have different ranks")
     compute = qk.inputs[0].dtype  # type: ignore[union-attr]
@@ -165,7 +248,9 @@ def match_attention(graph: Graph, softmax: Node, users: dict[Value, list[Node]])
             )
     if qk.output.shape != steps_final_shape(qk, steps):
         raise NoMatch("reshapes between q @ k^T and softmax change the score layout")
-    m = AttentionMatch(softmax=softmax, qk=qk, pv=pv, out_cast=out_cast)
+    m = AttentionMatch(
+        softmax=softmax, qk=qk, pv=pv, out_cast=out_cast, shape_readers=shape_readers
+    )
     _canonical_form(graph, m, list(reversed(steps)))
     return m
 
@@ -229,7 +314,7 @@ def _step_back(graph: Graph, node: Node, steps: list[tuple[str, Any]]) -> Value:
     if op == "where":
         cond, a, b = node.inputs
         for chain, fill, masked_when in ((a, b, False), (b, a, True)):
-            value = constant_scalar(graph, fill)
+            value = _fill_value(graph, fill, chain)  # type: ignore[arg-type]
             if value is not None and reaches_matmul(chain):  # type: ignore[arg-type]
                 steps.append(("fill", (cond, masked_when, value, node.output.shape)))
                 return chain  # type: ignore[return-value]
@@ -258,6 +343,28 @@ def _step_back(graph: Graph, node: Node, steps: list[tuple[str, Any]]) -> Value:
         return source  # type: ignore[return-value]
     name = node.attrs.target if op == "aten" else op
     raise NoMatch(f"{name} between q @ k^T and softmax is not part of attention")
+
+
+def _fill_value(graph: Graph, fill: Value, chain: Value) -> float | None:
+    """The number a ``where`` fill holds everywhere, else None: a one-element constant, or a
+    ``full`` / ``full_like`` / ``new_full`` tensor of the scores' dtype that broadcasts to them
+    (``torch.where(keep, scores, scores.new_full(scores.shape, -1e9))``)."""
+    value = constant_scalar(graph, fill)
+    node = fill.producer
+    if value is not None or node is None or node.op != "aten":
+        return value
+    position = _FILL_POSITION.get(node.attrs.target)
+    if position is None or fill.dtype != chain.dtype:
+        return None
+    if fill.tensor_type.rank > chain.tensor_type.rank or any(
+        f != 1 and f != c for f, c in zip(reversed(fill.shape), reversed(chain.shape))
+    ):
+        return None  # a fill wider than the scores would widen the result
+    args, _ = aten_call_args(node)
+    number = args[position] if len(args) > position else None
+    if not isinstance(number, (int, float)) or isinstance(number, bool):
+        return None
+    return float(torch.tensor(number, dtype=fill.dtype))  # the number as the tensor holds it
 
 
 def _softcap_inner(tanh: Node, cap: float) -> Value | None:

@@ -18,6 +18,10 @@ laid keys out is needed: whatever produced that operand, ``q @ k^T`` is the same
 ``scaled_dot_product_attention`` calls become the same op. Constant masks that are exactly the causal
 pattern turn into the ``causal`` attribute, and GQA key/value repetition is absorbed into
 ``num_kv_heads``. Every refusal is recorded with its reason (``ctx.explanations``).
+
+Readers that take only the shape, dtype or device of the scores or weights (``zeros_like``,
+``new_full``, ``expand_as``...) do not block a site; once it is fused they are rewritten to stop
+reading the values the ``attention`` op no longer computes (:func:`detach_shape_readers`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ import torch
 
 from attnopt.ir import Graph, Node, Value, aten_call_args
 from attnopt.ir.attention import AttentionAttrs
+from attnopt.ir.core_ops import ShapeAttrs
+from attnopt.ir.symbolic import SymbolRef
+from attnopt.ir.types import TensorType
 from attnopt.passes.attention_build import (
     additive_window,
     build_attention,
@@ -36,11 +43,13 @@ from attnopt.passes.attention_build import (
     derived_from_parameter,
     rewrite_match,
 )
-from attnopt.passes.attention_match import NoMatch, match_attention
+from attnopt.passes.attention_match import AttentionMatch, NoMatch, match_attention
 from attnopt.passes.base import Pass, PassContext, PassResult
 from attnopt.passes.canonical_views import VIEW_RULES
 from attnopt.passes.helpers import (
     constant_tensor,
+    set_aten_call,
+    view_chain_source,
 )
 from attnopt.passes.pattern import apply_rules
 
@@ -107,6 +116,57 @@ def fuse_sdpa(graph: Graph, node: Node) -> Value:
         source=node,
         replaces=node.outputs[0],
     )
+
+
+#: ``*_like`` factories and the ``new_*`` factory that makes the same tensor from a given size.
+_NEW_FACTORY = {
+    "aten.zeros_like.default": "aten.new_zeros.default",
+    "aten.ones_like.default": "aten.new_ones.default",
+    "aten.empty_like.default": "aten.new_empty.default",
+    "aten.full_like.default": "aten.new_full.default",
+}
+
+
+def detach_shape_readers(graph: Graph, m: AttentionMatch) -> int:
+    """Make the readers of a site's score or weight shapes stop reading those values.
+
+    Run before the site is rewritten, so the analyses of its masks see the detached form. Each
+    reader is changed in place (its output value stays, with every reference to it):
+    ``mask.expand_as(scores)`` becomes an ``expand`` to the scores' (static or symbolic) shape;
+    ``zeros_like(scores)``, ``scores.new_full(size, x)`` and the like become ``new_*`` factories
+    with the shape and dtype explicit, of a graph input, which lends its device only (the device
+    the compiled program runs on; not the projection of q, or a padding mask built this way
+    would look derived from parameters, a bias).
+
+    Args:
+        graph: the graph.
+        m: the match, with its ``shape_readers``.
+
+    Returns:
+        How many readers were changed.
+    """
+    tensors = [x for x in graph.inputs if isinstance(x.type, TensorType)]
+    q = m.qk.inputs[0]
+    assert q is not None
+    device_source = tensors[0] if tensors else view_chain_source(q)[0]
+    for node, value in m.shape_readers:
+        target = node.attrs.target
+        args, kwargs = aten_call_args(node)
+        if target == "aten.expand_as.default":
+            node.op, node.inputs = "expand", [args[0]]
+            node.attrs = ShapeAttrs(shape=tuple(value.shape))
+            continue
+        if target in _NEW_FACTORY:  # x_like(value, *rest) -> new_x(source, size, *rest)
+            target = _NEW_FACTORY[target]
+            size = [d if isinstance(d, int) else SymbolRef(d) for d in value.shape]
+            args = [device_source, size, *args[1:]]
+            kwargs.pop("memory_format", None)  # the values do not depend on the layout
+        else:
+            args = [device_source, *args[1:]]
+        if kwargs.get("dtype") is None:
+            kwargs["dtype"] = value.dtype
+        set_aten_call(node, target, args, kwargs)
+    return len(m.shape_readers)
 
 
 def _repeat_source(value: Value) -> tuple[Value, int] | None:
@@ -199,7 +259,7 @@ class FuseAttention(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         """Fuse every provable site; record the reason for every refusal."""
-        fused = 0
+        fused = detached = 0
         notes: list[str] = []
         for node in graph.walk():
             where = (
@@ -210,8 +270,9 @@ class FuseAttention(Pass):
             try:
                 if node.op == "softmax":
                     m = match_attention(graph, node, graph.users())
+                    readers = detach_shape_readers(graph, m)
                     rewrite_match(graph, m)
-                    fused += 1
+                    fused, detached = fused + 1, detached + readers
                 elif (
                     self.sdpa
                     and node.op == "aten"
@@ -230,7 +291,9 @@ class FuseAttention(Pass):
             graph.dead_code_elimination()
         _number_sites(graph)
         notes.append(
-            f"fused {fused} sites" + (f", {repeats} with GQA repeats absorbed" if repeats else "")
+            f"fused {fused} sites"
+            + (f", {repeats} with GQA repeats absorbed" if repeats else "")
+            + (f", {detached} shape-only readers detached" if detached else "")
         )
         return PassResult(changed=bool(fused), rewrites=fused, notes=notes)
 

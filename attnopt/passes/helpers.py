@@ -95,3 +95,26 @@ def view_chain_source(value: Value) -> tuple[Value, list[Node]]:
         chain.append(value.producer)
         value = value.producer.inputs[0]  # type: ignore[assignment]
     return value, chain
+
+
+def set_aten_call(node: Node, target: str, args: list[Any], kwargs: dict | None = None) -> None:
+    """Make ``node`` the ATen call ``target(*args, **kwargs)`` in place: its output values, and
+    so every reference to them, stay (the call must produce the same types).
+
+    Args:
+        node: the node to change.
+        target: overload name such as ``"aten.new_zeros.default"``.
+        args: positional arguments; Values become inputs.
+        kwargs: keyword arguments.
+    """
+    inputs: list[Value] = []
+
+    def index(obj: Any) -> int | None:
+        if isinstance(obj, Value):
+            inputs.append(obj)
+            return len(inputs) - 1
+        return None
+
+    template = json.dumps(encode_template([list(args), dict(kwargs or {})], index))
+    node.op, node.inputs = "aten", list(inputs)
+    node.attrs = AtenAttrs(target=target, args=template, outputs=len(node.outputs))
