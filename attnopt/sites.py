@@ -39,6 +39,9 @@ class AttentionSite:
         tokens_kept: fraction of query tokens still computed (after token reduction).
         kept_fraction: fraction of query-key pairs computed (after sparsification).
         block: the surrounding block (q/k/v/out projections, residual), by value names.
+        mask_kind: what mask analysis proved about the masks (``"causal+key_padding"``,
+            ``"key_padding"``, ``"documents"``, ``"none"``, ``"mask"`` for an unproven
+            remainder, ...; see :class:`attnopt.ir.AttentionAttrs`).
     """
 
     index: int
@@ -61,6 +64,7 @@ class AttentionSite:
     kept_fraction: float = 1.0
     block: dict[str, Any] = field(default_factory=dict)
     mask_causal: bool = False
+    mask_kind: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (for JSON)."""
@@ -114,6 +118,7 @@ def collect_sites(graph: Graph) -> list[AttentionSite]:
                 kept_fraction=node.meta.get("kept_fraction", kept_fraction(attrs, *example)),
                 block=dict(info.get("block", {})),
                 mask_causal=attrs.mask_causal,
+                mask_kind=attrs.mask_kind or ("mask" if node.inputs[3:4] != [None] else "none"),
             )
         )
     return sorted(sites, key=lambda s: s.index)

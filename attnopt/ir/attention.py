@@ -4,7 +4,8 @@ Entry points: :class:`AttentionAttrs`, :data:`VARIANTS`.
 
 Inputs: ``q [B,Hq,Sq,D]``, ``k [B,Hkv,Sk,D]``, ``v [B,Hkv,Sk,Dv]``, then optional ``mask``
 (bool, True = may attend, or additive float) and ``bias`` (additive float), both broadcastable to
-``[B,Hq,Sq,Sk]``, then for static block sparsity ``kv_counts`` and ``kv_indices``;
+``[B,Hq,Sq,Sk]``, then for static block sparsity ``kv_counts`` and ``kv_indices``, then for packed
+documents ``segments`` (int ``[B, S]``: a query sees a key only when their segment ids are equal);
 :class:`AttentionOperands` names them (never decode the list by position). The exact semantics are
 in docs/attention-op.md. The op's implementation is :func:`reference_attention`, plain torch for
 every variant, built from the variant definitions in :mod:`attnopt.ir.attention_reference`,
@@ -73,6 +74,9 @@ class AttentionAttrs:
         num_features: linear/hybrid: random features for "favor".
         seed: linear/hybrid: seed for random features.
         local_window: hybrid: exact softmax within this distance.
+        mask_kind: what mask analysis proved about the site's masks, ``+``-joined from
+            ``causal``, ``sliding_window``, ``key_padding``, ``key_mask``, ``documents`` and
+            ``mask`` (an unproven remainder); ``none`` without masks ("" before analysis).
     """
 
     scale: float = 1.0
@@ -101,6 +105,7 @@ class AttentionAttrs:
     num_features: int = 0
     seed: int = 0
     local_window: int | None = None
+    mask_kind: str = ""
 
 
 def _infer(types: list[Type | None], attrs: AttentionAttrs) -> list[Type]:
@@ -154,6 +159,8 @@ class AttentionOperands(NamedTuple):
         bias: additive, broadcastable to ``[B, Hq, Sq, Sk]``, or None.
         kv_counts: static block sparsity: int32 ``[Bm, Hm, nQB]``, or None.
         kv_indices: static block sparsity: int32 ``[Bm, Hm, nQB, max_kv]``, or None.
+        segments: packed documents: integer ``[B, S]`` segment ids of the queries and keys
+            (self-attention); a query sees a key only when their ids are equal. Or None.
     """
 
     q: Any
@@ -163,10 +170,12 @@ class AttentionOperands(NamedTuple):
     bias: Any = None
     kv_counts: Any = None
     kv_indices: Any = None
+    segments: Any = None
 
     @classmethod
     def of(cls, inputs: Sequence[Any]) -> AttentionOperands:
-        """Name a positional operand list ``[q, k, v, mask?, bias?, kv_counts?, kv_indices?]``.
+        """Name a positional operand list
+        ``[q, k, v, mask?, bias?, kv_counts?, kv_indices?, segments?]``.
 
         Args:
             inputs: the node's inputs (tensors at run time, IR values in passes).
@@ -177,6 +186,24 @@ class AttentionOperands(NamedTuple):
         if len(inputs) < 3 or len(inputs) > len(cls._fields):
             raise ValueError(f"attention takes 3 to {len(cls._fields)} operands, got {len(inputs)}")
         return cls(*inputs)
+
+    def without_segments(self) -> AttentionOperands:
+        """The same attention with the document rule folded into the mask (no ``segments``).
+
+        For kernels that do not skip between documents: exact, but computes every block.
+        """
+        if self.segments is None:
+            return self
+        seg = self.segments
+        same = (seg[:, None, :, None] == seg[:, None, None, :]).to(self.q.device)
+        mask = self.mask
+        if mask is None:
+            combined = same
+        elif mask.dtype == torch.bool:
+            combined = mask & same
+        else:
+            combined = mask.to(self.q.dtype).masked_fill(~same, float("-inf"))
+        return self._replace(mask=combined, segments=None)
 
     def as_list(self) -> list[Any]:
         """The positional operand list, trailing None operands dropped."""
@@ -295,6 +322,7 @@ def reference_attention(inputs: Sequence[Any], attrs: AttentionAttrs) -> torch.T
     q, k, v = operands.q, operands.k, operands.v
     if q.device.type == "meta":
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    operands = operands.without_segments()
     variant = effective_variant(attrs, k.shape[2])
     dense = {"scale": attrs.scale, "causal": attrs.causal, "softcap": attrs.softcap}
     if variant == "dense":
@@ -376,6 +404,10 @@ def _verify(node: Any) -> str | None:
         return f"query heads {q.shape[1]} are not a multiple of key/value heads {k.shape[1]}"
     if not math.isfinite(attrs.scale):
         return "scale must be finite"
+    if len(node.inputs) > 7 and node.inputs[7] is not None:
+        seg = node.inputs[7].type
+        if not (isinstance(seg, TensorType) and seg.rank == 2) or q.shape[2] != k.shape[2]:
+            return "segments must be [batch, seq] ids of a self-attention site"
     return None
 
 

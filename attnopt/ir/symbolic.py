@@ -31,6 +31,7 @@ __all__ = [
     "SymbolicShapes",
     "bind_symbols",
     "canonical_dim",
+    "dim_expr",
     "dim_source",
     "dim_symbols",
     "evaluate_dim",
@@ -69,6 +70,11 @@ def canonical_dim(dim: int | str | sympy.Expr) -> int | str:
     if not expr.free_symbols:
         raise ValueError(f"dim {dim!r} is not an integer")
     return str(expr)
+
+
+def dim_expr(dim: int | str) -> sympy.Expr:
+    """A dim as a sympy expression (symbols are positive integers), for comparing dims."""
+    return sympy.Integer(dim) if isinstance(dim, int) else _parse(dim)
 
 
 def dim_symbols(dim: int | str) -> frozenset[str]:

@@ -33,6 +33,7 @@ from attnopt.passes.helpers import (
     emit_before,
     view_chain_source,
 )
+from attnopt.passes.mask_analysis import analyse_masks, causal_window
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,35 +79,6 @@ def _constant_keep(graph: Graph, mask: Value, masked_when: bool) -> torch.Tensor
         return None
     keep = tensor.bool()
     return ~keep if masked_when else keep
-
-
-def causal_window(keep: torch.Tensor, q_len: Dim, kv_len: Dim) -> int | None:
-    """The window of a bool visibility tensor that is exactly a bottom-right causal pattern.
-
-    Args:
-        keep: bool visibility broadcastable to ``[..., q_len, kv_len]`` (True = visible).
-        q_len: number of queries.
-        kv_len: number of keys.
-
-    Returns:
-        ``window_left`` such that query ``i`` sees keys ``[i + off - window_left, i + off]``
-        (``off = kv_len - q_len``): ``kv_len - 1`` or more is the plain causal pattern. None when
-        ``keep`` is not such a pattern (or some query would see no key).
-    """
-    if not (isinstance(q_len, int) and isinstance(kv_len, int)):
-        return None  # a constant has static lengths: it cannot be a pattern over symbolic ones
-    if keep.dtype != torch.bool or keep.dim() < 2 or keep.shape[-1] != kv_len:
-        return None
-    if kv_len < q_len or keep.shape[-2] != q_len:
-        return None
-    width = int(keep.reshape(-1, q_len, kv_len)[0, -1].sum())
-    if width == 0:
-        return None
-    window = width - 1
-    expected = visible_keys_mask(
-        q_len, kv_len, window_left=window, window_right=0, device=keep.device
-    )
-    return window if bool((keep == expected).all()) else None
 
 
 def is_causal_pattern(keep: torch.Tensor, q_len: Dim, kv_len: Dim) -> bool:
@@ -237,6 +209,23 @@ def build_attention(
         mask_implies_causal(graph, x, q_len, kv_len) for x in masks + biases
     )
     rank = q.tensor_type.rank
+    analysis = analyse_masks(graph, masks, q_len, kv_len, rank=rank)
+    segments: Value | None = None
+    if analysis.changed:
+        masks = [
+            _not(graph, anchor, c.value) if c.negated else c.value
+            for c in analysis.key_masks + analysis.remainder
+        ]
+        if analysis.causal:
+            if causal and window_left is not None and analysis.window_left is not None:
+                window_left = min(window_left, analysis.window_left)
+            elif not causal:
+                window_left = analysis.window_left
+            causal = True
+        segments = analysis.segments
+    kinds = list(analysis.kinds)
+    if causal and not any(k in kinds for k in ("causal", "sliding_window")):
+        kinds.insert(0, "causal")
     if rank > 4 or rank < 2:
         raise NoMatch(f"rank-{rank} attention (only ranks 2 to 4 are laid out as [B, H, S, D])")
     dtypes = {q.dtype, k.dtype, v.dtype}
@@ -255,11 +244,17 @@ def build_attention(
     elif q_heads % kv_heads:
         raise NoMatch("query heads are not a multiple of key/value heads")
     windowed = (
-        causal and window_left is not None and isinstance(kv_len, int) and window_left < kv_len - 1
+        causal
+        and window_left is not None
+        and (not isinstance(kv_len, int) or window_left < kv_len - 1)
     )
+    if "sliding_window" in kinds and not windowed:
+        kinds[kinds.index("sliding_window")] = "causal"
     if windowed and softcap is not None:
         # The sliding-window variant has no soft-capping: keep the window as a constant mask on
         # the dense op (Gemma-2's local layers without a padding mask).
+        if not (isinstance(q_len, int) and isinstance(kv_len, int)):
+            raise NoMatch("a soft-capped sliding window over symbolic lengths")
         keep = visible_keys_mask(q_len, kv_len, window_left=window_left, window_right=0)
         masks = [*masks, graph.add_tensor("window_keep", keep)]
         windowed = False
@@ -270,14 +265,23 @@ def build_attention(
     for term in biases:
         term = _to_rank4(graph, anchor, term)
         bias = term if bias is None else emit_before(graph, anchor, "add", [bias, term])
+    if mask is not None and "mask" not in kinds and not analysis.key_masks:
+        kinds.append("mask")  # masks the analysis was not given (SDPA's top-left triangle)
     attrs = AttentionAttrs(
-        scale=float(scale), causal=causal, softcap=softcap, mask_causal=mask_causal
+        scale=float(scale),
+        causal=causal,
+        softcap=softcap,
+        mask_causal=mask_causal and not causal,
+        mask_kind="+".join(kinds) or "none",
     )
     if windowed:
         attrs = dataclasses.replace(
             attrs, variant="sliding_window", window_left=int(window_left), window_right=0
         )
-    node = graph.make_node("attention", [q4, k4, v4, mask, bias], attrs)
+    operands: list[Value | None] = [q4, k4, v4, mask, bias]
+    if segments is not None:
+        operands += [None, None, segments]
+    node = graph.make_node("attention", operands, attrs)
     node.meta.update(meta)
     graph.insert_before(anchor, node)
     out = node.output

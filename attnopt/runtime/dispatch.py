@@ -110,6 +110,8 @@ def attention_torch(inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor:
     """
     ops = AttentionOperands.of(inputs)
     variant = effective_variant(attrs, ops.k.shape[2])
+    if ops.segments is not None:
+        ops = ops.without_segments()
     kernel = VARIANT_KERNELS.get(variant)
     if kernel is None:
         raise NotImplementedError(f"attention variant {variant!r} has no torch kernel")
