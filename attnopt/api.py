@@ -33,6 +33,7 @@ def compile(  # noqa: A001 - the public name is fixed by the design
     retain_memory: bool = True,
     plan: Plan | str | os.PathLike[str] | None = None,
     dynamic: bool | None = None,
+    strict: bool = False,
 ) -> CompiledModule:
     """Compile ``model`` for the attention in it.
 
@@ -68,10 +69,14 @@ def compile(  # noqa: A001 - the public name is fixed by the design
             the new shapes it served); when the model cannot be captured that way, or fuses less,
             compile once per input shape instead, with a warning giving the reason. True: the
             same. False: always once per input shape.
+        strict: raise :class:`attnopt.PassError` instead of warning when a pass leaves a site
+            its options select as it is (or drops an option there). Without it, compile warns
+            once, listing the sites and the reason.
 
     Raises:
         PlanError: the plan cannot be read, or does not fit the model or the pipeline (checked
             before anything is rewritten).
+        PassError: with ``strict=True``, a pass left a selected site alone.
 
     Returns:
         A :class:`CompiledModule` with the model's call signature.
@@ -132,6 +137,7 @@ def compile(  # noqa: A001 - the public name is fixed by the design
         retain_memory=retain_memory,
         plan=plan,
         dynamic=dynamic,
+        strict=strict,
     )
     if args or kwargs:
         compiled.compile_for(args, kwargs or {})

@@ -93,7 +93,7 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
             str(s.num_kv_heads),
             str(s.q_len),
             str(s.kv_len),
-            str(s.has_mask),
+            s.mask_kind,
             str(s.has_bias),
             s.variant,
         )
@@ -103,6 +103,10 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
         console.print(f"[bold]near-misses ({len(misses)})[/bold]")
         for where, why in misses:
             console.print(f"  {where}: {why}", markup=False)
+        notes = [(r["text"], note) for r in cm.history for note in r.get("notes", ())]
+        console.print(f"[bold]pass notes ({len(notes)})[/bold]")
+        for text, note in notes:
+            console.print(f"  {text}: {note}", markup=False)
     if ns.cost:
         from attnopt.runtime.roofline import site_costs
 

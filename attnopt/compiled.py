@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from attnopt.errors import BackendError, CaptureError, PlanError, SignatureError
+from attnopt.errors import BackendError, CaptureError, PassError, PlanError, SignatureError
 from attnopt.frontend.capture import CapturedProgram, capture_program
 from attnopt.ir import Graph, verify
 from attnopt.ir.symbolic import bind_symbols
@@ -186,6 +186,9 @@ class CompiledModule(torch.nn.Module):
         plan: decisions to replay instead of calibrating (:class:`attnopt.Plan`). Without one, the
             first compilation records ``self.plan`` and every later one (a new input signature)
             replays it, so calibration runs once.
+        dynamic: symbolic shapes (None/True) or one compilation per input shape (False).
+        strict: raise :class:`attnopt.PassError` when a pass leaves a selected site alone
+            (else one warning per compiled module lists them).
 
     Pickling keeps the model, the plan (as JSON) and the options, never a generated program or
     kernel: an unpickled module compiles again on its first call, replaying the plan.
@@ -204,6 +207,7 @@ class CompiledModule(torch.nn.Module):
         retain_memory: bool = True,
         plan: Plan | None = None,
         dynamic: bool | None = None,
+        strict: bool = False,
     ):
         super().__init__()
         if plan is not None:
@@ -224,6 +228,8 @@ class CompiledModule(torch.nn.Module):
         if dynamic not in (None, True, False):
             raise TypeError(f"dynamic must be None, True or False, not {dynamic!r}")
         self.dynamic = dynamic
+        self.strict = bool(strict)
+        self._told: set[str] = set()  # declines already reported (once per compiled module)
         # One symbolic program per call structure (which inputs, dtypes, non-tensor values).
         self._symbolic: list[tuple[SymbolicSignature, CompiledEntry]] = []
         self._kwarg_order: list[str] | None = None
@@ -276,9 +282,32 @@ class CompiledModule(torch.nn.Module):
             self._remember(key, entry)
         else:
             entry = self._compile_signature(args, kwargs, flat, spec)
+            self._tell_declined(entry)  # strict: raises before the entry is kept
             self._remember(key, entry)
         self._last = entry
         return entry, flat
+
+    def _tell_declined(self, entry: CompiledEntry) -> None:
+        """Tell the user, once, which selected sites a pass left alone and why (strict: raise)."""
+        lines = []
+        for record in entry.pass_history:
+            by_reason: dict[str, list[int]] = {}
+            for site, reason in record.get("declined", ()):
+                by_reason.setdefault(reason, []).append(site)
+            for reason, sites in by_reason.items():
+                line = f"{record['text']}: sites {sorted(sites)}: {reason}"
+                if line not in self._told:
+                    lines.append(line)
+        if not lines:
+            return
+        self._told.update(lines)
+        message = (
+            f"attnopt left attention sites of {type(self.model).__name__} as they were:\n  "
+            + "\n  ".join(lines)
+        )
+        if self.strict:
+            raise PassError(message + "\n(strict=True: compile with strict=False to accept this)")
+        warnings.warn(message, UserWarning, stacklevel=4)
 
     def _symbolic_entry(self, flat: list[Any], spec: Any) -> CompiledEntry | None:
         """The symbolic program that serves this call, if one does."""
@@ -564,6 +593,7 @@ class CompiledModule(torch.nn.Module):
                 "method": self.method,
                 "retain_memory": self.retain_memory,
                 "dynamic": self.dynamic,
+                "strict": self.strict,
             },
         }
 

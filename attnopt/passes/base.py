@@ -35,11 +35,15 @@ class PassResult:
         changed: whether the graph changed.
         rewrites: how many rewrites fired.
         notes: human-readable remarks (refusals, choices).
+        declined: ``(site, reason)`` for each site the pass was asked to rewrite (its options
+            select it) and left as it is, or rewrote without an option it was given. The compile
+            driver tells the user about them once (``strict=True`` raises instead).
     """
 
     changed: bool
     rewrites: int = 0
     notes: list[str] = field(default_factory=list)
+    declined: list[tuple[int, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -515,6 +519,7 @@ class PassManager:
                 "changed": result.changed,
                 "rewrites": result.rewrites,
                 "notes": list(result.notes),
+                "declined": [[int(i), str(r)] for i, r in result.declined],
             }
             ctx.history.append(record)
             graph.meta.setdefault("provenance", []).append(record)

@@ -43,6 +43,8 @@ from attnopt.passes.select import (
     check_fraction,
     check_heads,
     check_positive,
+    decline,
+    other_variant_declined,
     other_variant_notes,
     sites_for,
 )
@@ -103,19 +105,22 @@ class BlockSparse(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         """Rewrite the selected dense sites (static patterns are calibrated or replayed here)."""
         notes: list[str] = other_variant_notes(graph, self)
+        declined = other_variant_declined(graph, self)
         chosen: list[Site] = []
         original: dict[int, AttentionAttrs] = {}
         for site in sites_for(graph, self, min_kv_len=self.min_len):
             if site.attrs.softcap is not None:
-                notes.append(f"site {site.index}: soft-capped sites stay dense")
+                decline(notes, declined, site.index, "soft-capped sites stay dense")
                 continue
             permute = (
                 self.permute_keys and not site.causal and site.mask is None and site.bias is None
             )
             if self.permute_keys and not permute:
-                notes.append(f"site {site.index}: keys not permuted (causal, mask or bias)")
+                decline(notes, declined, site.index, "keys not permuted (causal, mask or bias)")
             if self.heads is not None and max(self.heads) >= site.num_heads:
-                notes.append(f"site {site.index}: has {site.num_heads} heads, heads={self.heads}")
+                decline(
+                    notes, declined, site.index, f"has {site.num_heads} heads, heads={self.heads}"
+                )
                 continue
             original[site.index] = site.attrs
             site.update(
@@ -133,8 +138,10 @@ class BlockSparse(Pass):
             )
             chosen.append(site)
         if chosen and self.routing == "static":
-            chosen = self._static_patterns(graph, ctx, chosen, original, notes)
-        return PassResult(changed=bool(chosen), rewrites=len(chosen), notes=notes)
+            chosen = self._static_patterns(graph, ctx, chosen, original, notes, declined)
+        return PassResult(
+            changed=bool(chosen), rewrites=len(chosen), notes=notes, declined=declined
+        )
 
     def _static_patterns(
         self,
@@ -143,6 +150,7 @@ class BlockSparse(Pass):
         chosen: list[Site],
         original: dict[int, AttentionAttrs],
         notes: list[str],
+        declined: list[tuple[int, str]],
     ) -> list[Site]:
         """Attach each site's static pattern, built from recorded or freshly calibrated block
         scores; sites whose block grid is not the calibrated one go back to dense."""
@@ -158,7 +166,7 @@ class BlockSparse(Pass):
             reason = _grid_mismatch(decision, site)
             if reason is not None:
                 site.node.attrs = original[site.index]
-                notes.append(f"site {site.index}: stays dense: {reason}")
+                decline(notes, declined, site.index, f"stays dense: {reason}")
                 continue
             meta = static_block_pattern(
                 torch.tensor(decision["block_scores"], dtype=torch.float32),

@@ -30,7 +30,7 @@ from attnopt.errors import PassError, PlanError
 from attnopt.ir import Graph, Node, Value, verify
 from attnopt.passes.base import Pass, PassContext, PassResult
 from attnopt.passes.helpers import VIEW_OPS
-from attnopt.passes.select import Site, check_fraction, sites_for
+from attnopt.passes.select import Site, check_fraction, decline, sites_for
 
 __all__ = ["HeadPrune"]
 
@@ -128,6 +128,7 @@ class HeadPrune(Pass):
         if ctx.replaying:
             return self._replay(graph, ctx, chosen)
         notes: list[str] = []
+        declined: list[tuple[int, str]] = []
         importance = self._importance(graph, ctx, chosen) if chosen and self.keep < 1.0 else {}
         pruned = 0
         taps_before = None
@@ -156,14 +157,14 @@ class HeadPrune(Pass):
                     taps_before = taps_after
             if reason is not None:
                 _restore(graph, snapshot)
-                notes.append(f"site {index}: not pruned: {reason}")
+                decline(notes, declined, index, f"not pruned: {reason}")
                 ctx.record(self, site, {"heads_kept": None, "reason": reason})
                 continue
             assert kept is not None
             _mark_heads_kept(graph, index, kept)
             ctx.record(self, site, {"heads_kept": [int(h) for h in kept]})
             pruned += 1
-        return PassResult(changed=bool(pruned), rewrites=pruned, notes=notes)
+        return PassResult(changed=bool(pruned), rewrites=pruned, notes=notes, declined=declined)
 
     def _replay(self, graph: Graph, ctx: PassContext, chosen: list[Site]) -> PassResult:
         """Slice the heads a replayed plan keeps, without running the graph: every decision is

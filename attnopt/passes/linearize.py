@@ -32,6 +32,8 @@ from attnopt.passes.select import (
     Site,
     check_fraction,
     check_positive,
+    decline,
+    other_variant_declined,
     other_variant_notes,
     sites_for,
 )
@@ -43,6 +45,18 @@ def _key_padding_only(site: Site) -> bool:
         return True
     shape = mask.shape
     return len(shape) == 4 and shape[1] == 1 and shape[2] == 1
+
+
+def _why_softmax(site: Site) -> str:
+    """Why linear attention cannot serve ``site`` (it takes key masks and causality only)."""
+    if site.attrs.softcap is not None:
+        return "soft-capped scores: stays softmax"
+    if site.bias is not None:
+        return "an additive bias (relative positions, ALiBi): stays softmax"
+    if site.node.inputs[7:8] not in ([], [None]):
+        return "a document mask: stays softmax"
+    kind = site.attrs.mask_kind or "mask"
+    return f"a mask that is not a key mask (mask analysis: {kind}): stays softmax"
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -101,6 +115,7 @@ class Linearize(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         """Linearise the eligible sites (all, or the least sensitive when selecting)."""
         notes: list[str] = other_variant_notes(graph, self)
+        declined = other_variant_declined(graph, self)
         eligible = []
         for site in sites_for(graph, self):
             if (
@@ -108,13 +123,15 @@ class Linearize(Pass):
                 or not _key_padding_only(site)
                 or site.attrs.softcap is not None
             ):
-                notes.append(f"site {site.index}: bias, non-padding mask or softcap: stays softmax")
+                decline(notes, declined, site.index, _why_softmax(site))
                 continue
             eligible.append(site)
         if self.count is None and self.budget is None:
             for site in eligible:
                 self._apply(site)
-            return PassResult(changed=bool(eligible), rewrites=len(eligible), notes=notes)
+            return PassResult(
+                changed=bool(eligible), rewrites=len(eligible), notes=notes, declined=declined
+            )
         if ctx.replaying:
             chosen = self._replayed(ctx, eligible, notes)
         else:
@@ -122,7 +139,9 @@ class Linearize(Pass):
         for site in eligible:
             if site.index in chosen:
                 self._apply(site)
-        return PassResult(changed=bool(chosen), rewrites=len(chosen), notes=notes)
+        return PassResult(
+            changed=bool(chosen), rewrites=len(chosen), notes=notes, declined=declined
+        )
 
     def _outputs(
         self, graph: Graph, ctx: PassContext, linear: set[int]

@@ -18,7 +18,14 @@ from typing import Any, ClassVar
 from attnopt.errors import PipelineError
 from attnopt.ir import Graph
 from attnopt.passes.base import Pass, PassContext, PassResult
-from attnopt.passes.select import Site, check_positive, other_variant_notes, sites_for
+from attnopt.passes.select import (
+    Site,
+    check_positive,
+    decline,
+    other_variant_declined,
+    other_variant_notes,
+    sites_for,
+)
 
 
 def infer_grid(kv_len: int, model: Any = None) -> tuple[tuple[int, ...], int] | None:
@@ -97,17 +104,24 @@ class Neighborhood(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         """Rewrite the selected self-attention sites whose grid is known."""
         notes, changed = other_variant_notes(graph, self), 0
+        declined = other_variant_declined(graph, self)
         for site in sites_for(graph, self, kind="self"):
             found = self._grid_for(site, ctx)
             if found is None or site.q_len != site.kv_len or site.causal:
-                notes.append(
-                    f"site {site.index}: no token grid for {site.kv_len} tokens (or causal)"
+                decline(
+                    notes,
+                    declined,
+                    site.index,
+                    f"no token grid for {site.kv_len} tokens (or causal)",
                 )
                 continue
             grid, num_global = found
             if math.prod(grid) + num_global != site.kv_len:
-                notes.append(
-                    f"site {site.index}: grid {grid} + {num_global} != {site.kv_len} tokens"
+                decline(
+                    notes,
+                    declined,
+                    site.index,
+                    f"grid {grid} + {num_global} != {site.kv_len} tokens",
                 )
                 continue
             kernel = tuple(min(self.kernel, size) for size in grid)
@@ -119,4 +133,4 @@ class Neighborhood(Pass):
                 num_global=num_global,
             )
             changed += 1
-        return PassResult(changed=bool(changed), rewrites=changed, notes=notes)
+        return PassResult(changed=bool(changed), rewrites=changed, notes=notes, declined=declined)

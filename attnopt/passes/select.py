@@ -186,6 +186,21 @@ def sites_for(graph: Graph, options: Any, **conditions: Any) -> list[Site]:
     )
 
 
+def decline(notes: list[str], declined: list[tuple[int, str]], site: int, reason: str) -> None:
+    """Record that a pass leaves ``site`` alone (or drops an option there), with the reason."""
+    notes.append(f"site {site}: {reason}")
+    declined.append((site, reason))
+
+
+def other_variant_declined(graph: Graph, options: Any) -> list[tuple[int, str]]:
+    """:func:`other_variant_notes` as ``(site, reason)`` pairs."""
+    return [
+        (site.index, f"already {site.attrs.variant}: left as it is")
+        for site in sites_for(graph, options, variant=None)
+        if site.attrs.variant != "dense"
+    ]
+
+
 def other_variant_notes(graph: Graph, options: Any) -> list[str]:
     """Notes for the sites a pass's ``sites`` / ``layers`` options select but that are no longer
     dense (already windowed, sparse or linear, e.g. a model's native sliding window): passes that

@@ -14,7 +14,14 @@ from typing import ClassVar
 
 from attnopt.ir import Graph
 from attnopt.passes.base import Pass, PassContext, PassResult
-from attnopt.passes.select import check_heads, check_positive, other_variant_notes, sites_for
+from attnopt.passes.select import (
+    check_heads,
+    check_positive,
+    decline,
+    other_variant_declined,
+    other_variant_notes,
+    sites_for,
+)
 
 
 @dataclass(frozen=True)
@@ -50,13 +57,16 @@ class SlidingWindow(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         """Turn every selected dense site into a sliding-window site."""
         notes = other_variant_notes(graph, self)
+        declined = other_variant_declined(graph, self)
         changed = 0
         for site in sites_for(graph, self, min_kv_len=self.min_len):
             if site.attrs.softcap is not None:
-                notes.append(f"site {site.index}: soft-capped sites stay dense")
+                decline(notes, declined, site.index, "soft-capped sites stay dense")
                 continue
             if self.heads is not None and max(self.heads) >= site.num_heads:
-                notes.append(f"site {site.index}: has {site.num_heads} heads, heads={self.heads}")
+                decline(
+                    notes, declined, site.index, f"has {site.num_heads} heads, heads={self.heads}"
+                )
                 continue
             site.update(
                 heads=tuple(self.heads or ()),
@@ -68,4 +78,4 @@ class SlidingWindow(Pass):
                 min_len=self.min_len if not isinstance(site.kv_len, int) else site.attrs.min_len,
             )
             changed += 1
-        return PassResult(changed=bool(changed), rewrites=changed, notes=notes)
+        return PassResult(changed=bool(changed), rewrites=changed, notes=notes, declined=declined)
