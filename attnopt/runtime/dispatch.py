@@ -4,7 +4,9 @@ Entry points: :func:`attention_torch` (the fast torch path for every ``attention
 :data:`VARIANT_KERNELS`, :class:`KernelNamespace` (the ``K`` object of a generated program).
 
 On the CPU the dense variant runs through SDPA's flash kernel with masks, bias and causality folded
-into what SDPA accepts (:mod:`attnopt.runtime.cpu.dense`); sparse and linear variants run the
+into what SDPA accepts (:mod:`attnopt.runtime.cpu.dense`), and over packed documents (a
+``segments`` operand) one SDPA call per run of equal-length documents
+(:mod:`attnopt.runtime.cpu.varlen`); sparse and linear variants run the
 kernels of :mod:`attnopt.runtime.cpu`, which skip the work they drop. Which variant a call runs
 as (``min_len``, per-head subsets) is decided by :mod:`attnopt.ir.attention`, the same rules the
 reference follows.
@@ -37,6 +39,7 @@ from attnopt.runtime.cpu.linear import linear_attention
 from attnopt.runtime.cpu.neighborhood import neighborhood_attention
 from attnopt.runtime.cpu.projection import linear as projection_linear
 from attnopt.runtime.cpu.sliding_window import sliding_window_attention
+from attnopt.runtime.cpu.varlen import document_attention_cpu
 
 VariantKernel = Callable[[AttentionOperands, AttentionAttrs], torch.Tensor]
 
@@ -111,7 +114,12 @@ def attention_torch(inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor:
     ops = AttentionOperands.of(inputs)
     variant = effective_variant(attrs, ops.k.shape[2])
     if ops.segments is not None:
-        ops = ops.without_segments()
+        if variant == "dense" and _documents_fit(ops, attrs):
+            return document_attention_cpu(
+                ops.q, ops.k, ops.v, ops.segments, scale=attrs.scale, causal=attrs.causal,
+                mask=ops.mask,
+            )  # fmt: skip
+        ops = ops.without_segments()  # exact, but computes the blocks between documents
     kernel = VARIANT_KERNELS.get(variant)
     if kernel is None:
         raise NotImplementedError(f"attention variant {variant!r} has no torch kernel")
@@ -119,6 +127,13 @@ def attention_torch(inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor:
     if heads is not None:
         return _per_head(ops, attrs, kernel, heads)
     return kernel(ops, attrs)
+
+
+def _documents_fit(ops: AttentionOperands, attrs: AttentionAttrs) -> bool:
+    """Whether the document kernel takes this call: no bias or softcap, a key mask at most."""
+    mask = ops.mask
+    key_mask = mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1)
+    return ops.bias is None and attrs.softcap is None and key_mask
 
 
 def _per_head(

@@ -131,6 +131,8 @@ def triton_kernel_for(
     variant = effective_variant(attrs, k.shape[2])
     if variant not in TRITON_VARIANTS:
         return f"no Triton kernel for the {variant} variant"
+    if operands.segments is not None:
+        return "packed documents (segments) run on the torch path"
     if variant != "dense" and variant_heads(attrs, q.shape[1]) is not None:
         return "per-head variants run on the torch path"
     if variant == "linear":
