@@ -29,25 +29,41 @@ def _ident(name: str) -> str:
     return ident + "_" if keyword.iskeyword(ident) else ident
 
 
-def _symbol_bindings(graph: Graph, names: dict[int, str]) -> list[str]:
-    """Lines binding each symbolic size to an input's dim (``sym_s0 = v_x.shape[0]``)."""
+def _symbol_bindings(graph: Graph, names: dict[int, str]) -> tuple[list[str], dict[int, list[str]]]:
+    """Lines binding each symbolic size (``sym_s0 = v_x.shape[0]``): to an input's dim, or, for a
+    size only known at run time (the number of real tokens after ``token_index``), to a dim of
+    the first node output that has it, right after that node (second result, by node index)."""
     bound: dict[str, str] = {}
     for value in graph.inputs:
         for axis, dim in enumerate(getattr(value.type, "shape", ())):
             if isinstance(dim, str) and dim.isidentifier() and dim not in bound:
                 bound[dim] = f"{names[id(value)]}.shape[{axis}]"
+    late: dict[int, list[str]] = {}
+    late_names: set[str] = set()
     used: set[str] = set()
-    for node in graph.nodes:
+    for index, node in enumerate(graph.nodes):
         for value in node.outputs:
-            for dim in getattr(value.type, "shape", ()):
-                used |= dim_symbols(dim)
-    missing = used - set(bound)
+            for axis, dim in enumerate(getattr(value.type, "shape", ())):
+                symbols = dim_symbols(dim)
+                if (
+                    isinstance(dim, str)
+                    and dim.isidentifier()
+                    and dim not in bound
+                    and dim not in late_names
+                    and dim not in used
+                ):
+                    late_names.add(dim)
+                    late.setdefault(index, []).append(
+                        f"{dim_source(dim)} = {names[id(value)]}.shape[{axis}]"
+                    )
+                used |= symbols
+    missing = used - set(bound) - late_names
     if missing:
         raise ValueError(
             f"symbolic sizes {sorted(missing)} are not dims of any graph input: they cannot be "
             "bound at run time"
         )
-    return [f"{dim_source(name)} = {source}" for name, source in sorted(bound.items())]
+    return [f"{dim_source(name)} = {source}" for name, source in sorted(bound.items())], late
 
 
 def generate_program(graph: Graph) -> tuple[str, list[Any]]:
@@ -78,7 +94,8 @@ def generate_program(graph: Graph) -> tuple[str, list[Any]]:
             lines.append(f"    {names[id(node.output)]} = T[{node.attrs.name!r}]")
     args = ", ".join(names[id(v)] for v in graph.inputs)
     lines.append(f"\n    def program({args}):")
-    body.extend(_symbol_bindings(graph, names))
+    bindings, late_bindings = _symbol_bindings(graph, names)
+    body.extend(bindings)
     for index, node in enumerate(graph.nodes):
         if node.op == "param":
             continue
@@ -101,6 +118,7 @@ def generate_program(graph: Graph) -> tuple[str, list[Any]]:
             body.append(f"{targets[0]} = {expr}")
         else:
             body.append(f"({', '.join(targets)},) = {expr}")
+        body.extend(late_bindings.get(index, ()))
         dead = [
             names[id(v)]
             for v in {id(v): v for v in node.inputs if v is not None}.values()

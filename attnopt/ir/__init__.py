@@ -8,7 +8,10 @@ registered once ``attnopt.ir`` is imported.
 ``str(graph)`` prints the text form; ``parse(str(g)) == g``.
 """
 
-from attnopt.ir import core_ops  # noqa: F401 - registers the built-in ops
+from attnopt.ir import (
+    core_ops,  # noqa: F401 - registers the built-in ops
+    tokens,  # noqa: F401 - registers token packing (padding removal)
+)
 from attnopt.ir.aten_args import aten_call_args
 from attnopt.ir.attention import AttentionAttrs, AttentionOperands
 from attnopt.ir.graph import Graph, Node, Value

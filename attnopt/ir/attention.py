@@ -187,6 +187,36 @@ class AttentionOperands(NamedTuple):
             raise ValueError(f"attention takes 3 to {len(cls._fields)} operands, got {len(inputs)}")
         return cls(*inputs)
 
+    def single_documents(self) -> AttentionOperands:
+        """Without ``segments`` when every batch row is one document (the common case of a
+        model that checks for packed sequences and finds none): the same attention."""
+        seg = self.segments
+        if seg is None or bool((seg == seg[:, :1]).all()):
+            return self._replace(segments=None)
+        return self
+
+    def per_document(self, fn: Callable[[AttentionOperands], torch.Tensor]) -> torch.Tensor:
+        """``fn`` run on each document (each run of equal segment ids in a row) on its own, for
+        variants that take key masks only (linear, hybrid). Segment ids must be contiguous."""
+        q, v, seg = self.q, self.v, self.segments
+        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        for b in range(q.shape[0]):
+            ids = seg[b if seg.shape[0] > 1 else 0]
+            changes = (ids[1:] != ids[:-1]).nonzero().flatten().tolist()
+            bounds = [0, *(c + 1 for c in changes), ids.shape[0]]
+            if len(set(ids[bounds[i]].item() for i in range(len(bounds) - 1))) != len(bounds) - 1:
+                raise ValueError("documents must be contiguous runs of segment ids")
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                mask = self.mask
+                part = AttentionOperands(
+                    _cut(q, b, 2, start, end),
+                    _cut(self.k, b, 2, start, end),
+                    _cut(v, b, 2, start, end),
+                    None if mask is None else _cut(mask, b, 3, start, end),
+                )
+                out[b : b + 1, :, start:end] = fn(part)
+        return out
+
     def without_segments(self) -> AttentionOperands:
         """The same attention with the document rule folded into the mask (no ``segments``).
 
@@ -211,6 +241,15 @@ class AttentionOperands(NamedTuple):
         while len(items) > 3 and items[-1] is None:
             items.pop()
         return items
+
+
+def _cut(t: Any, row: int, axis: int, start: int, end: int) -> Any:
+    """Row ``row`` (kept as a batch of one) of ``t`` narrowed to ``[start, end)`` along ``axis``
+    (size-1 dims broadcast and stay)."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    t = t[row : row + 1] if t.shape[0] > 1 else t
+    return t.narrow(axis, start, end - start) if t.shape[axis] > 1 else t
 
 
 def block_meta_of(
@@ -322,8 +361,11 @@ def reference_attention(inputs: Sequence[Any], attrs: AttentionAttrs) -> torch.T
     q, k, v = operands.q, operands.k, operands.v
     if q.device.type == "meta":
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
-    operands = operands.without_segments()
+    operands = operands.single_documents()
     variant = effective_variant(attrs, k.shape[2])
+    if operands.segments is not None and variant in ("linear", "hybrid"):
+        return operands.per_document(lambda part: reference_attention(part.as_list(), attrs))
+    operands = operands.without_segments()
     dense = {"scale": attrs.scale, "causal": attrs.causal, "softcap": attrs.softcap}
     if variant == "dense":
         return attention_reference(q, k, v, mask=operands.mask, bias=operands.bias, **dense)

@@ -11,6 +11,7 @@ from attnopt.passes.fuse_attention import FuseAttention
 from attnopt.passes.head_prune import HeadPrune
 from attnopt.passes.linearize import Linearize
 from attnopt.passes.neighborhood import Neighborhood
+from attnopt.passes.remove_padding import RemovePadding
 from attnopt.passes.sliding_window import SlidingWindow
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "HeadPrune",
     "Linearize",
     "Neighborhood",
+    "RemovePadding",
     "SlidingWindow",
     "Pass",
     "PassContext",

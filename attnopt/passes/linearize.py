@@ -53,8 +53,6 @@ def _why_softmax(site: Site) -> str:
         return "soft-capped scores: stays softmax"
     if site.bias is not None:
         return "an additive bias (relative positions, ALiBi): stays softmax"
-    if site.node.inputs[7:8] not in ([], [None]):
-        return "a document mask: stays softmax"
     kind = site.attrs.mask_kind or "mask"
     return f"a mask that is not a key mask (mask analysis: {kind}): stays softmax"
 

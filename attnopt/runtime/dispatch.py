@@ -114,6 +114,10 @@ def attention_torch(inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor:
     ops = AttentionOperands.of(inputs)
     variant = effective_variant(attrs, ops.k.shape[2])
     if ops.segments is not None:
+        ops = ops.single_documents()
+    if ops.segments is not None:
+        if variant in ("linear", "hybrid"):  # kernels that take key masks only: per document
+            return ops.per_document(lambda part: attention_torch(part.as_list(), attrs))
         if variant == "dense" and _documents_fit(ops, attrs):
             return document_attention_cpu(
                 ops.q, ops.k, ops.v, ops.segments, scale=attrs.scale, causal=attrs.causal,

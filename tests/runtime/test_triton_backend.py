@@ -54,6 +54,8 @@ def test_listed_kernels_are_the_kernels_that_ran(name, example, pipeline):
         cm = attnopt.compile(model, args, kwargs, passes=pipeline, backend="triton-interpret")
         namespace = cm.compile_for(args, kwargs).kernels
         namespace.triton_kernels.clear()
+        # compiling may run the program (the symbolic size-one probe): count this call only
+        namespace.calls.update({key: 0 for key in namespace.calls})
         cm(*args, **kwargs)
     ran = namespace.triton_kernels
     assert set(cm.kernels) == set(ran)

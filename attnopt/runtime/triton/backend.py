@@ -132,7 +132,14 @@ def triton_kernel_for(
     if variant not in TRITON_VARIANTS:
         return f"no Triton kernel for the {variant} variant"
     if operands.segments is not None:
-        return "packed documents (segments) run on the torch path"
+        # Listing (meta tensors): the common case, one document per row, which is dropped.
+        meta = operands.q.device.type == "meta"
+        operands = operands._replace(segments=None) if meta else operands.single_documents()
+    if operands.segments is not None:
+        if variant in ("linear", "hybrid"):
+            return "documents of linear attention run per document on the torch path"
+        # the generated kernels take documents as a mask (exact; no block skipping yet)
+        operands = operands.without_segments()
     if variant != "dense" and variant_heads(attrs, q.shape[1]) is not None:
         return "per-head variants run on the torch path"
     if variant == "linear":
