@@ -542,6 +542,14 @@ class CompiledModule(torch.nn.Module):
         return self._latest().graph
 
     @property
+    def removed_padding(self) -> str | None:
+        """The name of the input whose nonzero entries are the real tokens, when the most recent
+        compile removed padding (outputs are zeros at padded positions: compare real positions
+        only); None otherwise."""
+        info = self._latest().graph.meta.get("removed_padding") if self._last else None
+        return None if info is None else info.get("input")
+
+    @property
     def sites(self) -> list[AttentionSite]:
         """Attention sites of the most recently used signature."""
         return self._latest().sites

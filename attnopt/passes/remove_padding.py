@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
+
 from attnopt.ir import Graph, Node, Value, aten_call_args
 from attnopt.ir.core_ops import DimAttrs, ShapeAttrs, TransposeAttrs
 from attnopt.ir.tokens import TokenIndexAttrs
@@ -512,10 +514,38 @@ class RemovePadding(Pass):
         graph.dead_code_elimination()
         graph.infer_types()
         notes.append(f"packed real tokens around sites {sorted(rewriter.sites)}")
-        graph.meta["removed_padding"] = {"symbol": symbol}
+        graph.meta["removed_padding"] = {"symbol": symbol, "input": _mask_input(graph, mask)}
         return PassResult(
             changed=True, rewrites=len(rewriter.sites), notes=notes, declined=declined
         )
+
+
+def _mask_input(graph: Graph, mask: Value) -> str | None:
+    """The graph input the padding mask reads as ``input != 0`` (the user's attention mask): one
+    ``[B, S]`` input, read in the mask's computation only by casts to bool. Validation compares
+    real positions by it; None when the mask is built otherwise."""
+    inputs = {id(v): v for v in graph.inputs}
+    found: set[int] = set()
+    stack, seen = [mask], set()
+    while stack:
+        value = stack.pop()
+        node = value.producer
+        if id(value) in seen or node is None:
+            continue
+        seen.add(id(value))
+        for operand in node.inputs:
+            if operand is None:
+                continue
+            if id(operand) in inputs:
+                if node.op != "cast" or value.dtype != torch.bool:
+                    return None
+                found.add(id(operand))
+            else:
+                stack.append(operand)
+    if len(found) != 1:
+        return None
+    source = inputs[found.pop()]
+    return source.name if source.tensor_type.rank == 2 else None
 
 
 def _fresh_symbol(graph: Graph) -> str:

@@ -182,6 +182,9 @@ def run_and_compare(
                 f"the reference model cannot take these inputs: {type(error).__name__}: {error}"
             ) from error
     cand_outputs = [_call(candidate, batch) for batch in batches]
+    padding_input = getattr(candidate, "removed_padding", None)
+    if isinstance(padding_input, str):
+        ref_outputs = _real_positions(ref_outputs, batches, padding_input, warnings)
     oracle_outputs = _run_oracle(reference, batches, warnings) if oracle else None
     if len(batches) == 1:
         report = build_report(
@@ -196,6 +199,52 @@ def run_and_compare(
     report.warnings[:0] = warnings
     report.batches = len(batches)
     return report
+
+
+def _zero_padding(obj: Any, valid: torch.Tensor) -> Any:
+    """Floating tensors whose leading dims are the padded batch, zeroed at padded positions."""
+    if isinstance(obj, torch.Tensor):
+        if (
+            obj.is_floating_point()
+            and obj.dim() >= 2
+            and tuple(obj.shape[:2]) == tuple(valid.shape)
+        ):
+            shape = (*valid.shape, *([1] * (obj.dim() - 2)))
+            return obj * valid.reshape(shape).to(obj.dtype)
+        return obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_zero_padding(item, valid) for item in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_zero_padding(item, valid) for item in obj)
+    if isinstance(obj, dict):
+        items = {key: _zero_padding(value, valid) for key, value in obj.items()}
+        try:
+            return type(obj)(**items)  # model outputs (ModelOutput) keep their type
+        except TypeError:
+            return items
+    return obj
+
+
+def _real_positions(
+    ref_outputs: list, batches: list[Batch], name: str, warnings: list[str]
+) -> list:
+    """The reference's outputs with padded positions zeroed, as the candidate (which removed
+    padding) returns them: the comparison then covers the real positions only."""
+    result = []
+    for outputs, (_, kwargs) in zip(ref_outputs, batches):
+        mask = kwargs.get(name)
+        if not isinstance(mask, torch.Tensor):
+            warnings.append(
+                f"the candidate removed padding, but input {name!r} is not a keyword input: "
+                "padded positions are compared too"
+            )
+            return ref_outputs
+        result.append(_zero_padding(outputs, mask != 0))
+    warnings.append(
+        f"the candidate removed padding: outputs are compared at real positions only (where "
+        f"{name} != 0); its padded positions are zeros by contract"
+    )
+    return result
 
 
 def _aggregate(

@@ -122,3 +122,20 @@ def test_sentence_transformers_embeddings_match():
     st[0].model = attnopt.compile(st[0].model, passes=PIPELINE)
     got = st.encode(texts, batch_size=3, convert_to_tensor=True)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_validate_compares_real_positions_only_and_says_so():
+    entry = zoo.get("minilm")
+    model = entry.build("sdpa")
+    args, kwargs = entry.example(3, 12)
+    cm = attnopt.compile(model, args, kwargs, passes=PIPELINE)
+    assert cm.removed_padding == "attention_mask"
+    report = attnopt.validate(model, cm, args, kwargs)
+    assert report.ok, str(report)
+    assert any("real positions only" in w for w in report.warnings)
+    # without padding removal nothing is masked out of the comparison
+    exact = attnopt.compile(model, args, kwargs, passes="canonicalize,fuse-attention")
+    assert exact.removed_padding is None
+    assert not any(
+        "real positions" in w for w in attnopt.validate(model, exact, args, kwargs).warnings
+    )
