@@ -7,16 +7,20 @@ Models build it in many ways: a constant causal triangle, ``arange`` comparisons
 mask functions, with or without ``vmap``), an ``index`` of the user's ``attention_mask`` by batch
 and key positions, ``where(keep, 0, min)`` or ``(1 - mask) * min`` to make it additive,
 ``tril``/``triu`` of ones, conjunctions of all of these. The analysis splits the mask into
-conjuncts (through ``&``, ``~(a | b)``, additive sums, ``masked_fill`` and ``where`` with a very
-negative fill), interprets each one symbolically as a function of the score indices
-``(b, h, q, k)`` and classifies it:
+conjuncts (through ``&``, ``~(a | b)``, additive sums, also summed over merged batch and heads as
+``nn.MultiheadAttention`` does, ``masked_fill`` and ``where`` with a very negative fill; zeros
+made by ``zeros``/``zeros_like`` are no mask), interprets each one symbolically as a function of
+the score indices ``(b, h, q, k)`` and classifies it:
 
 * **always true** (``q >= 0``, a constant of ones): dropped;
 * **causal** (``k <= q + (Sk - Sq)``, bottom-right aligned) and a **causal window**
   (``k >= q - w``): the ``causal`` attribute and the exact ``sliding_window`` variant;
 * **key mask** (depends on the batch and key index only): the ``[B, 1, 1, Sk]`` mask every
-  kernel skips keys with; it is **key padding** when it is computed from integer or bool inputs
-  alone (no activations, no parameters), the condition padding removal needs;
+  kernel skips keys with; it is **key padding** when it reads, for each sequence, which of its
+  own tokens are real (``attention_mask[b, k]``, ``ids[b, k] != pad``, ``k < lengths[b]``, from
+  integer or bool graph inputs at the same batch row), the condition padding removal needs; a key
+  mask from activations, from another row (``mask.flip(0)``, ``lengths[order]``) or of fixed
+  positions is not padding;
 * **documents** (``seg[b, q] == seg[b, k]`` for one ``[B, S]`` integer tensor): segment ids,
   an operand of the op (kernels skip the blocks between documents);
 * anything else: a **remainder** that stays a mask. A mask whose structure cannot be proven is
@@ -102,6 +106,17 @@ class _Same:
 
 
 @dataclass(frozen=True)
+class _Order:
+    """``lhs <op> rhs`` (``op`` in le, lt, eq, ne) where a side reads data: ``k < lengths[b]``,
+    ``ids[b, k] != pad``. Nothing is proven about it beyond the dims it depends on and the values
+    it reads (what key padding needs)."""
+
+    op: str
+    lhs: Any  # _Lin or _Data
+    rhs: Any
+
+
+@dataclass(frozen=True)
 class _Bool:
     """``and`` / ``or`` of terms, or ``not`` of one."""
 
@@ -121,6 +136,8 @@ def _shift(expr: Any, remap: Any) -> Any:
         )
     if isinstance(expr, _Same):
         return _Same(_shift(expr.a, remap), _shift(expr.b, remap), expr.negated)
+    if isinstance(expr, _Order):
+        return _Order(expr.op, _shift(expr.lhs, remap), _shift(expr.rhs, remap))
     if isinstance(expr, _Bool):
         return _Bool(expr.op, tuple(_shift(t, remap) for t in expr.terms))
     return expr
@@ -135,19 +152,11 @@ def _dims_of(expr: Any) -> set[int]:
         return {d for d in expr.dims if d is not None}
     if isinstance(expr, _Same):
         return _dims_of(expr.a) | _dims_of(expr.b)
+    if isinstance(expr, _Order):
+        return _dims_of(expr.lhs) | _dims_of(expr.rhs)
     if isinstance(expr, _Bool):
         return set().union(*(_dims_of(t) for t in expr.terms)) if expr.terms else set()
     return set()
-
-
-def _data_values(expr: Any) -> list[Value]:
-    if isinstance(expr, _Data):
-        return [expr.value]
-    if isinstance(expr, _Same):
-        return [expr.a.value, expr.b.value]
-    if isinstance(expr, _Bool):
-        return [v for t in expr.terms for v in _data_values(t)]
-    return []
 
 
 _CMP_TARGETS = {
@@ -183,6 +192,37 @@ class _Interpreter:
                 self.memo[key] = _Data(value, _identity_dims(value))
         return self.memo[key]
 
+    def additive_keep(self, value: Value) -> Any:
+        """The keep rule of an additive mask that is 0 where kept and a mask fill elsewhere
+        (``masked_fill(0, cond, fill)``, ``where(cond, 0, fill)``, seen through casts and views),
+        as a bool expression over ``value``'s dims; None when it is not of that form."""
+        node = value.producer
+        if node is None or not value.dtype.is_floating_point:
+            return None
+        source = node.inputs[0] if node.inputs else None
+        if node.op in ("contiguous", "cast", "unsqueeze", "expand", "reshape"):
+            if source is None or not source.dtype.is_floating_point:
+                return None
+            inner = self.additive_keep(source)
+            if inner is None:
+                return None
+            if node.op == "unsqueeze":
+                dim = node.attrs.dim % value.tensor_type.rank
+                return _shift(inner, lambda d: d + 1 if d >= dim else d)
+            if node.op == "expand":
+                return self._broadcast(source, value, inner)
+            if node.op == "reshape":
+                return self._reshape(source, value, inner)
+            return inner
+        fill = _fill_form(self.graph, node)
+        if fill is None or not is_mask_fill(fill[2], value.dtype):
+            return None
+        cond, masked_when, _ = fill
+        if cond.tensor_type.rank > value.tensor_type.rank:
+            return None
+        keep = self._as_bool(self._operand(cond, value), cond)
+        return _negate(keep) if masked_when else keep
+
     def _opaque(self, value: Value) -> _Data:
         return _Data(value, _identity_dims(value), value.dtype == torch.bool)
 
@@ -199,10 +239,11 @@ class _Interpreter:
             rank = node.output.tensor_type.rank
             dim = node.attrs.dim % rank
             return _shift(inner, lambda d: d + 1 if d >= dim else d)
-        if op == "expand":
-            return self._broadcast(node.inputs[0], value)  # type: ignore[arg-type]
-        if op == "reshape":
-            return self._reshape(node.inputs[0], value)  # type: ignore[arg-type]
+        if op in ("expand", "reshape"):
+            view = self._broadcast if op == "expand" else self._reshape
+            inner = self.expr(node.inputs[0])  # type: ignore[arg-type]
+            found = view(node.inputs[0], value, inner)  # type: ignore[arg-type]
+            return self._opaque(value) if found is None else found
         if op == "cast":
             inner = self.expr(node.inputs[0])  # type: ignore[arg-type]
             if value.dtype == torch.bool:
@@ -229,7 +270,7 @@ class _Interpreter:
             return _Data(expr.value, expr.dims, True)
         if isinstance(expr, _Lin):
             return _Cmp("ne", expr)
-        if isinstance(expr, (_Cmp, _Bool, _Same, _Truth)):
+        if isinstance(expr, (_Cmp, _Bool, _Same, _Order, _Truth)):
             return expr
         return self._opaque(source) if source is not None else expr
 
@@ -254,24 +295,25 @@ class _Interpreter:
                     return _Lin(((axis, 1),), sympy.Integer(start))
         return _Data(value, _identity_dims(value), tensor.dtype == torch.bool)
 
-    def _broadcast(self, source: Value, value: Value) -> Any:
-        inner = self.expr(source)
+    def _broadcast(self, source: Value, value: Value, inner: Any) -> Any:
+        """``inner`` (the meaning of ``source``) seen through an expand to ``value`` (None: an
+        expanded size-1 dim it depends on)."""
         extra = value.tensor_type.rank - source.tensor_type.rank
         for i, size in enumerate(source.shape):
             if size == 1 and value.shape[i + extra] != 1 and (i in _dims_of(inner)):
-                return self._opaque(value)
+                return None
         return _shift(inner, lambda d: d + extra)
 
-    def _reshape(self, source: Value, value: Value) -> Any:
-        """Only reshapes that add or drop size-1 dims (views such as ``[B, S] -> [B, 1, 1, S]``)."""
+    def _reshape(self, source: Value, value: Value, inner: Any) -> Any:
+        """``inner`` seen through a reshape that adds or drops size-1 dims (views such as
+        ``[B, S] -> [B, 1, 1, S]``); None for any other reshape."""
         old = [(i, s) for i, s in enumerate(source.shape) if s != 1]
         new = [(i, s) for i, s in enumerate(value.shape) if s != 1]
         if [s for _, s in old] != [s for _, s in new]:
-            return self._opaque(value)
+            return None
         mapping = {i: j for (i, _), (j, _) in zip(old, new)}
-        inner = self.expr(source)
         if not _dims_of(inner) <= set(mapping):
-            return self._opaque(value)
+            return None
         return _shift(inner, lambda d: mapping[d])
 
     def _aligned(self, a: Value, b: Value, out: Value) -> tuple[Any, Any]:
@@ -405,6 +447,11 @@ class _Interpreter:
             if not b.coeffs and b.const == 0 and not a.truthy:
                 truthy = _Data(a.value, a.dims, True)
                 return truthy if name == "ne" else _Bool("not", (truthy,))
+        sides = (a, b)
+        if all(isinstance(x, (_Lin, _Data)) and not getattr(x, "truthy", False) for x in sides):
+            if name in ("ge", "gt"):  # a >= b is b <= a
+                return _Order("le" if name == "ge" else "lt", b, a)
+            return _Order(name, a, b)
         return self._opaque(value)
 
     def _index(self, args: list[Any], value: Value) -> Any:
@@ -460,11 +507,108 @@ def is_mask_fill(value: float, dtype: torch.dtype) -> bool:
     )
 
 
+def _zero_valued(graph: Graph, value: Value) -> bool:
+    """Whether ``value`` is all zeros: a constant, or made by zeros/zeros_like/new_zeros/full(0)
+    (symbolic shapes keep these as ops)."""
+    tensor = constant_tensor(graph, value)
+    if tensor is not None:
+        return tensor.numel() > 0 and bool((tensor == 0).all())
+    node = value.producer
+    if node is None or node.op != "aten":
+        return False
+    target = node.attrs.target
+    if target in ("aten.zeros.default", "aten.zeros_like.default", "aten.new_zeros.default"):
+        return True
+    if target in ("aten.full.default", "aten.full_like.default", "aten.new_full.default"):
+        args = aten_call_args(node)[0]
+        fill = args[2] if target == "aten.new_full.default" else args[1]
+        return isinstance(fill, (int, float)) and not isinstance(fill, bool) and fill == 0
+    return False
+
+
+def _scalar_of(graph: Graph, obj: Any) -> float | None:
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        return float(obj)
+    if isinstance(obj, Value):
+        tensor = constant_tensor(graph, obj)
+        if tensor is not None and tensor.numel() == 1 and tensor.dtype != torch.bool:
+            return float(tensor.reshape(()).item())
+    return None
+
+
+def _zero_operand(graph: Graph, obj: Any) -> bool:
+    if isinstance(obj, Value):
+        return _zero_valued(graph, obj)
+    return _scalar_of(graph, obj) == 0.0
+
+
+def _fill_form(graph: Graph, node: Node) -> tuple[Value, bool, float] | None:
+    """``(cond, masked_when, fill)`` of a node that is ``fill`` where ``cond == masked_when`` and
+    exactly 0 elsewhere: ``where(cond, 0, fill)``, ``where(cond, fill, 0)``,
+    ``masked_fill(zeros, cond, fill)``. None for anything else."""
+    if node.op == "where" or (
+        node.op == "aten"
+        and node.attrs.target
+        in ("aten.where.self", "aten.where.ScalarOther", "aten.where.ScalarSelf")
+    ):
+        if node.op == "where":
+            cond, a, b = node.inputs[0], node.inputs[1], node.inputs[2]
+        else:
+            cond, a, b = aten_call_args(node)[0][:3]
+        if not isinstance(cond, Value) or cond.dtype != torch.bool:
+            return None
+        va, vb = _scalar_of(graph, a), _scalar_of(graph, b)
+        if vb is not None and _zero_operand(graph, a):
+            return cond, False, vb
+        if va is not None and _zero_operand(graph, b):
+            return cond, True, va
+        return None
+    if node.op == "masked_fill" or (
+        node.op == "aten" and node.attrs.target == "aten.masked_fill.Scalar"
+    ):
+        if node.op == "masked_fill":
+            base, cond, fill = node.inputs[0], node.inputs[1], node.attrs.value
+        else:
+            base, cond, fill = aten_call_args(node)[0][:3]
+        fill_value = _scalar_of(graph, fill)
+        if (
+            isinstance(base, Value)
+            and isinstance(cond, Value)
+            and cond.dtype == torch.bool
+            and fill_value is not None
+            and _zero_valued(graph, base)
+        ):
+            return cond, True, fill_value
+    return None
+
+
 @dataclass
 class _Conjunct:
     value: Value  # bool (keep where True, or False when negated) or additive float
     negated: bool = False
     additive: bool = False  # a float term that is only known to add to the scores
+
+
+def _copy_with_shape(value: Value, shape: tuple) -> Value | None:
+    """A value of ``shape`` that ``value`` is a reshape (or contiguous copy) of, through a chain of
+    them: reshapes keep the row-major order, so it holds the same elements."""
+    current = value
+    while current.producer is not None and current.producer.op in ("reshape", "contiguous"):
+        source = current.producer.inputs[0]
+        if source is None:
+            return None
+        current = source
+        if tuple(current.shape) == tuple(shape):
+            return current
+    return None
+
+
+def _leading_unsqueeze(node: Node) -> bool:
+    return (
+        node.op == "unsqueeze"
+        and node.inputs[0] is not None
+        and node.attrs.dim % node.output.tensor_type.rank == 0
+    )
 
 
 class _Splitter:
@@ -478,15 +622,6 @@ class _Splitter:
             return self._bool(value, negated)
         return self._additive(value)
 
-    def _scalar(self, obj: Any) -> float | None:
-        if isinstance(obj, (int, float)) and not isinstance(obj, bool):
-            return float(obj)
-        if isinstance(obj, Value):
-            tensor = constant_tensor(self.graph, obj)
-            if tensor is not None and tensor.numel() == 1 and tensor.dtype != torch.bool:
-                return float(tensor.reshape(()).item())
-        return None
-
     def _same_rank(self, inner: Value, outer: Value) -> bool:
         return inner.tensor_type.rank == outer.tensor_type.rank
 
@@ -494,6 +629,12 @@ class _Splitter:
         node = value.producer
         if node is not None and node.op == "expand" and node.inputs[0] is not None:
             return self._bool(node.inputs[0], negated)
+        if node is not None and _leading_unsqueeze(node):
+            return self._bool(node.inputs[0], negated)  # type: ignore[arg-type]
+        if node is not None and node.op in ("reshape", "contiguous"):
+            source = _copy_with_shape(value, value.shape)
+            if source is not None:
+                return self._bool(source, negated)
         if node is not None and node.op == "aten":
             target = node.attrs.target
             args, _ = aten_call_args(node)
@@ -512,19 +653,25 @@ class _Splitter:
         whole = [_Conjunct(value, additive=True)]
         if node is None:
             return whole
+        if _zero_valued(self.graph, value):
+            return []
         dtype = value.dtype
         if node.op == "expand" and node.inputs[0] is not None:
             return self._additive(node.inputs[0])
+        if _leading_unsqueeze(node):  # masks broadcast from the right: the same mask
+            return self._additive(node.inputs[0])  # type: ignore[arg-type]
+        if node.op in ("reshape", "contiguous"):
+            source = _copy_with_shape(value, value.shape)
+            if source is not None:
+                return self._additive(source)
+            return self._unmerged(node, value) or whole
         if (
             node.op == "cast"
             and node.inputs[0] is not None
             and node.inputs[0].dtype.is_floating_point
         ):
             inner = node.inputs[0]
-            if (
-                inner.dtype.is_floating_point
-                and torch.finfo(inner.dtype).bits <= torch.finfo(dtype).bits
-            ):
+            if torch.finfo(inner.dtype).bits <= torch.finfo(dtype).bits:
                 return self._additive(inner)
             return whole
         if node.op == "add" and node.attrs.scalar is None and node.attrs.alpha == 1.0:
@@ -536,31 +683,19 @@ class _Splitter:
                 and b.dtype.is_floating_point
             ):
                 return self._additive(a) + self._additive(b)
-        if node.op == "where" or (
-            node.op == "aten"
-            and node.attrs.target
-            in ("aten.where.self", "aten.where.ScalarOther", "aten.where.ScalarSelf")
-        ):
-            if node.op == "where":
-                cond, a, b = node.inputs[0], node.inputs[1], node.inputs[2]
-            else:
-                cond, a, b = aten_call_args(node)[0][:3]
-            if not isinstance(cond, Value) or cond.dtype != torch.bool:
-                return whole
-            va, vb = self._scalar(a), self._scalar(b)
-            if va == 0.0 and vb is not None and is_mask_fill(vb, dtype):
-                return self._bool(cond, False)
-            if vb == 0.0 and va is not None and is_mask_fill(va, dtype):
-                return self._bool(cond, True)
-            return whole
+        fill = _fill_form(self.graph, node)
+        if fill is not None:
+            cond, masked_when, fill_value = fill
+            return self._bool(cond, masked_when) if is_mask_fill(fill_value, dtype) else whole
         if node.op == "masked_fill" or (
             node.op == "aten" and node.attrs.target == "aten.masked_fill.Scalar"
         ):
+            # masked_fill(base, cond, fill) over an additive base: base's conjuncts and not cond
             if node.op == "masked_fill":
-                base, cond, fill = node.inputs[0], node.inputs[1], node.attrs.value
+                base, cond, fill_obj = node.inputs[0], node.inputs[1], node.attrs.value
             else:
-                base, cond, fill = aten_call_args(node)[0][:3]
-            fill_value = self._scalar(fill)
+                base, cond, fill_obj = aten_call_args(node)[0][:3]
+            fill_value = _scalar_of(self.graph, fill_obj)
             if (
                 isinstance(base, Value)
                 and isinstance(cond, Value)
@@ -568,8 +703,7 @@ class _Splitter:
                 and fill_value is not None
                 and is_mask_fill(fill_value, dtype)
             ):
-                inner = [] if self._scalar(base) == 0.0 else self._additive(base)
-                return inner + self._bool(cond, True)
+                return self._additive(base) + self._bool(cond, True)
             return whole
         if (
             node.op == "mul"
@@ -581,7 +715,7 @@ class _Splitter:
             sub = inner.producer if inner is not None else None
             if sub is not None and sub.op == "aten" and sub.attrs.target == "aten.rsub.Scalar":
                 src = aten_call_args(sub)[0]
-                if self._scalar(src[1]) == 1.0 and isinstance(src[0], Value):
+                if _scalar_of(self.graph, src[1]) == 1.0 and isinstance(src[0], Value):
                     cast = src[0].producer
                     if (
                         cast is not None
@@ -591,10 +725,39 @@ class _Splitter:
                     ):
                         return self._bool(cast.inputs[0], False)
             return whole
-        tensor = constant_tensor(self.graph, value)
-        if tensor is not None and tensor.numel() and bool((tensor == 0).all()):
-            return []
         return whole
+
+    def _unmerged(self, node: Node, value: Value) -> list[_Conjunct] | None:
+        """Conjuncts of ``reshape(a + b)`` that splits the leading dim ``M = d1 * d2`` (masks
+        summed over merged batch and heads, as ``nn.MultiheadAttention`` does): a term of size 1
+        (or absent) there broadcasts the same way after the split; a term of size ``M`` must be a
+        reshape of a value laid out ``[d1, d2, ...]``. None when a term is neither."""
+        source = node.inputs[0]
+        if source is None or source.producer is None:
+            return None
+        shape, merged = tuple(value.shape), tuple(source.shape)
+        if len(shape) != len(merged) + 1 or shape[2:] != merged[1:]:
+            return None
+        if sympy.simplify(dim_expr(merged[0]) - dim_expr(shape[0]) * dim_expr(shape[1])) != 0:
+            return None
+        add = source.producer
+        if add.op != "add" or add.attrs.scalar is not None or add.attrs.alpha != 1.0:
+            return None
+        conjuncts: list[_Conjunct] = []
+        for term in add.inputs:
+            if term is None or not term.dtype.is_floating_point:
+                return None
+            rank = term.tensor_type.rank
+            if rank < len(merged) or term.shape[0] == 1:
+                conjuncts += self._additive(term)
+                continue
+            if term.shape[0] != merged[0]:
+                return None
+            split = _copy_with_shape(term, (shape[0], shape[1], *term.shape[1:]))
+            if split is None:
+                return None
+            conjuncts += self._additive(split)
+        return conjuncts
 
 
 def causal_window(keep: torch.Tensor, q_len: Dim, kv_len: Dim) -> int | None:
@@ -639,8 +802,9 @@ class MaskAnalysis:
         key_masks: conjuncts that depend on the batch and key index only (``[B, 1, 1, Sk]`` after
             broadcasting), as graph values (bool keep or additive); negated ones are listed in
             ``key_negated``.
-        key_padding: the key masks are computed from integer/bool inputs alone (padding), not from
-            activations or parameters.
+        key_padding: every key mask reads which tokens of its own sequence are real, from integer
+            or bool graph inputs at the same batch row (padding), not from activations,
+            parameters, other rows or fixed positions.
         segments: a ``[B, S]`` integer value whose equality across query and key is a conjunct
             (documents), or None.
         remainder: conjuncts nothing was proven about; they stay a mask.
@@ -658,30 +822,13 @@ class MaskAnalysis:
     changed: bool = False
 
 
-def _from_inputs_only(graph: Graph, value: Value, budget: int = 256) -> bool:
-    """Whether ``value`` is computed from integer/bool graph inputs and constants only."""
-    parameters = set(graph.meta.get("parameters", ()))
-    stack, seen = [value], set()
-    while stack:
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        budget -= 1
-        if budget < 0:
-            return False
-        if current.dtype.is_floating_point:
-            if constant_tensor(graph, current) is None:
-                return False
-        node = current.producer
-        if node is None:
-            continue
-        if node.op == "param":
-            if node.attrs.name in parameters:
-                return False
-            continue
-        stack.extend(v for v in node.inputs if v is not None)
-    return True
+def _additive_keep_tensor(tensor: torch.Tensor, value: Value) -> torch.Tensor | None:
+    """Where a constant additive mask keeps scores: it must be 0 there and a mask fill elsewhere."""
+    if not tensor.is_floating_point():
+        return None
+    if not all(v == 0 or is_mask_fill(v, value.dtype) for v in tensor.unique().tolist()):
+        return None
+    return tensor == 0
 
 
 def _lin_of(cmp: _Cmp, q_dim: int, k_dim: int) -> tuple[int, int, Any] | None:
@@ -748,24 +895,30 @@ class _Classifier:
     def classify(
         self, conj: _Conjunct, uppers: list[Any], lowers: list[Any], result: MaskAnalysis
     ) -> str:
+        constant = constant_tensor(self.graph, conj.value)
         if conj.additive:
-            expr = _Data(conj.value, _identity_dims(conj.value))
-            axes = self.axes(conj, expr)
-            if axes <= {"b", "k"} and self.rank == 4:
-                return self._key(conj, result, padding=False)
-            result.remainder.append(conj)
-            return "remainder"
-        expr = self.interp.expr(conj.value)
-        expr = self.interp._as_bool(expr, conj.value)
-        if conj.negated:
-            expr = _negate(expr)
+            # 0 where kept and a mask fill elsewhere, seen through views: its keep rule (or, for a
+            # constant, its keep tensor); anything else is only known by its axes
+            expr = self.interp.additive_keep(conj.value)
+            constant = None if constant is None else _additive_keep_tensor(constant, conj.value)
+            if expr is None:
+                expr = _Data(conj.value, _identity_dims(conj.value))
+                if constant is None:
+                    if self.axes(conj, expr) <= {"b", "k"} and self.rank == 4:
+                        return self._key(conj, result, padding=False)
+                    result.remainder.append(conj)
+                    return "remainder"
+        else:
+            expr = self.interp.expr(conj.value)
+            expr = self.interp._as_bool(expr, conj.value)
+            if conj.negated:
+                expr = _negate(expr)
         axes = self.axes(conj, expr)
         if isinstance(expr, _Truth):
             if expr.value:
                 return "drop"
             result.remainder.append(conj)
             return "remainder"
-        constant = constant_tensor(self.graph, conj.value)
         if constant is not None and constant.dtype == torch.bool and axes <= {"q", "k"}:
             keep = ~constant if conj.negated else constant
             window = causal_window(keep, self.q_len, self.kv_len)
@@ -793,8 +946,7 @@ class _Classifier:
                 if (qc, kc) == (-1, 0) and _nonpositive(const):  # q >= c
                     return "drop"
         if axes <= {"b", "k"} and self.rank == 4:
-            padding = _from_inputs_only(self.graph, conj.value)
-            return self._key(conj, result, padding=padding)
+            return self._key(conj, result, padding=self._reads_padding(conj, expr))
         if isinstance(expr, _Same) and not expr.negated and self.rank == 4:
             a, b = expr.a, expr.b
             if a.value is b.value and a.value.tensor_type.rank == 2:
@@ -814,6 +966,44 @@ class _Classifier:
                         return "documents"
         result.remainder.append(conj)
         return "remainder"
+
+    def _reads_padding(self, conj: _Conjunct, expr: Any) -> bool:
+        """Whether a key conjunct says which tokens of each sequence are real: built only from
+        reads of graph inputs at the same batch row (``attention_mask[b, k]``,
+        ``ids[b, k] != pad``, ``k < lengths[b]``) and constants. A mask gathered from another row
+        (``mask.flip(0)``, ``lengths[order]``), computed from activations, or fixing key positions
+        (``k < 8``) is a key mask, not padding."""
+        names = {4: "bhqk", 3: "xqk", 2: "qk"}.get(self.rank, "")
+        shift = self.rank - conj.value.tensor_type.rank
+
+        def axis(dim: int | None) -> str | None:
+            return None if dim is None else names[dim + shift]
+
+        def aligned(data: _Data) -> bool:
+            if data.value.producer is not None or data.value.dtype.is_floating_point:
+                return False  # not an integer/bool graph input: computed, gathered, a parameter
+            if len(data.dims) == 2:
+                return axis(data.dims[0]) in (None, "b") and axis(data.dims[1]) == "k"
+            return len(data.dims) == 1 and axis(data.dims[0]) == "b"
+
+        def side(term: Any) -> bool:
+            if isinstance(term, _Data):
+                return aligned(term)
+            return isinstance(term, _Lin) and {axis(d) for d, _ in term.coeffs} <= {"k"}
+
+        def padding(term: Any) -> bool:
+            if isinstance(term, _Truth):
+                return True
+            if isinstance(term, _Data):
+                return term.truthy and len(term.dims) == 2 and aligned(term)
+            if isinstance(term, _Order):
+                reads = [t for t in (term.lhs, term.rhs) if isinstance(t, _Data)]
+                return bool(reads) and side(term.lhs) and side(term.rhs)
+            if isinstance(term, _Bool):
+                return all(padding(t) for t in term.terms)
+            return False
+
+        return padding(expr)
 
     def _key(self, conj: _Conjunct, result: MaskAnalysis, padding: bool) -> str:
         result.key_padding = (result.key_padding or not result.key_masks) and padding
