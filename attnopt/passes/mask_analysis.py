@@ -950,13 +950,10 @@ class _Classifier:
         if isinstance(expr, _Same) and not expr.negated and self.rank == 4:
             a, b = expr.a, expr.b
             if a.value is b.value and a.value.tensor_type.rank == 2:
-                names = self.axes(conj, a), self.axes(conj, b)
+                # the batch dim is absent from the axes when it is 1 (a static batch of one)
+                names = self.axes(conj, a) - {"b"}, self.axes(conj, b) - {"b"}
                 if (
-                    {frozenset(names[0]), frozenset(names[1])}
-                    == {
-                        frozenset("bq"),
-                        frozenset("bk"),
-                    }
+                    {frozenset(names[0]), frozenset(names[1])} == {frozenset("q"), frozenset("k")}
                     and a.dims[0] == b.dims[0]
                     and result.segments is None
                 ):
