@@ -33,7 +33,7 @@ from attnopt.passes.helpers import (
     emit_before,
     view_chain_source,
 )
-from attnopt.passes.mask_analysis import analyse_masks, causal_window
+from attnopt.passes.mask_analysis import MaskAnalysis, analyse_masks, causal_window
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,6 +211,11 @@ def build_attention(
     rank = q.tensor_type.rank
     analysis = analyse_masks(graph, masks, q_len, kv_len, rank=rank)
     segments: Value | None = None
+    if analysis.changed and analysis.finite_fill and empty_rows is None:
+        # eager gives a row whose keys are all hidden by a finite fill the mean of v: keep it
+        empty_rows = _finite_fill_rows(graph, anchor, analysis, v, q_len, kv_len, rank)
+        if empty_rows is None:
+            analysis = dataclasses.replace(analysis, changed=False, kinds=["mask"])
     if analysis.changed:
         masks = [
             _not(graph, anchor, c.value) if c.negated else c.value
@@ -225,7 +230,7 @@ def build_attention(
         segments = analysis.segments
     kinds = list(analysis.kinds)
     if causal and not any(k in kinds for k in ("causal", "sliding_window")):
-        kinds.insert(0, "causal")
+        kinds.insert(0, "sliding_window" if _is_window(window_left, kv_len) else "causal")
     if rank > 4 or rank < 2:
         raise NoMatch(f"rank-{rank} attention (only ranks 2 to 4 are laid out as [B, H, S, D])")
     dtypes = {q.dtype, k.dtype, v.dtype}
@@ -293,6 +298,50 @@ def build_attention(
         out = emit_before(graph, anchor, "where", [empty_rows[0], empty_rows[1], out])
     graph.replace_all_uses(replaces, out)
     return out
+
+
+def _is_window(window_left: int | None, kv_len: Dim) -> bool:
+    return window_left is not None and (not isinstance(kv_len, int) or window_left < kv_len - 1)
+
+
+def _finite_fill_rows(
+    graph: Graph,
+    anchor: Node,
+    analysis: MaskAnalysis,
+    v: Value,
+    q_len: Dim,
+    kv_len: Dim,
+    rank: int,
+) -> tuple[Value, Value] | None:
+    """``(empty, mean of v)`` for the rows a finite-fill mask read as key masks (and causality)
+    hides entirely: eager's softmax over equal scores there is the mean of v over all keys.
+    None when the analysed parts are not key masks plus causality over equal lengths (then the
+    mask is kept as it was)."""
+    if rank != 4 or analysis.remainder or analysis.segments is not None:
+        return None
+    if analysis.window_left is not None or (analysis.causal and q_len != kv_len):
+        return None
+    if not analysis.key_masks or any(c.additive for c in analysis.key_masks):
+        return None
+    keep = None
+    for conj in analysis.key_masks:
+        term = _not(graph, anchor, conj.value) if conj.negated else conj.value
+        term = _to_rank4(graph, anchor, term)
+        keep = (
+            term
+            if keep is None
+            else emit_aten_before(graph, anchor, "aten.logical_and.default", [keep, term])
+        )
+    assert keep is not None
+    if analysis.causal:  # query i sees keys 0..i: empty when no key up to i is kept
+        seen = emit_aten_before(graph, anchor, "aten.cumsum.default", [keep, -1])
+        none = emit_aten_before(graph, anchor, "aten.eq.Scalar", [seen, 0])
+        empty = emit_before(graph, anchor, "transpose", [none], TransposeAttrs(dim0=-2, dim1=-1))
+    else:
+        seen = emit_aten_before(graph, anchor, "aten.any.dim", [keep, -1, True])
+        empty = _not(graph, anchor, seen)
+    mean = emit_aten_before(graph, anchor, "aten.mean.dim", [v, [-2], True])
+    return empty, mean
 
 
 def _inert_constant(graph: Graph, mask: Value) -> bool:

@@ -616,6 +616,7 @@ class _Splitter:
 
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
+        self.finite = False  # an additive mask with a finite fill (finfo.min) became bool
 
     def split(self, value: Value, negated: bool = False) -> list[_Conjunct]:
         if value.dtype == torch.bool:
@@ -686,7 +687,10 @@ class _Splitter:
         fill = _fill_form(self.graph, node)
         if fill is not None:
             cond, masked_when, fill_value = fill
-            return self._bool(cond, masked_when) if is_mask_fill(fill_value, dtype) else whole
+            if not is_mask_fill(fill_value, dtype):
+                return whole
+            self.finite = self.finite or math.isfinite(fill_value)
+            return self._bool(cond, masked_when)
         if node.op == "masked_fill" or (
             node.op == "aten" and node.attrs.target == "aten.masked_fill.Scalar"
         ):
@@ -703,6 +707,7 @@ class _Splitter:
                 and fill_value is not None
                 and is_mask_fill(fill_value, dtype)
             ):
+                self.finite = self.finite or math.isfinite(fill_value)
                 return self._additive(base) + self._bool(cond, True)
             return whole
         if (
@@ -723,6 +728,7 @@ class _Splitter:
                         and cast.inputs[0] is not None
                         and cast.inputs[0].dtype == torch.bool
                     ):
+                        self.finite = True
                         return self._bool(cast.inputs[0], False)
             return whole
         return whole
@@ -810,6 +816,10 @@ class MaskAnalysis:
         remainder: conjuncts nothing was proven about; they stay a mask.
         kinds: names of what was found, for reports: ``causal``, ``sliding_window``,
             ``key_padding``, ``key_mask``, ``documents``, ``mask``.
+        changed: the split or the classification differs from the masks as given.
+        finite_fill: an additive mask with a finite fill (``finfo.min``) was read as bool: a
+            row whose every key it hides is eager's uniform average over all keys, which the
+            caller must keep (a bool mask gives such rows zeros).
     """
 
     causal: bool = False
@@ -820,6 +830,7 @@ class MaskAnalysis:
     remainder: list[_Conjunct] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
     changed: bool = False
+    finite_fill: bool = False
 
 
 def _additive_keep_tensor(tensor: torch.Tensor, value: Value) -> torch.Tensor | None:
@@ -876,6 +887,7 @@ class _Classifier:
             if len(parts) != 1 or parts[0].value is not mask or parts[0].negated:
                 result.changed = True
             conjuncts.extend(parts)
+        result.finite_fill = splitter.finite
         uppers: list[Any] = []  # k - q <= u
         lowers: list[Any] = []  # q - k <= w
         for conj in conjuncts:

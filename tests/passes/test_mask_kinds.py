@@ -197,12 +197,6 @@ def test_symbolic_program_serves_another_shape_with_left_padding(name):
     assert cm.stats["specialisations"] == served + 1  # no new compile
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="eager's finfo.min masks give a row with no visible key a uniform softmax over all "
-    "keys; once the analysis turns them into causal + a bool key mask, the op gives zeros there "
-    "(build_attention restores such rows only for masked_fill fills, not for additive masks)",
-)
 @pytest.mark.parametrize("name, padding", [("llama", "left"), ("bert", "all")])
 def test_rows_without_a_visible_key_match_eager(name, padding):
     model = zoo_model(name, "eager")
@@ -422,10 +416,7 @@ def _hand_inputs():
 HAND = _hand_inputs()
 
 #: Kinds the static compile reports differently (strict xfail, see the report of #14).
-HAND_KNOWN_WRONG = {
-    ("window", "static"): "a constant window mask is turned into the window by build_attention "
-    "before the analysis sees it, and the kind is labelled 'causal' (the variant is right)",
-}
+HAND_KNOWN_WRONG: dict[tuple[str, str], str] = {}
 
 
 #: Cases built without sizes (no arange, zeros or ones of the length): symbolic shapes change
