@@ -74,3 +74,14 @@ def test_ray_embeddings_ship_the_plan_to_local_workers():
     assert 1 <= result["worker_compilations"] <= 4
     [decisions] = result["plan"].decisions.values()
     assert len(decisions) == 6 and all(len(d["heads_kept"]) == 9 for d in decisions.values())
+
+
+def test_remove_padding_example_matches_hf_embeddings():
+    path = EXAMPLE.parent / "remove_padding.py"
+    spec = importlib.util.spec_from_file_location("remove_padding", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    figures = module.main(batch=6)
+    assert figures["ok"] == 1.0
+    assert figures["min_cosine"] > 0.99999
+    assert figures["padding_ratio"] > 1.2  # the texts really are of different lengths
