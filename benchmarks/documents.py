@@ -53,11 +53,10 @@ VARIANTS: dict[str, dict[str, tuple[str, bool]]] = {
     "documents": {
         "dense_sdpa": ("dense SDPA, block-diagonal bool mask", False),
         "document_attention": ("document_attention_cpu (varlen)", False),
-        # The attnopt.compile row goes here (a model whose attention takes the document mask,
-        # compiled with attnopt.compile, timed on the same q/k/v): add its entry to this dict
-        # and its callable to _documents_runners.
+        "attnopt_compile": ("attnopt.compile of SDPA with seg[:, :, None] == seg[:, None]", False),
         "dense_sdpa_causal": ("dense SDPA, block-diagonal & causal bool mask", True),
         "document_attention_causal": ("document_attention_cpu causal (varlen)", True),
+        "attnopt_compile_causal": ("attnopt.compile of the same & an arange causal mask", True),
     },
     "padding": {
         "padded_sdpa": ("dense SDPA on the padded batch, key padding mask", False),
@@ -85,12 +84,39 @@ def _documents_runners() -> dict[str, Callable[[], torch.Tensor]]:
     def documents(causal: bool) -> Callable[[], torch.Tensor]:
         return lambda: document_attention_cpu(q, k, v, segments, scale=scale, causal=causal)
 
+    compiled = {causal: _compiled_documents(q, k, v, segments, causal) for causal in (False, True)}
     return {
+        "attnopt_compile": compiled[False],
+        "attnopt_compile_causal": compiled[True],
         "dense_sdpa": sdpa(block_diagonal),
         "document_attention": documents(False),
         "dense_sdpa_causal": sdpa(block_causal),
         "document_attention_causal": documents(True),
     }
+
+
+class _DocumentAttention(torch.nn.Module):
+    """SDPA under the document mask a user writes from segment ids (and causality)."""
+
+    def __init__(self, causal: bool) -> None:
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q, k, v, seg):  # noqa: ANN001, ANN201 - a benchmark module
+        mask = seg[:, :, None] == seg[:, None, :]
+        if self.causal:
+            pos = torch.arange(seg.shape[1])
+            mask = mask & (pos[None, :] <= pos[:, None])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+
+
+def _compiled_documents(q, k, v, segments, causal):  # noqa: ANN001, ANN202
+    import attnopt
+
+    cm = attnopt.compile(_DocumentAttention(causal).eval(), (q, k, v, segments))
+    kinds = {site.mask_kind for site in cm.sites}
+    print(f"attnopt.compile (causal={causal}): mask kinds {sorted(kinds)}, mode {cm.stats['mode']}")
+    return lambda: cm(q, k, v, segments)
 
 
 def _padding_runners() -> tuple[

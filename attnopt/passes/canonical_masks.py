@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from attnopt.ir import Graph, Node, Value
-from attnopt.ir.core_ops import ShapeAttrs
-from attnopt.passes.helpers import constant_tensor, emit_before
+from attnopt.ir.core_ops import DimAttrs, ShapeAttrs
+from attnopt.passes.helpers import constant_tensor, emit_aten_before, emit_before
 from attnopt.passes.pattern import Rule, p
 
 #: Elementwise ops through which a broadcast (``expand``) can be moved outward exactly.
@@ -91,6 +91,33 @@ def _and_all_true(graph: Graph, node: Node) -> Value | None:
     return None
 
 
+_AND_TARGETS = ("aten.__and__.Tensor", "aten.logical_and.default")
+
+
+def _unsqueeze_of_and(graph: Graph, node: Node) -> Value | None:
+    """``unsqueeze(a & b, d)`` -> ``unsqueeze'(a) & unsqueeze'(b)``: a conjunction inserted into
+    the score layout (a ``[B, S, S]`` mask made ``[B, 1, S, S]``) keeps its conjuncts visible to
+    mask analysis. Each operand is unsqueezed where the new dim falls inside its own
+    right-aligned dims; operands it falls left of broadcast as they are."""
+    inner = node.inputs[0]
+    source = inner.producer if inner is not None else None
+    if source is None or source.op != "aten" or source.attrs.target not in _AND_TARGETS:
+        return None
+    if len(source.inputs) != 2 or any(v is None or v.dtype != torch.bool for v in source.inputs):
+        return None
+    rank = inner.tensor_type.rank  # type: ignore[union-attr]
+    dim = node.attrs.dim % (rank + 1)
+    operands = []
+    for operand in source.inputs:
+        assert operand is not None
+        position = dim - (rank - operand.tensor_type.rank)
+        if position > 0:
+            operand = emit_before(graph, node, "unsqueeze", [operand], DimAttrs(dim=position))
+        operands.append(operand)
+    out = emit_aten_before(graph, node, source.attrs.target, operands)
+    return out if tuple(out.shape) == tuple(node.output.shape) else None
+
+
 def _expand_of_expand(graph: Graph, node: Node, x: Value) -> Value | None:
     return emit_before(graph, node, "expand", [x], ShapeAttrs(shape=tuple(node.output.shape)))
 
@@ -100,6 +127,7 @@ MASK_RULES = [
     Rule("and-all-true", p.aten("aten.__and__.Tensor"), _and_all_true),
     Rule("logical-and-all-true", p.aten("aten.logical_and.default"), _and_all_true),
     Rule("expand-of-expand", p.expand(p.expand(p.var("x"))), _expand_of_expand),
+    Rule("unsqueeze-of-and", p.unsqueeze(), _unsqueeze_of_and),
     *[
         Rule(f"hoist-expand-{target}", p.aten(target), _hoist_expand)
         for target in sorted(_ELEMENTWISE_TARGETS)
