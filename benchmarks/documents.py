@@ -12,7 +12,8 @@ Cases (fp32):
 - ``padding``: padding removal, 32 sequences of 10..256 tokens (seeded), 12 heads, head_dim 32.
   Dense SDPA over the padded ``[32, 12, 256, 32]`` batch with the key padding mask vs
   :func:`varlen_attention` on the packed tokens (packed once beforehand, as a model packs once
-  for all its layers; the pack itself is not timed).
+  for all its layers; the pack itself is not timed): runs of close lengths bucketed into a few
+  padded SDPA calls (the default), and one call per distinct length (``buckets=None``, 32 calls).
 
 Times come from one process that runs the variants of a case round-robin (a busy machine slows
 them alike), ``--reps`` rounds after a warm-up round; the table shows the median and the speed-up
@@ -60,7 +61,8 @@ VARIANTS: dict[str, dict[str, tuple[str, bool]]] = {
     },
     "padding": {
         "padded_sdpa": ("dense SDPA on the padded batch, key padding mask", False),
-        "varlen": ("varlen_attention on the packed tokens", False),
+        "varlen": ("varlen_attention on the packed tokens (buckets)", False),
+        "varlen_per_length": ("varlen_attention, one SDPA call per length", False),
     },
 }
 
@@ -141,6 +143,7 @@ def _padding_runners() -> tuple[
             q, k, v, attn_mask=key_mask, scale=scale
         ),
         "varlen": lambda: varlen_attention(*packed, offsets, scale=scale),
+        "varlen_per_length": lambda: varlen_attention(*packed, offsets, scale=scale, buckets=None),
     }, pack
 
 

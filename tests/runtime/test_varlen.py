@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from attnopt.runtime.cpu import varlen as cpu_varlen
 from attnopt.runtime.cpu.dense import dense_attention_cpu
 from attnopt.runtime.cpu.varlen import (
+    RunBuckets,
     document_attention_cpu,
     pack_offsets,
     segment_offsets,
@@ -105,23 +106,127 @@ def test_varlen_no_tokens():
     assert out.shape == (2, 0, 8)
 
 
-def test_varlen_one_sdpa_call_per_distinct_length(monkeypatch):
-    """Runs are bucketed by length and the N x N mask is never formed."""
+def _recording_sdpa(monkeypatch) -> list[tuple[tuple[int, ...], torch.Tensor | None, bool]]:
+    """Patch SDPA to record each call's (q shape, attn_mask, is_causal)."""
     calls = []
     real = F.scaled_dot_product_attention
 
     def recording(q, k, v, **kwargs):
-        calls.append((tuple(q.shape), kwargs.get("attn_mask")))
+        calls.append((tuple(q.shape), kwargs.get("attn_mask"), kwargs.get("is_causal")))
         return real(q, k, v, **kwargs)
 
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    return calls
+
+
+def test_varlen_one_sdpa_call_per_distinct_length_without_buckets(monkeypatch):
+    """Without buckets, runs are batched by length and the N x N mask is never formed."""
     lengths = [3, 5, 3, 3, 0, 5, 8]
     q, k, v = _packed(4, 2, sum(lengths))
     with monkeypatch.context() as patch:
-        patch.setattr(F, "scaled_dot_product_attention", recording)
-        out = varlen_attention(q, k, v, _offsets(lengths), scale=SCALE)
+        calls = _recording_sdpa(patch)
+        out = varlen_attention(q, k, v, _offsets(lengths), scale=SCALE, buckets=None)
     assert_close(out, _masked_sdpa(q, k, v, lengths, False))
-    assert sorted(shape for shape, _ in calls) == [(1, 4, 8, 8), (2, 4, 5, 8), (3, 4, 3, 8)]
-    assert all(mask is None for _, mask in calls)
+    assert sorted(shape for shape, _, _ in calls) == [(1, 4, 8, 8), (2, 4, 5, 8), (3, 4, 3, 8)]
+    assert all(mask is None for _, mask, _ in calls)
+
+
+# --- buckets of close lengths ----------------------------------------------------------------
+
+#: 32 distinct lengths spread over 10..256, as padding removal sees a batch of sentences.
+SPREAD = torch.linspace(10, 256, 32).round().long().tolist()
+
+
+def test_run_buckets_plan_spread_lengths():
+    buckets = RunBuckets()
+    plan = buckets.plan(dict.fromkeys(SPREAD, 1))
+    assert len(plan) <= 8
+    assert sorted(length for bucket in plan for length in bucket) == sorted(SPREAD)
+    for bucket in plan:
+        assert bucket == sorted(bucket, reverse=True)
+        longest = max(bucket[0], buckets.min_length)
+        counted = [max(length, buckets.min_length) for length in bucket]
+        assert longest <= buckets.max_ratio * min(counted)
+        assert len(bucket) * longest <= (1 + buckets.max_waste) * sum(counted)
+
+
+@pytest.mark.parametrize(
+    "counts,expected",
+    [
+        ({100: 3}, [[100]]),  # one length: one bucket, as without buckets
+        ({100: 1, 81: 1}, [[100, 81]]),  # ratio 1.23, waste 11%
+        ({100: 1, 79: 1}, [[100], [79]]),  # ratio 1.27
+        ({100: 1, 81: 9}, [[100], [81]]),  # ratio 1.23, but 10 * 100 > 1.2 * 829 tokens
+        ({2: 9, 63: 1, 40: 2}, [[63, 40, 2]]),  # all below min_length: one call
+        ({200: 1, 30: 1}, [[200], [30]]),
+    ],
+)
+def test_run_buckets_plan_rules(counts, expected):
+    assert RunBuckets().plan(counts) == expected
+
+
+def test_run_buckets_rejects_bad_options():
+    with pytest.raises(ValueError, match="max_ratio >= 1"):
+        RunBuckets(max_ratio=0.9)
+    with pytest.raises(ValueError, match="max_waste >= 0"):
+        RunBuckets(max_waste=-0.1)
+    with pytest.raises(ValueError, match="min_length >= 1"):
+        RunBuckets(min_length=0)
+
+
+def _spread_key_mask(kind: str | None, tokens: int) -> torch.Tensor | None:
+    if kind is None:
+        return None
+    keep = torch.rand(tokens, generator=torch.Generator().manual_seed(5)) > 0.2
+    keep[: SPREAD[0]] = False  # every key of the first run is hidden
+    if kind == "bool":
+        return keep
+    return torch.zeros(tokens).masked_fill(~keep, torch.finfo(torch.float32).min)
+
+
+@pytest.mark.parametrize("kind", [None, "bool", "finite-min"], ids=["no-mask", "bool", "finite"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_varlen_buckets_spread_lengths(kind, causal, monkeypatch):
+    """32 runs of 32 lengths in a few padded SDPA calls, exactly the block-diagonal result;
+    a shuffled order gathers runs from anywhere."""
+    lengths = SPREAD[::2] + SPREAD[1::2]
+    q, k, v = _packed(2, 1, sum(lengths), seed=2)
+    key_mask = _spread_key_mask(kind, sum(lengths))
+    with monkeypatch.context() as patch:
+        calls = _recording_sdpa(patch)
+        out = varlen_attention(
+            q, k, v, _offsets(lengths), scale=SCALE, causal=causal, key_mask=key_mask
+        )
+    assert len(calls) <= 8
+    assert sum(shape[0] for shape, _, _ in calls) == len(lengths)
+    if causal and kind is None:  # the causal rule alone hides the padding
+        assert all(mask is None and is_causal for _, mask, is_causal in calls)
+    allowed = _block_diagonal(lengths, causal)
+    if key_mask is None:
+        expected = _masked_sdpa(q, k, v, lengths, causal)
+    else:
+        both = allowed & key_mask if kind == "bool" else key_mask.masked_fill(~allowed, -torch.inf)
+        expected = dense_attention_cpu(q[None], k[None], v[None], mask=both, scale=SCALE)[0]
+    assert_close(out, expected)
+    unbucketed = varlen_attention(
+        q, k, v, _offsets(lengths), scale=SCALE, causal=causal, key_mask=key_mask, buckets=None
+    )
+    assert_close(out, unbucketed)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_document_attention_buckets_across_rows(causal, monkeypatch):
+    """Padding removal's layout: one run per row, rows of close lengths share a call."""
+    batch, seq = 6, 40
+    lengths = torch.tensor([40, 33, 36, 12, 0, 25])
+    segments = (torch.arange(seq)[None, :] >= lengths[:, None]).long()  # run, then padding
+    q, k, v = _batch(batch=batch, seq=seq)
+    mask = (torch.arange(seq)[None, :] < lengths[:, None])[:, None, None, :]
+    with monkeypatch.context() as patch:
+        calls = _recording_sdpa(patch)
+        out = document_attention_cpu(q, k, v, segments, scale=SCALE, causal=causal, mask=mask)
+    assert len(calls) == 1  # every run is shorter than min_length
+    assert_close(out, _document_reference(q, k, v, segments, causal, mask))
 
 
 @pytest.mark.parametrize(
@@ -408,3 +513,17 @@ def test_varlen_seeded_random_runs():
         count = int(torch.randint(1, 12, (1,), generator=gen))
         lengths = torch.randint(0, 10, (count,), generator=gen).tolist()
         _check_varlen(lengths, trial % 2 == 1, seed=trial)
+
+
+@pytest.mark.parametrize("layout", ["head-major", "token-major", "other"])
+def test_varlen_buckets_any_layout(layout):
+    """Gathers by index_select on either contiguous layout, by advanced indexing otherwise."""
+    lengths = [70, 5, 64, 81, 0, 66]
+    q, k, v = _packed(4, 2, sum(lengths), seed=4)
+    if layout == "token-major":
+        q, k, v = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in (q, k, v))
+    elif layout == "other":
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    for causal in (False, True):
+        out = varlen_attention(q, k, v, _offsets(lengths), scale=SCALE, causal=causal)
+        assert_close(out, _masked_sdpa(q, k, v, lengths, causal))

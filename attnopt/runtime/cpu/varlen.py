@@ -9,15 +9,19 @@ boundaries).
 Work is saved by never forming the ``N x N`` mask: each run is an independent self-attention, so
 the kernel calls SDPA's CPU flash kernel on the runs alone. Runs of one length are batched into
 one call (``[m, H, L, D]``): a pure strided view when the runs lie back to back in one row (packed
-documents of equal length), one index gather otherwise. Outside the runs nothing is computed, so
-the cost is ``sum(L_r ** 2)`` instead of ``N ** 2``.
+documents of equal length), one index gather otherwise. Runs of close lengths share one call too
+(:class:`RunBuckets`), gathered right-padded to the longest with a key mask on the padding: each
+SDPA call has a fixed cost that many small calls pay many times over, most on a busy machine.
+Outside the runs nothing is computed, so the cost is ``sum(L_r ** 2)`` instead of ``N ** 2``
+(at most a bucket's padding more).
 
 Invariants:
 
 - every token belongs to exactly one run (``offsets[0] == 0``, ``offsets[-1] == N``, runs in
   order), so the output is written everywhere and needs no initialisation;
 - ``causal`` is the bottom-right aligned rule of each run; runs are square (self-attention), so it
-  is the plain lower triangle of the run;
+  is the plain lower triangle of the run; in a padded bucket, the lower triangle of the padded
+  square hides every padded key from every real query, and padded query rows are discarded;
 - rows whose every key is masked come out as SDPA's flash kernel (and so
   :func:`~attnopt.runtime.cpu.dense.dense_attention_cpu`) gives them: zeros for bool or ``-inf``
   masks, the uniform average of the run's values for a finite fill such as ``finfo.min``.
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +40,75 @@ from attnopt.ir.attention_reference import mask_is_inert, mask_to_4d
 from attnopt.runtime.cpu.common import SMALL_TENSOR, bookkeeping_threads, check_qkv
 from attnopt.runtime.cpu.dense import dense_attention_cpu
 
-__all__ = ["document_attention_cpu", "pack_offsets", "segment_offsets", "varlen_attention"]
+__all__ = [
+    "DEFAULT_BUCKETS",
+    "RunBuckets",
+    "document_attention_cpu",
+    "pack_offsets",
+    "segment_offsets",
+    "varlen_attention",
+]
 
 #: One run: (batch row, first token, length).
 Run = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class RunBuckets:
+    """Which runs of different lengths share one SDPA call, padded to the bucket's longest run.
+
+    Every SDPA call has a fixed cost (on a busy machine, mostly waiting for its slowest OpenMP
+    thread), so 32 runs of 32 lengths are far slower as 32 calls than as a few padded ones. Run
+    lengths are taken longest first; a length joins the current bucket while the bucket's longest
+    run is at most ``max_ratio`` times it and the bucket's padded tokens exceed its real ones by
+    at most ``max_waste``. Runs shorter than ``min_length`` count as ``min_length`` long in both
+    rules: their cost is mostly the call's, so short runs of any lengths share one call.
+
+    Attributes:
+        max_ratio: largest longest/shortest length ratio in a bucket (>= 1).
+        max_waste: largest padded/real token excess in a bucket, as a fraction (>= 0).
+        min_length: the length below which runs count as this long (>= 1).
+    """
+
+    max_ratio: float = 1.25
+    max_waste: float = 0.2
+    min_length: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_ratio < 1 or self.max_waste < 0 or self.min_length < 1:
+            raise ValueError(
+                f"RunBuckets needs max_ratio >= 1, max_waste >= 0 and min_length >= 1, got {self}"
+            )
+
+    def plan(self, counts: dict[int, int]) -> list[list[int]]:
+        """Group run lengths into buckets.
+
+        Args:
+            counts: run length -> number of runs of that length (lengths > 0).
+
+        Returns:
+            The buckets, each a list of lengths, longest first; every length in exactly one.
+        """
+        buckets: list[list[int]] = []
+        padded_to = count = real = 0  # of the current bucket, lengths raised to min_length
+        for length in sorted(counts, reverse=True):
+            cost = max(length, self.min_length)
+            joined = count + counts[length], real + counts[length] * cost
+            if (
+                buckets
+                and padded_to <= self.max_ratio * cost
+                and joined[0] * padded_to <= (1 + self.max_waste) * joined[1]
+            ):
+                buckets[-1].append(length)
+                count, real = joined
+            else:
+                buckets.append([length])
+                padded_to, count, real = cost, counts[length], counts[length] * cost
+        return buckets
+
+
+#: The bucketing of :func:`varlen_attention` and :func:`document_attention_cpu` by default.
+DEFAULT_BUCKETS = RunBuckets()
 
 
 def varlen_attention(
@@ -50,6 +120,7 @@ def varlen_attention(
     scale: float,
     causal: bool = False,
     key_mask: torch.Tensor | None = None,
+    buckets: RunBuckets | None = DEFAULT_BUCKETS,
 ) -> torch.Tensor:
     """Exact attention within each run of a packed sequence (block-diagonal, without the mask).
 
@@ -63,6 +134,7 @@ def varlen_attention(
         scale: score scale.
         causal: the causal rule within each run (lower triangular: runs are self-attention).
         key_mask: optional per-key mask ``[N]``, bool (True = attend) or additive float.
+        buckets: how runs of different lengths share SDPA calls; None for one call per length.
 
     Returns:
         ``[Hq, N, Dv]`` in q's dtype.
@@ -86,7 +158,9 @@ def varlen_attention(
             raise ValueError(f"key_mask must be [N] = [{tokens}], got {tuple(key_mask.shape)}")
         key_mask = key_mask.unsqueeze(0)
     out = q.new_empty(1, q.shape[0], tokens, v.shape[-1])
-    _attend_runs(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), out, runs, key_mask, scale, causal)
+    _attend_runs(
+        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), out, runs, key_mask, scale, causal, buckets
+    )
     return out[0]
 
 
@@ -192,11 +266,12 @@ def document_attention_cpu(
     scale: float,
     causal: bool = False,
     mask: torch.Tensor | None = None,
+    buckets: RunBuckets | None = DEFAULT_BUCKETS,
 ) -> torch.Tensor:
     """Exact attention under a document mask: query ``i`` sees key ``j`` iff their segments match.
 
     Rows whose segments are contiguous runs go through the varlen kernel (all such rows batched
-    together, runs of one length in one call); the others fall back to
+    together, runs of close lengths in one call); the others fall back to
     :func:`~attnopt.runtime.cpu.dense.dense_attention_cpu` with the explicit mask
     ``segments[b, :, None] == segments[b, None, :]``.
 
@@ -209,6 +284,7 @@ def document_attention_cpu(
         causal: the causal rule (within each document, since other documents are hidden).
         mask: optional key padding mask broadcastable to ``[B, 1, 1, S]``, bool (True = attend)
             or additive float.
+        buckets: how runs of different lengths share SDPA calls; None for one call per length.
 
     Returns:
         ``[B, Hq, S, Dv]`` in q's dtype.
@@ -236,7 +312,7 @@ def document_attention_cpu(
         edges = bounds.tolist()
         runs += [(row, start, stop - start) for start, stop in zip(edges, edges[1:])]
     out = q.new_empty(batch, q.shape[1], seq, v.shape[-1])
-    _attend_runs(q, k, v, out, runs, key_mask, scale, causal)
+    _attend_runs(q, k, v, out, runs, key_mask, scale, causal, buckets)
     if dense_rows:
         rows = torch.tensor(dense_rows, device=q.device)
         same = segments[rows][:, None, :, None] == segments[rows][:, None, None, :]
@@ -284,25 +360,22 @@ def _attend_runs(
     key_mask: torch.Tensor | None,
     scale: float,
     causal: bool,
+    buckets: RunBuckets | None,
 ) -> None:
-    """Write the self-attention of every run into ``out``, one SDPA call per run length.
+    """Write the self-attention of every run into ``out``, one SDPA call per bucket of runs.
 
     ``q``, ``k``, ``v`` and ``out`` are ``[B, H, S, *]``; ``key_mask`` is ``[B, S]`` or None.
     """
-    by_length: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    for row, start, length in runs:
-        if length > 0:
-            by_length[length].append((row, start))
     gqa = q.shape[1] != k.shape[1]
-    for length, members in by_length.items():
-        place = _Placement(members, length, q.device)
+    for members in _group_runs(runs, buckets):
+        place = _Placement(members, q.device)
         # gathers and the copy back are small memory-bound ops: on a busy machine waking every
         # OpenMP thread for each costs more than the copy (see bookkeeping_threads)
-        small = len(members) * length * q.shape[1] * q.shape[-1] < SMALL_TENSOR
+        small = place.count * place.length * q.shape[1] * q.shape[-1] < SMALL_TENSOR
         with bookkeeping_threads() if small else contextlib.nullcontext():
             q_runs, k_runs, v_runs = place.read(q), place.read(k), place.read(v)
             bucket_mask = None if key_mask is None else place.read(key_mask)
-            attn_mask = _bucket_mask(bucket_mask, length, causal)
+            attn_mask = _bucket_mask(bucket_mask, place.keep, place.length, causal)
         result = F.scaled_dot_product_attention(
             q_runs,
             k_runs,
@@ -316,10 +389,43 @@ def _attend_runs(
             place.write(out, result)
 
 
-def _bucket_mask(key_mask: torch.Tensor | None, length: int, causal: bool) -> torch.Tensor | None:
-    """The SDPA mask of one bucket from its gathered ``[m, L]`` key mask (None when inert)."""
-    if key_mask is None or mask_is_inert(key_mask):
-        return None
+def _group_runs(runs: list[Run], buckets: RunBuckets | None) -> list[list[Run]]:
+    """The non-empty runs in SDPA calls: one per length, then lengths merged by ``buckets``."""
+    by_length: dict[int, list[Run]] = defaultdict(list)
+    for run in runs:
+        if run[2] > 0:
+            by_length[run[2]].append(run)
+    if buckets is None:
+        return list(by_length.values())
+    groups = [
+        [run for length in bucket for run in by_length[length]]
+        for bucket in buckets.plan({length: len(group) for length, group in by_length.items()})
+    ]
+    return groups
+
+
+def _bucket_mask(
+    key_mask: torch.Tensor | None, keep: torch.Tensor | None, length: int, causal: bool
+) -> torch.Tensor | None:
+    """The SDPA mask of one bucket (None when ``is_causal`` or nothing is needed).
+
+    Args:
+        key_mask: the bucket's gathered ``[m, L]`` key mask, or None.
+        keep: bool ``[m, L]``, False at the padding of runs shorter than ``L``; None when every
+            run is ``L`` long.
+        length: ``L``.
+        causal: the causal rule within each run.
+    """
+    if key_mask is not None and mask_is_inert(key_mask):
+        key_mask = None
+    if key_mask is None:
+        # right-padded self-attention: every padded key lies after the diagonal of every real
+        # query, so the plain causal rule already hides it
+        if keep is None or causal:
+            return None
+        return keep[:, None, None, :]
+    if keep is not None:
+        key_mask = _and_masks(keep, key_mask)
     mask = key_mask[:, None, None, :]
     if causal:
         lower = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
@@ -328,40 +434,59 @@ def _bucket_mask(key_mask: torch.Tensor | None, length: int, causal: bool) -> to
 
 
 class _Placement:
-    """Where the ``m`` runs of one length sit in a ``[B, H, S, *]`` tensor, and how to read
-    them as ``[m, H, L, *]`` and write results back.
+    """Where the ``m`` runs of one bucket sit in a ``[B, H, S, *]`` tensor, and how to read
+    them as ``[m, H, L, *]`` (``L`` the longest run) and write results back.
 
-    One run is a slice; runs back to back in one row are a strided view of that row (no copy);
-    anything else is one advanced-index gather (and one scatter on the way back).
+    Runs of one length: one run is a slice; runs back to back in one row are a strided view of
+    that row (no copy). Otherwise the runs are gathered: with one ``index_select`` along the
+    tokens when they share a row (packed sequences), one advanced-index gather otherwise, and
+    written back the same way. Runs of different lengths are gathered right-padded to ``L`` (the
+    padding repeats a run's last token, so it stays finite and in bounds) and ``keep`` marks their
+    real tokens; only those are written back.
     """
 
-    def __init__(self, members: list[tuple[int, int]], length: int, device: torch.device) -> None:
-        self.length = length
+    def __init__(self, members: list[Run], device: torch.device) -> None:
+        lengths = [length for _, _, length in members]
+        starts = [start for _, start, _ in members]
+        self.length = length = max(lengths)
         self.count = len(members)
-        rows = {row for row, _ in members}
-        starts = [start for _, start in members]
-        first = min(starts)
         self.row = members[0][0]
-        self.first = first
-        self.contiguous = len(rows) == 1 and sorted(starts) == list(
-            range(first, first + length * self.count, length)
+        self.first = min(starts)
+        self.one_row = all(row == self.row for row, _, _ in members)
+        self.keep: torch.Tensor | None = None
+        uniform = min(lengths) == length
+        self.contiguous = (
+            uniform
+            and self.one_row
+            and sorted(starts) == list(range(self.first, self.first + length * self.count, length))
         )
-        if not self.contiguous:
-            self.rows = torch.tensor([row for row, _ in members], device=device)[:, None]
-            span = torch.arange(length, device=device)
-            self.positions = torch.tensor(starts, device=device)[:, None] + span
+        if self.contiguous:
+            return
+        span = torch.arange(length, device=device)
+        run_lengths = torch.tensor(lengths, device=device)[:, None]
+        self.rows = torch.tensor([row for row, _, _ in members], device=device)[:, None]
+        offsets = span if uniform else torch.minimum(span, run_lengths - 1)
+        self.positions = torch.tensor(starts, device=device)[:, None] + offsets
+        if not uniform:
+            self.keep = span < run_lengths
+            self.real_rows = self.rows.expand(-1, length)[self.keep]
+            self.real_positions = self.positions[self.keep]
+            self.real_slots = torch.nonzero(self.keep.reshape(-1)).squeeze(1)
 
     def read(self, t: torch.Tensor) -> torch.Tensor:
         """``[m, H, L, *]`` of a ``[B, H, S, *]`` tensor, or ``[m, L]`` of a ``[B, S]`` one."""
+        shape = (self.count, self.length)
         if self.contiguous:
             stop = self.first + self.length * self.count
             if t.dim() == 2:
-                return t[self.row, self.first : stop].unflatten(0, (self.count, self.length))
-            return (
-                t[self.row, :, self.first : stop]
-                .unflatten(1, (self.count, self.length))
-                .transpose(0, 1)
-            )
+                return t[self.row, self.first : stop].unflatten(0, shape)
+            return t[self.row, :, self.first : stop].unflatten(1, shape).transpose(0, 1)
+        if self.one_row:
+            gathered = _select_tokens(t[self.row], self.positions.reshape(-1))
+            if gathered is not None and t.dim() == 2:
+                return gathered.unflatten(0, shape)
+            if gathered is not None:
+                return gathered.unflatten(1, shape).transpose(0, 1)
         if t.dim() == 2:
             return t[self.rows, self.positions]
         return t[self.rows, :, self.positions].transpose(1, 2)
@@ -370,5 +495,29 @@ class _Placement:
         """Store a ``[m, H, L, Dv]`` result into the runs' places of ``out``."""
         if self.contiguous:
             self.read(out).copy_(result)
-        else:
+        elif self.one_row:
+            tokens = result.transpose(0, 1).flatten(1, 2)  # [H, m * L, Dv]
+            if self.keep is None:
+                out[self.row].index_copy_(1, self.positions.reshape(-1), tokens)
+            else:
+                real = tokens.index_select(1, self.real_slots)
+                out[self.row].index_copy_(1, self.real_positions, real)
+        elif self.keep is None:
             out[self.rows, :, self.positions] = result.transpose(1, 2)
+        else:
+            out[self.real_rows, :, self.real_positions] = result.transpose(1, 2)[self.keep]
+
+
+def _select_tokens(row: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+    """``row[..., positions, :]`` of an ``[H, S, D]`` row as ``[H, P, D]`` (or of an ``[S]`` row
+    as ``[P]``) by one ``index_select``, which copies whole token rows where advanced indexing
+    goes element by element; None when the row's layout would make index_select copy it first.
+    """
+    if row.dim() == 1:
+        return row.index_select(0, positions)
+    by_token = row.transpose(0, 1)
+    if by_token.is_contiguous():  # token-major, as projections and packing leave q, k and v
+        return by_token.index_select(0, positions).transpose(0, 1)
+    if row.is_contiguous():
+        return row.index_select(1, positions)
+    return None
