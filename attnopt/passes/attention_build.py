@@ -211,13 +211,25 @@ def build_attention(
     rank = q.tensor_type.rank
     analysis = analyse_masks(graph, masks, q_len, kv_len, rank=rank)
     segments: Value | None = None
+    masks_override: list[Value] = []
     if analysis.changed and analysis.finite_fill and empty_rows is None:
-        # eager gives a row whose keys are all hidden by a finite fill the mean of v: keep it
-        empty_rows = _finite_fill_rows(graph, anchor, analysis, v, q_len, kv_len, rank)
-        if empty_rows is None:
-            analysis = dataclasses.replace(analysis, changed=False, kinds=["mask"])
+        # Eager gives a row whose keys are all hidden by a finite fill the mean of v.
+        if not (analysis.causal or analysis.remainder or analysis.segments is not None):
+            # key masks alone: one [B, 1, 1, Sk] additive mask with the finite fill keeps that
+            keep = _keep_of(graph, anchor, analysis)
+            if keep is None:
+                analysis = dataclasses.replace(analysis, changed=False)
+            else:
+                fill = graph.add_tensor("mask_fill", torch.tensor(torch.finfo(q.dtype).min))
+                zero = graph.add_tensor("mask_zero", torch.zeros((), dtype=q.dtype))
+                additive = emit_before(graph, anchor, "where", [keep, zero, fill])
+                masks_override = [additive]
+        else:
+            empty_rows = _finite_fill_rows(graph, anchor, analysis, v, q_len, kv_len, rank)
+            if empty_rows is None:
+                analysis = dataclasses.replace(analysis, changed=False, kinds=["mask"])
     if analysis.changed:
-        masks = [
+        masks = masks_override or [
             _not(graph, anchor, c.value) if c.negated else c.value
             for c in analysis.key_masks + analysis.remainder
         ]
@@ -304,6 +316,22 @@ def _is_window(window_left: int | None, kv_len: Dim) -> bool:
     return window_left is not None and (not isinstance(kv_len, int) or window_left < kv_len - 1)
 
 
+def _keep_of(graph: Graph, anchor: Node, analysis: MaskAnalysis) -> Value | None:
+    """The conjunction of the analysed bool key masks (rank 4), or None (none, or additive)."""
+    if not analysis.key_masks or any(c.additive for c in analysis.key_masks):
+        return None
+    keep = None
+    for conj in analysis.key_masks:
+        term = _not(graph, anchor, conj.value) if conj.negated else conj.value
+        term = _to_rank4(graph, anchor, term)
+        keep = (
+            term
+            if keep is None
+            else emit_aten_before(graph, anchor, "aten.logical_and.default", [keep, term])
+        )
+    return keep
+
+
 def _finite_fill_rows(
     graph: Graph,
     anchor: Node,
@@ -321,18 +349,9 @@ def _finite_fill_rows(
         return None
     if analysis.window_left is not None or (analysis.causal and q_len != kv_len):
         return None
-    if not analysis.key_masks or any(c.additive for c in analysis.key_masks):
+    keep = _keep_of(graph, anchor, analysis)
+    if keep is None:
         return None
-    keep = None
-    for conj in analysis.key_masks:
-        term = _not(graph, anchor, conj.value) if conj.negated else conj.value
-        term = _to_rank4(graph, anchor, term)
-        keep = (
-            term
-            if keep is None
-            else emit_aten_before(graph, anchor, "aten.logical_and.default", [keep, term])
-        )
-    assert keep is not None
     if analysis.causal:  # query i sees keys 0..i: empty when no key up to i is kept
         seen = emit_aten_before(graph, anchor, "aten.cumsum.default", [keep, -1])
         none = emit_aten_before(graph, anchor, "aten.eq.Scalar", [seen, 0])
@@ -340,8 +359,29 @@ def _finite_fill_rows(
     else:
         seen = emit_aten_before(graph, anchor, "aten.any.dim", [keep, -1, True])
         empty = _not(graph, anchor, seen)
-    mean = emit_aten_before(graph, anchor, "aten.mean.dim", [v, [-2], True])
+    source, group = _kv_repeat_source(v)
+    mean = emit_aten_before(graph, anchor, "aten.mean.dim", [source, [-2], True])
+    if group > 1:  # GQA: the mean of the shared key/value heads, repeated per query head
+        mean = emit_aten_before(graph, anchor, "aten.repeat_interleave.self_int", [mean, group, 1])
     return empty, mean
+
+
+def _kv_repeat_source(v: Value) -> tuple[Value, int]:
+    """``(source, n)`` when ``v`` is ``source`` with each head repeated ``n`` times (GQA's
+    ``expand`` + ``reshape``), else ``(v, 1)``: reading the source keeps head pruning able to
+    slice the key/value heads."""
+    node = v.producer
+    expand = node.inputs[0].producer if node is not None and node.op == "reshape" else None
+    unsq = expand.inputs[0].producer if expand is not None and expand.op == "expand" else None
+    if unsq is None or unsq.op != "unsqueeze" or unsq.attrs.dim % 5 != 2:
+        return v, 1
+    source = unsq.inputs[0]
+    if source is None or source.tensor_type.rank != 4 or v.tensor_type.rank != 4:
+        return v, 1
+    group = expand.output.shape[2]  # type: ignore[union-attr]
+    if not isinstance(group, int) or v.shape[1] != source.shape[1] * group:
+        return v, 1
+    return source, group
 
 
 def _inert_constant(graph: Graph, mask: Value) -> bool:
@@ -506,5 +546,26 @@ def _uniform_rows(
             visible = emit_aten_before(graph, anchor, "aten.logical_and.default", [visible, keep])
         seen = emit_aten_before(graph, anchor, "aten.any.dim", [visible, -1, True])
         empty = _not(graph, anchor, seen)
-    mean = emit_aten_before(graph, anchor, "aten.mean.dim", [v, [-2], True])
+    source, group = _kv_repeat_source(v)
+    mean = emit_aten_before(graph, anchor, "aten.mean.dim", [source, [-2], True])
+    if group > 1:  # GQA: the mean of the shared key/value heads, repeated per query head
+        mean = emit_aten_before(graph, anchor, "aten.repeat_interleave.self_int", [mean, group, 1])
     return empty, mean
+
+
+def _kv_repeat_source(v: Value) -> tuple[Value, int]:
+    """``(source, n)`` when ``v`` is ``source`` with each head repeated ``n`` times (GQA's
+    ``expand`` + ``reshape``), else ``(v, 1)``: reading the source keeps head pruning able to
+    slice the key/value heads."""
+    node = v.producer
+    expand = node.inputs[0].producer if node is not None and node.op == "reshape" else None
+    unsq = expand.inputs[0].producer if expand is not None and expand.op == "expand" else None
+    if unsq is None or unsq.op != "unsqueeze" or unsq.attrs.dim % 5 != 2:
+        return v, 1
+    source = unsq.inputs[0]
+    if source is None or source.tensor_type.rank != 4 or v.tensor_type.rank != 4:
+        return v, 1
+    group = expand.output.shape[2]  # type: ignore[union-attr]
+    if not isinstance(group, int) or v.shape[1] != source.shape[1] * group:
+        return v, 1
+    return source, group

@@ -88,6 +88,10 @@ def _output_projection(value: Value, users: dict[Value, list[Node]]) -> Node | N
         node = readers[0]
         if node.op == "linear" and node.inputs[0] is current:
             return node
+        if node.op == "where" and node.inputs[2] is current and node.inputs[0] is not current:
+            # eager's rows with every key masked (the mean of v): per-head, sliced with v
+            current = node.output
+            continue
         if node.op not in VIEW_OPS:
             return None
         current = node.output

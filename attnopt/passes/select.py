@@ -20,17 +20,30 @@ from attnopt.ir import Graph, Node, Value
 from attnopt.ir.attention import VARIANTS, AttentionAttrs
 from attnopt.ir.types import Dim
 
+#: Module-path components that number a model's layers, in the order they are preferred: T5
+#: numbers its layers ``block.3`` and the sublayers inside them ``layer.0``.
+_LAYER_CONTAINERS = ("blocks", "block", "h", "layers", "layer")
+
 
 def layer_of(module_path: str | None) -> int | None:
-    """The layer index in a module path: its last all-digit component.
+    """The layer index in a module path.
+
+    The number after a layer container (``blocks``, ``block``, ``h``, ``layers``, ``layer``, in that
+    order of preference), else the last all-digit component.
 
     Args:
         module_path: a dotted module path such as ``"encoder.layer.3.attention.self"``, or None.
 
     Returns:
-        The index (``3`` above), or None when the path is missing or has no numeric component.
+        The index (``3`` above; ``3`` for T5's ``"encoder.block.3.layer.0.SelfAttention"``), or
+        None when the path is missing or has no numeric component.
     """
-    for part in reversed((module_path or "").split(".")):
+    parts = (module_path or "").split(".")
+    for container in _LAYER_CONTAINERS:
+        for name, index in zip(parts, parts[1:]):
+            if name == container and index.isdigit():
+                return int(index)
+    for part in reversed(parts):
         if part.isdigit():
             return int(part)
     return None

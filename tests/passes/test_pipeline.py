@@ -152,3 +152,15 @@ def test_kebab_case_names_are_enforced():
 def test_compile_rejects_bad_passes_argument():
     with pytest.raises(PipelineError, match="passes must be"):
         attnopt.compile(torch.nn.Identity(), passes=42)  # type: ignore[arg-type]
+
+
+def test_layer_of_prefers_the_layer_container():
+    from attnopt.passes.select import layer_of
+
+    assert layer_of("encoder.layer.3.attention.self") == 3
+    assert layer_of("encoder.block.3.layer.1.EncDecAttention") == 3  # T5: block, then sublayer
+    assert layer_of("transformer.h.7.attn") == 7
+    assert layer_of("model.layers.12.self_attn") == 12
+    assert layer_of("blocks.2.attn") == 2
+    assert layer_of("stage.4.mixer") == 4  # no container: the last number
+    assert layer_of("attention") is None and layer_of(None) is None
