@@ -11,6 +11,7 @@ from attnopt.passes.fuse_attention import FuseAttention
 from attnopt.passes.head_prune import HeadPrune
 from attnopt.passes.linearize import Linearize
 from attnopt.passes.neighborhood import Neighborhood
+from attnopt.passes.precision import Precision
 from attnopt.passes.remove_padding import RemovePadding
 from attnopt.passes.sliding_window import SlidingWindow
 
@@ -21,6 +22,7 @@ __all__ = [
     "HeadPrune",
     "Linearize",
     "Neighborhood",
+    "Precision",
     "RemovePadding",
     "SlidingWindow",
     "Pass",

@@ -9,6 +9,10 @@ on the AMD EPYC (AVX-512) this runtime is measured on, e.g. 44-49 ms against 62 
 multiply-adds (one token through a 768 x 768 projection) its call overhead loses, and
 ``F.linear`` runs those. The weight is passed as it is, unpacked, on every call: a prepacked copy
 would go stale if the model's weights were changed after compiling. Both libraries compute the same fp32 product; only the summation order differs.
+
+bf16 products (the ``precision`` pass gives bf16 activations, weights and biases) run oneDNN's
+bf16 inner product, which accumulates in fp32, wherever oneDNN has a bf16 kernel for this CPU
+(AVX-512 and newer); elsewhere ``F.linear`` runs them.
 """
 
 from __future__ import annotations
@@ -25,20 +29,26 @@ __all__ = ["linear", "onednn_linear_available"]
 _MIN_MACS = 1 << 20
 
 
+#: Dtypes oneDNN's linear serves (activation, weight and bias all of the one dtype).
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
 @functools.cache
-def onednn_linear_available() -> bool:
-    """Whether this torch build has a working oneDNN linear (checked once, on a tiny product)."""
-    if not torch.backends.mkldnn.is_available():
+def onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch build has a working oneDNN linear for ``dtype`` on this CPU (checked
+    once per dtype, on a tiny product; oneDNN has no bf16 kernel on CPUs without AVX-512)."""
+    if not torch.backends.mkldnn.is_available() or dtype not in _ONEDNN_DTYPES:
         return False
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if op is None:
         return False
     try:
-        x, w, b = torch.ones(2, 3), torch.ones(4, 3), torch.zeros(4)
+        x, w, b = (torch.ones(2, 3, dtype=dtype), torch.ones(4, 3, dtype=dtype),
+                   torch.zeros(4, dtype=dtype))  # fmt: skip
         out = op(x, w, b, "none", [], "")
     except (RuntimeError, TypeError, NotImplementedError):
         return False
-    return out.shape == (2, 4) and bool(torch.all(out == 3))
+    return out.shape == (2, 4) and out.dtype == dtype and bool(torch.all(out == 3))
 
 
 def _plain_inference(*tensors: torch.Tensor | None) -> bool:
@@ -60,8 +70,8 @@ def _plain_inference(*tensors: torch.Tensor | None) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias``: oneDNN for large fp32 CPU products in plain inference, else
-    ``F.linear`` (same results up to summation order).
+    """``x @ weight.T + bias``: oneDNN for large fp32 or bf16 CPU products in plain inference,
+    else ``F.linear`` (same results up to summation order).
 
     Args:
         x: ``[..., K]``.
@@ -71,18 +81,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     Returns:
         ``[..., N]``.
     """
+    dtype = x.dtype
     if (
-        x.dtype == torch.float32
-        and weight.dtype == torch.float32
+        dtype in _ONEDNN_DTYPES
+        and weight.dtype == dtype
         and x.device.type == "cpu"
         and weight.device.type == "cpu"
         and weight.dim() == 2
         and x.dim() >= 2
         and x.shape[-1] == weight.shape[1]
-        and (bias is None or (bias.dtype == torch.float32 and bias.shape == weight.shape[:1]))
+        and (bias is None or (bias.dtype == dtype and bias.shape == weight.shape[:1]))
         and x.numel() * weight.shape[0] >= _MIN_MACS
         and _plain_inference(x, weight, bias)
-        and onednn_linear_available()
+        and onednn_linear_available(dtype)
     ):
         return torch.ops.mkldnn._linear_pointwise(
             x.contiguous(),
