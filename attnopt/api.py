@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from attnopt.compiled import CompiledModule
+from attnopt.errors import PipelineError
 from attnopt.frontend.capture import capture
-from attnopt.passes.base import Pass, PassManager, as_pipeline
+from attnopt.passes.base import Pass, PassManager, as_pipeline, parse_pass
 from attnopt.passes.plan import Plan
 
 
@@ -34,6 +35,7 @@ def compile(  # noqa: A001 - the public name is fixed by the design
     plan: Plan | str | os.PathLike[str] | None = None,
     dynamic: bool | None = None,
     strict: bool = False,
+    precision: str = "fp32",
 ) -> CompiledModule:
     """Compile ``model`` for the attention in it.
 
@@ -69,6 +71,11 @@ def compile(  # noqa: A001 - the public name is fixed by the design
             the new shapes it served); when the model cannot be captured that way, or fuses less,
             compile once per input shape instead, with a warning giving the reason. True: the
             same. False: always once per input shape.
+        precision: ``"fp32"`` (the default) or ``"bf16"``: appends ``precision{dtype=bf16}`` to
+            the pipeline (weights converted once, projections and attention in bf16, norms'
+            statistics in fp32; lossy: check it with ``attnopt.validate``). On a CPU without
+            native bf16 the pass declines and the model runs fp32, with a warning (``strict``:
+            an error). A pipeline that already has a ``precision`` pass keeps it.
         strict: raise :class:`attnopt.PassError` instead of warning when a pass leaves a site
             its options select as it is (or drops an option there). Without it, compile warns
             once, listing the sites and the reason.
@@ -107,7 +114,11 @@ def compile(  # noqa: A001 - the public name is fixed by the design
             UserWarning,
             stacklevel=2,
         )
+    if precision not in ("fp32", "bf16"):
+        raise PipelineError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
     pipeline = as_pipeline(passes)
+    if precision == "bf16" and not any(p.name == "precision" for p in pipeline.passes):
+        pipeline = as_pipeline([*pipeline.passes, parse_pass("precision{dtype=bf16}")])
     if budget is not None:
         warnings.warn(
             "attnopt.compile(budget=...) is not used yet: the budgeted search is not built, so "

@@ -3,6 +3,7 @@
 import warnings
 
 import pytest
+import torch
 
 import attnopt
 from attnopt import zoo
@@ -42,3 +43,15 @@ def test_nothing_is_said_when_every_selected_site_is_served():
     cm, told = _compile("bert", "canonicalize,fuse-attention,linearize", strict=True)
     assert not told
     assert {s.variant for s in cm.sites} == {"linear"}
+
+
+def test_precision_bf16_appends_the_pass_and_tells_when_it_cannot_run():
+    cm, told = _compile("bert", "exact", precision="bf16")
+    assert [p.name for p in cm.pipeline.passes][-1] == "precision"
+    declined = [r for r in cm.history if r["pass"] == "precision"][0]["declined"]
+    if declined:  # a CPU without native bf16: the model stays fp32, and the user is told
+        assert told and "native bf16" in str(told[0].message)
+    else:
+        assert any(t.dtype == torch.bfloat16 for t in cm.graph.tensors.values())
+    with pytest.raises(attnopt.PipelineError, match="precision"):
+        _compile("bert", "exact", precision="fp16")
