@@ -113,6 +113,20 @@ def test_residual_fp32_keeps_the_add_in_fp32():
     assert "%o: bf16[2,4,8] = linear(" in text
 
 
+def test_an_additive_mask_computed_per_call_is_clamped_before_the_cast():
+    graph = _graph(BEFORE.replace("%keep: b8[2,1,1,4]", "%keep: f32[2,1,1,4]"))
+    _run(BF16, graph)
+    expected = """\
+  %aten: f32[2,1,1,4] = aten(%keep) {target="aten.clamp.default", args="[[{\\"$v\\": 0}, \
+-3.3895313892515355e+38], {}]"}
+  %aten_0: b8[2,1,1,4] = aten(%keep) {target="aten.isneginf.default", args="[[{\\"$v\\": 0}], {}]"}
+  %where: f32[2,1,1,4] = where(%aten_0, %keep, %aten)
+  %cast_1: bf16[2,1,1,4] = cast(%where) {dtype=bf16}
+  %a: bf16[2,2,4,4] = attention(%t, %t, %t, %cast_1) {scale=0.5, site=0}
+"""
+    assert expected in str(graph) + "\n"
+
+
 def test_must_not_fire():
     graph = _graph()
     result = _run("precision{dtype=fp32,require_native=false}", graph)
@@ -220,6 +234,24 @@ def test_real_minilm_embeddings_on_real_text():
     casts = re.findall(r"= (v_\w+)\.to\(torch\.(bfloat16|float32)\)", cm.source)
     assert [dtype for _, dtype in casts] == ["bfloat16", "float32", "float32"]
     assert not any(name.startswith("v_p_") for name, _ in casts)  # no weight cast per call
+
+
+def test_finite_fill_masks_stay_finite_in_bf16():
+    """HF fills masked keys with finfo(float32).min, which rounds to -inf in bf16: a row whose
+    keys are all masked must keep eager's uniform average, so the pass clamps the fill."""
+    entry = zoo.get("minilm")
+    model = zoo_model("minilm", "eager")
+    args, kwargs = entry.example(2, 12)
+    kwargs = dict(kwargs, attention_mask=kwargs["attention_mask"].clone())
+    kwargs["attention_mask"][1] = 0
+    cm = attnopt.compile(model, args, kwargs, passes=FUSE + BF16)
+    masks = [n.inputs[3] for n in cm.graph.find("attention")]
+    assert all(m.dtype == torch.bfloat16 for m in masks)
+    with torch.no_grad():
+        expected = model(*args, **kwargs).last_hidden_state
+        actual = cm(*args, **kwargs).last_hidden_state
+    cosine = F.cosine_similarity(actual[1].flatten().double(), expected[1].flatten().double(), 0)
+    assert cosine >= BF16_BUDGET["cosine"], cosine
 
 
 @pytest.mark.parametrize(
