@@ -112,7 +112,7 @@ def test_operands_are_named_once():
     assert ops.q is q and ops.mask is None and ops.bias == "bias" and ops.kv_indices is None
     assert ops.as_list() == [q, k, v, None, "bias"]
     assert AttentionOperands.of([q, k, v]).as_list() == [q, k, v]
-    with pytest.raises(ValueError, match="3 to 7"):
+    with pytest.raises(ValueError, match="3 to 8"):
         AttentionOperands.of([q, k])
 
 
