@@ -359,11 +359,17 @@ def _finite_fill_rows(
     else:
         seen = emit_aten_before(graph, anchor, "aten.any.dim", [keep, -1, True])
         empty = _not(graph, anchor, seen)
+    return empty, _mean_of_v(graph, anchor, v)
+
+
+def _mean_of_v(graph: Graph, anchor: Node, v: Value) -> Value:
+    """The mean of v over the keys, per query head (eager's row when every key is masked by a
+    finite fill)."""
     source, group = _kv_repeat_source(v)
     mean = emit_aten_before(graph, anchor, "aten.mean.dim", [source, [-2], True])
     if group > 1:  # GQA: the mean of the shared key/value heads, repeated per query head
         mean = emit_aten_before(graph, anchor, "aten.repeat_interleave.self_int", [mean, group, 1])
-    return empty, mean
+    return mean
 
 
 def _kv_repeat_source(v: Value) -> tuple[Value, int]:
@@ -546,26 +552,4 @@ def _uniform_rows(
             visible = emit_aten_before(graph, anchor, "aten.logical_and.default", [visible, keep])
         seen = emit_aten_before(graph, anchor, "aten.any.dim", [visible, -1, True])
         empty = _not(graph, anchor, seen)
-    source, group = _kv_repeat_source(v)
-    mean = emit_aten_before(graph, anchor, "aten.mean.dim", [source, [-2], True])
-    if group > 1:  # GQA: the mean of the shared key/value heads, repeated per query head
-        mean = emit_aten_before(graph, anchor, "aten.repeat_interleave.self_int", [mean, group, 1])
-    return empty, mean
-
-
-def _kv_repeat_source(v: Value) -> tuple[Value, int]:
-    """``(source, n)`` when ``v`` is ``source`` with each head repeated ``n`` times (GQA's
-    ``expand`` + ``reshape``), else ``(v, 1)``: reading the source keeps head pruning able to
-    slice the key/value heads."""
-    node = v.producer
-    expand = node.inputs[0].producer if node is not None and node.op == "reshape" else None
-    unsq = expand.inputs[0].producer if expand is not None and expand.op == "expand" else None
-    if unsq is None or unsq.op != "unsqueeze" or unsq.attrs.dim % 5 != 2:
-        return v, 1
-    source = unsq.inputs[0]
-    if source is None or source.tensor_type.rank != 4 or v.tensor_type.rank != 4:
-        return v, 1
-    group = expand.output.shape[2]  # type: ignore[union-attr]
-    if not isinstance(group, int) or v.shape[1] != source.shape[1] * group:
-        return v, 1
-    return source, group
+    return empty, _mean_of_v(graph, anchor, v)
