@@ -43,6 +43,19 @@ def emit_before(
     return node.output
 
 
+def _aten_template(args: list[Any], kwargs: dict | None) -> tuple[list[Value], str]:
+    """The input Values and the JSON argument template of an ``aten`` call."""
+    inputs: list[Value] = []
+
+    def index(obj: Any) -> int | None:
+        if isinstance(obj, Value):
+            inputs.append(obj)
+            return len(inputs) - 1
+        return None
+
+    return inputs, json.dumps(encode_template([list(args), dict(kwargs or {})], index))
+
+
 def emit_aten_before(
     graph: Graph, anchor: Node, target: str, args: list[Any], kwargs: dict | None = None
 ) -> Value:
@@ -58,15 +71,7 @@ def emit_aten_before(
     Returns:
         The output value.
     """
-    inputs: list[Value] = []
-
-    def index(obj: Any) -> int | None:
-        if isinstance(obj, Value):
-            inputs.append(obj)
-            return len(inputs) - 1
-        return None
-
-    template = json.dumps(encode_template([list(args), dict(kwargs or {})], index))
+    inputs, template = _aten_template(args, kwargs)
     return emit_before(graph, anchor, "aten", inputs, AtenAttrs(target=target, args=template))
 
 
@@ -107,14 +112,6 @@ def set_aten_call(node: Node, target: str, args: list[Any], kwargs: dict | None 
         args: positional arguments; Values become inputs.
         kwargs: keyword arguments.
     """
-    inputs: list[Value] = []
-
-    def index(obj: Any) -> int | None:
-        if isinstance(obj, Value):
-            inputs.append(obj)
-            return len(inputs) - 1
-        return None
-
-    template = json.dumps(encode_template([list(args), dict(kwargs or {})], index))
+    inputs, template = _aten_template(args, kwargs)
     node.op, node.inputs = "aten", list(inputs)
     node.attrs = AtenAttrs(target=target, args=template, outputs=len(node.outputs))

@@ -563,13 +563,9 @@ def _fill_form(graph: Graph, node: Node) -> tuple[Value, bool, float] | None:
         if va is not None and _zero_operand(graph, b):
             return cond, True, va
         return None
-    if node.op == "masked_fill" or (
-        node.op == "aten" and node.attrs.target == "aten.masked_fill.Scalar"
-    ):
-        if node.op == "masked_fill":
-            base, cond, fill = node.inputs[0], node.inputs[1], node.attrs.value
-        else:
-            base, cond, fill = aten_call_args(node)[0][:3]
+    operands = _masked_fill_operands(node)
+    if operands is not None:
+        base, cond, fill = operands
         fill_value = _scalar_of(graph, fill)
         if (
             isinstance(base, Value)
@@ -579,6 +575,16 @@ def _fill_form(graph: Graph, node: Node) -> tuple[Value, bool, float] | None:
             and _zero_valued(graph, base)
         ):
             return cond, True, fill_value
+    return None
+
+
+def _masked_fill_operands(node: Node) -> tuple[Any, Any, Any] | None:
+    """``(base, cond, fill)`` of a core or ATen ``masked_fill``, else None."""
+    if node.op == "masked_fill":
+        return node.inputs[0], node.inputs[1], node.attrs.value
+    if node.op == "aten" and node.attrs.target == "aten.masked_fill.Scalar":
+        base, cond, fill = aten_call_args(node)[0][:3]
+        return base, cond, fill
     return None
 
 
@@ -691,14 +697,10 @@ class _Splitter:
                 return whole
             self.finite = self.finite or math.isfinite(fill_value)
             return self._bool(cond, masked_when)
-        if node.op == "masked_fill" or (
-            node.op == "aten" and node.attrs.target == "aten.masked_fill.Scalar"
-        ):
+        operands = _masked_fill_operands(node)
+        if operands is not None:
             # masked_fill(base, cond, fill) over an additive base: base's conjuncts and not cond
-            if node.op == "masked_fill":
-                base, cond, fill_obj = node.inputs[0], node.inputs[1], node.attrs.value
-            else:
-                base, cond, fill_obj = aten_call_args(node)[0][:3]
+            base, cond, fill_obj = operands
             fill_value = _scalar_of(self.graph, fill_obj)
             if (
                 isinstance(base, Value)
