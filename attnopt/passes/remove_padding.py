@@ -23,6 +23,7 @@ padded layout (their inputs are scattered back) and are reported.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -231,8 +232,6 @@ class _Rewriter:
             dim = self.packed_dim(node.attrs.dim, out.tensor_type.rank, layout)
             if dim is None:
                 return False
-            import dataclasses
-
             source = self.packed[id(node.inputs[0])].value
             new = emit_before(
                 self.graph, node, op, [source], dataclasses.replace(node.attrs, dim=dim)
