@@ -10,6 +10,7 @@ registered once ``attnopt.ir`` is imported.
 
 from attnopt.ir import (
     core_ops,  # noqa: F401 - registers the built-in ops
+    token_reduce,  # noqa: F401 - registers token merging / pruning
     tokens,  # noqa: F401 - registers token packing (padding removal)
 )
 from attnopt.ir.aten_args import aten_call_args

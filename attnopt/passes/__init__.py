@@ -14,6 +14,7 @@ from attnopt.passes.neighborhood import Neighborhood
 from attnopt.passes.precision import Precision
 from attnopt.passes.remove_padding import RemovePadding
 from attnopt.passes.sliding_window import SlidingWindow
+from attnopt.passes.token_reduce import TokenMerge, TokenPrune
 
 __all__ = [
     "BlockSparse",
@@ -25,6 +26,8 @@ __all__ = [
     "Precision",
     "RemovePadding",
     "SlidingWindow",
+    "TokenMerge",
+    "TokenPrune",
     "Pass",
     "PassContext",
     "PassManager",

@@ -18,6 +18,33 @@ from attnopt.ir.core_ops import AtenAttrs
 #: Ops that only re-index their input (no arithmetic): walked through to find projections.
 VIEW_OPS = ("reshape", "transpose", "permute", "contiguous", "unsqueeze", "expand")
 
+#: Core ops that act elementwise (operands broadcast).
+ELEMENTWISE_OPS = {"add", "sub", "mul", "div", "neg", "exp", "cast", "where", "masked_fill", "tanh",
+                "sigmoid", "rsqrt", "sqrt", "contiguous"}  # fmt: skip
+
+#: ATen ops that act elementwise on their tensor operands.
+ATEN_POINTWISE = {
+    "aten.gelu.default", "aten.silu.default", "aten.relu.default", "aten.tanh.default",
+    "aten.sigmoid.default", "aten.erf.default", "aten.neg.default", "aten.abs.default",
+    "aten.pow.Tensor_Scalar", "aten.pow.Tensor_Tensor", "aten.mul.Tensor", "aten.add.Tensor",
+    "aten.sub.Tensor", "aten.div.Tensor", "aten.rsqrt.default", "aten.sqrt.default",
+    "aten.exp.default", "aten.clone.default", "aten.alias.default", "aten.contiguous.default",
+    "aten._to_copy.default", "aten.to.dtype", "aten.clamp.default", "aten.clamp_min.default",
+    "aten.where.self", "aten.gelu_tanh.default", "aten.softplus.default", "aten.mish.default",
+    "aten.hardswish.default", "aten.leaky_relu.default", "aten.elu.default",
+}  # fmt: skip
+
+#: ATen ops over some dims: which positional argument holds the dim(s).
+ATEN_DIM_ARG = {
+    "aten.mean.dim": 1,
+    "aten.sum.dim_IntList": 1,
+    "aten.amax.default": 1,
+    "aten.cat.default": 1,
+    "aten.slice.Tensor": 1,
+    "aten._softmax.default": 1,
+    "aten.softmax.int": 1,
+}
+
 
 def emit_before(
     graph: Graph, anchor: Node, op: str, inputs: list[Value | None], attrs: Any = None, **meta: Any

@@ -33,37 +33,16 @@ from attnopt.ir import Graph, Node, Value, aten_call_args
 from attnopt.ir.core_ops import DimAttrs, ShapeAttrs, TransposeAttrs
 from attnopt.ir.tokens import TokenIndexAttrs
 from attnopt.passes.base import Pass, PassContext, PassResult
-from attnopt.passes.helpers import emit_aten_before, emit_before
+from attnopt.passes.helpers import (
+    ATEN_DIM_ARG,
+    ATEN_POINTWISE,
+    ELEMENTWISE_OPS,
+    emit_aten_before,
+    emit_before,
+)
 from attnopt.passes.select import decline
 
 TOKEN, HEAD = "token", "head"
-
-#: Core ops that act elementwise (operands broadcast).
-_ELEMENTWISE = {"add", "sub", "mul", "div", "neg", "exp", "cast", "where", "masked_fill", "tanh",
-                "sigmoid", "rsqrt", "sqrt", "contiguous"}  # fmt: skip
-
-#: ATen ops that act elementwise on their tensor operands.
-_ATEN_POINTWISE = {
-    "aten.gelu.default", "aten.silu.default", "aten.relu.default", "aten.tanh.default",
-    "aten.sigmoid.default", "aten.erf.default", "aten.neg.default", "aten.abs.default",
-    "aten.pow.Tensor_Scalar", "aten.pow.Tensor_Tensor", "aten.mul.Tensor", "aten.add.Tensor",
-    "aten.sub.Tensor", "aten.div.Tensor", "aten.rsqrt.default", "aten.sqrt.default",
-    "aten.exp.default", "aten.clone.default", "aten.alias.default", "aten.contiguous.default",
-    "aten._to_copy.default", "aten.to.dtype", "aten.clamp.default", "aten.clamp_min.default",
-    "aten.where.self", "aten.gelu_tanh.default", "aten.softplus.default", "aten.mish.default",
-    "aten.hardswish.default", "aten.leaky_relu.default", "aten.elu.default",
-}  # fmt: skip
-
-#: ATen ops over trailing dims: which positional argument holds the dim(s).
-_ATEN_DIM_ARG = {
-    "aten.mean.dim": 1,
-    "aten.sum.dim_IntList": 1,
-    "aten.amax.default": 1,
-    "aten.cat.default": 1,
-    "aten.slice.Tensor": 1,
-    "aten._softmax.default": 1,
-    "aten.softmax.int": 1,
-}
 
 
 @dataclass
@@ -202,7 +181,7 @@ class _Rewriter:
             return False
         layout = layouts.pop()
         out = node.output
-        if op in _ELEMENTWISE or (op == "aten" and node.attrs.target in _ATEN_POINTWISE):
+        if op in ELEMENTWISE_OPS or (op == "aten" and node.attrs.target in ATEN_POINTWISE):
             return self._elementwise(node, layout)
         if op == "linear" and id(node.inputs[0]) in self.packed and layout == TOKEN:
             others = node.inputs[1:]
@@ -240,7 +219,7 @@ class _Rewriter:
             return True
         if op == "aten" and node.attrs.target == "aten.layer_norm.default":
             return self._layer_norm(node, layout)
-        if op == "aten" and node.attrs.target in _ATEN_DIM_ARG:
+        if op == "aten" and node.attrs.target in ATEN_DIM_ARG:
             return self._dim_op(node, layout)
         if op == "attention":
             return self._attention(node, layout)
@@ -329,7 +308,7 @@ class _Rewriter:
     def _dim_op(self, node: Node, layout: str) -> bool:
         target = node.attrs.target
         args, kwargs = aten_call_args(node)
-        position = _ATEN_DIM_ARG[target]
+        position = ATEN_DIM_ARG[target]
         source = args[0]
         rank = (source[0] if isinstance(source, (list, tuple)) else source).tensor_type.rank
         if position >= len(args):

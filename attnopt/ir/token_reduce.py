@@ -1,0 +1,394 @@
+"""Token reduction ops: fewer tokens mid-graph (ToMe merging, EViT pruning) and back again.
+
+Entry points: the ops ``token_merge``, ``token_prune``, ``token_unmerge`` and ``token_sizes``;
+their functions :func:`merge_tokens`, :func:`prune_tokens`, :func:`unmerge_tokens`; the
+attributes :class:`TokenMergeAttrs`, :class:`TokenPruneAttrs`, :class:`UnmergeAttrs`.
+
+Every reduction op takes the token-wise hidden state ``x [B, N, C]`` and the bookkeeping of the
+reductions before it, and returns ``(x' [B, N', C], size' [B, N'], source' [B, S0])``:
+
+* ``size`` (float) is the number of original tokens each current token stands for; a padded
+  token has size 0 and counts as nothing (it is masked as a key, merges only with padding and
+  never changes a real token);
+* ``source`` (int64) maps each original position ``0 <= s < S0`` to the current token it ended up
+  in (``-1``: dropped, its unmerged vector is zeros). ``token_unmerge`` gathers with it, so every
+  original position gets the vector of the token it was merged into.
+
+The first reduction of a graph gets ``size=None`` (every token has size 1, or ``valid`` when the
+model has a key padding mask) and ``source=None`` (the identity). ``N'`` is known only at run
+time for a symbolic ``N`` (the symbol named by the attributes, bound from the output by the
+program); it is the same for every row of the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from attnopt.ir.ops import OpDef, register_op
+from attnopt.ir.types import TensorType, Type
+
+__all__ = [
+    "TokenMergeAttrs",
+    "TokenPruneAttrs",
+    "UnmergeAttrs",
+    "merge_tokens",
+    "merge_count",
+    "prune_count",
+    "prune_tokens",
+    "reduced_tokens",
+    "unmerge_tokens",
+]
+
+#: Similarity given to a pair of padded tokens: above any cosine, so padding merges first.
+_PAD_PAIR = 2.0
+
+
+@dataclass(frozen=True)
+class TokenMergeAttrs:
+    """``token_merge``: merge ``r`` tokens (or down to ``keep`` of them) by bipartite matching.
+
+    Attributes:
+        r: tokens removed by this merge (capped at the mergeable half), or None.
+        keep: fraction of this layer's tokens kept (``N' = ceil(keep * N)``), used when ``r`` is
+            None.
+        protect: leading tokens that never merge (CLS, distillation, registers).
+        symbol: name of ``N'`` when it is only known at run time.
+    """
+
+    r: int | None = None
+    keep: float | None = None
+    protect: int = 1
+    symbol: str = "ntm0"
+
+
+@dataclass(frozen=True)
+class TokenPruneAttrs:
+    """``token_prune``: keep the most attended tokens, fuse the rest into one token.
+
+    Attributes:
+        keep: fraction of the unprotected tokens kept (rounded up).
+        protect: leading tokens always kept; with ``rank="cls"`` token 0 is the CLS token.
+        fuse: fuse the pruned tokens into one extra token (else they are dropped).
+        rank: ``"cls"`` (attention from token 0) or ``"received"`` (attention each token
+            receives from every real query: models without a CLS token).
+        scale: the attention's score scale.
+        symbol: name of ``N'`` when it is only known at run time.
+    """
+
+    keep: float = 0.7
+    protect: int = 1
+    fuse: bool = True
+    rank: str = "cls"
+    scale: float = 1.0
+    symbol: str = "ntp0"
+
+
+@dataclass(frozen=True)
+class UnmergeAttrs:
+    """``token_unmerge``: the token axis of ``x`` (1 for ``[B, N, C]``, 2 for ``[B, H, N, D]``)."""
+
+    axis: int = 1
+
+
+def _start(x: torch.Tensor, size: torch.Tensor | None, valid: torch.Tensor | None) -> torch.Tensor:
+    """The sizes going into a reduction: given, or 1 per real token (0 per padded one)."""
+    if size is not None:
+        return size
+    if valid is not None:
+        return valid.reshape(x.shape[0], x.shape[1]).to(torch.float32)
+    return x.new_ones(x.shape[:2], dtype=torch.float32)
+
+
+def _compose(local: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+    """Original position -> new token, through this reduction's ``local`` map (-1 stays -1)."""
+    if source is None:
+        return local
+    mapped = local.gather(1, source.clamp(min=0))
+    return torch.where(source < 0, source, mapped)
+
+
+def merge_count(n: int, attrs: TokenMergeAttrs) -> int:
+    """Tokens ``token_merge`` removes from ``n``: ``r`` or ``n - ceil(keep * n)``, capped at the
+    unprotected half that can merge (the first set of the alternating split)."""
+    mergeable = max(0, (n + 1) // 2 - (attrs.protect + 1) // 2)
+    if attrs.r is not None:
+        wanted = attrs.r
+    else:
+        keep = 1.0 if attrs.keep is None else attrs.keep
+        wanted = n - math.ceil(keep * n - 1e-9)
+    return max(0, min(wanted, mergeable, n - 1))
+
+
+def merge_tokens(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    size: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    source: torch.Tensor | None,
+    attrs: TokenMergeAttrs,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe's bipartite soft matching: merge the ``r`` most similar pairs by size-weighted mean.
+
+    Args:
+        x: token-wise states ``[B, N, C]``.
+        metric: the attention keys ``[B, H, N, D]`` (averaged over heads, L2-normalised).
+        size: tokens per current token ``[B, N]`` (None: from ``valid`` or ones).
+        valid: ``[B, N]`` bool (or ``[B, 1, 1, N]``) real tokens, read when ``size`` is None.
+        source: original position -> current token ``[B, S0]`` (None: the identity).
+        attrs: the merge's attributes.
+
+    Returns:
+        ``(x', size', source')``: the tokens left, in their order before the merge.
+    """
+    batch, n, channels = x.shape
+    size = _start(x, size, valid)
+    r = merge_count(n, attrs)
+    local = torch.arange(n, device=x.device).expand(batch, n)
+    if r == 0:
+        return x, size, _compose(local, source)
+    keys = metric.float().mean(dim=1)
+    keys = keys / keys.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    a_keys, b_keys = keys[:, ::2], keys[:, 1::2]
+    scores = a_keys @ b_keys.transpose(1, 2)
+    real = size > 0
+    a_real, b_real = real[:, ::2, None], real[:, None, 1::2]
+    scores = torch.where(a_real & b_real, scores, torch.full_like(scores, -math.inf))
+    scores = torch.where(~a_real & ~b_real, torch.full_like(scores, _PAD_PAIR), scores)
+    protect = attrs.protect
+    if protect:
+        scores[:, : (protect + 1) // 2, :] = -math.inf
+        scores[:, :, : protect // 2] = -math.inf
+    best, partner = scores.max(dim=-1)
+    order = best.argsort(dim=-1, descending=True, stable=True)
+    merged_a, kept_a = order[:, :r], order[:, r:].sort(dim=-1).values
+    n_a, n_b = a_keys.shape[1], b_keys.shape[1]
+    kept = n_a - r
+    x_a, x_b = x[:, ::2], x[:, 1::2]
+    size_a, size_b = size[:, ::2], size[:, 1::2]
+    dst = partner.gather(1, merged_a)
+    src_size = size_a.gather(1, merged_a)
+    src_x = x_a.gather(1, merged_a[..., None].expand(batch, r, channels))
+    total = size_b.scatter_add(1, dst, src_size)
+    weighted = (x_b * size_b[..., None]).scatter_add(
+        1, dst[..., None].expand(batch, r, channels), src_x * src_size[..., None]
+    )
+    x_b = weighted / total.clamp(min=1e-12)[..., None]
+    # the tokens left, in their order before the merge (the protected prefix stays in front and
+    # padding at the end, where the next merge's alternating split pairs it up again)
+    arange_b = torch.arange(n_b, device=x.device).expand(batch, n_b)
+    order = torch.cat([2 * kept_a, 2 * arange_b + 1], dim=1).argsort(dim=1)
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=x.device).expand_as(order)
+    )
+    x_a = x_a.gather(1, kept_a[..., None].expand(batch, kept, channels))
+    joined = torch.cat([x_a, x_b.to(x.dtype)], dim=1)
+    out = joined.gather(1, order[..., None].expand(*order.shape, channels))
+    new_size = torch.cat([size_a.gather(1, kept_a), total], dim=1).gather(1, order)
+    # this merge's map: a kept A token -> its slot, a merged one -> its partner's, B -> its own
+    map_a = torch.empty(batch, n_a, dtype=torch.long, device=x.device)
+    map_a.scatter_(1, kept_a, torch.arange(kept, device=x.device).expand(batch, kept))
+    map_a.scatter_(1, merged_a, kept + dst)
+    local = torch.empty(batch, n, dtype=torch.long, device=x.device)
+    local[:, ::2], local[:, 1::2] = map_a, kept + arange_b
+    return out, new_size, _compose(rank.gather(1, local), source)
+
+
+def prune_count(n: int, attrs: TokenPruneAttrs) -> int:
+    """Unprotected tokens ``token_prune`` keeps of ``n``: ``ceil(keep * (n - protect))``."""
+    candidates = max(0, n - attrs.protect)
+    return min(candidates, max(1, math.ceil(attrs.keep * candidates - 1e-9)))
+
+
+def _received(
+    q: torch.Tensor, k: torch.Tensor, real: torch.Tensor, scale: float, rank: str
+) -> torch.Tensor:
+    """Attention each key gets, averaged over heads: from query 0 (``cls``) or summed over every
+    real query (``received``), ``[B, N]``; computed in chunks of queries (the fused attention
+    never materialises probabilities)."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if kv_heads != heads:
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+    bias = torch.zeros(real.shape, dtype=torch.float32, device=q.device)
+    bias = bias.masked_fill(~real, -math.inf)[:, None, None, :]
+    if rank == "cls":
+        rows = q[:, :, :1].float()
+        probs = torch.softmax(rows @ k.float().transpose(-1, -2) * scale + bias, dim=-1)
+        return probs.mean(dim=1)[:, 0]
+    total = torch.zeros(real.shape, dtype=torch.float32, device=q.device)
+    chunk = 256
+    for start in range(0, q.shape[2], chunk):
+        rows = q[:, :, start : start + chunk].float()
+        probs = torch.softmax(rows @ k.float().transpose(-1, -2) * scale + bias, dim=-1)
+        weight = real[:, None, start : start + chunk, None].to(probs.dtype)
+        total += (probs * weight).sum(dim=2).mean(dim=1)
+    return total
+
+
+def prune_tokens(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    size: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    source: torch.Tensor | None,
+    attrs: TokenPruneAttrs,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EViT's inattentive-token removal: keep the most attended tokens, fuse the rest.
+
+    Args:
+        x: token-wise states ``[B, N, C]``.
+        q: the attention's queries ``[B, H, N, D]``.
+        k: the attention's keys ``[B, Hkv, N, D]``.
+        size: tokens per current token ``[B, N]`` (None: from ``valid`` or ones).
+        valid: ``[B, N]`` bool (or ``[B, 1, 1, N]``) real tokens, read when ``size`` is None.
+        source: original position -> current token ``[B, S0]`` (None: the identity).
+        attrs: the pruning's attributes.
+
+    Returns:
+        ``(x', size', source')``: the protected prefix, the kept tokens in their original order,
+        then (with ``fuse``) one token: the pruned tokens' mean weighted by their attention.
+    """
+    batch, n, channels = x.shape
+    size = _start(x, size, valid)
+    protect = min(attrs.protect, n)
+    keep = prune_count(n, attrs)
+    local = torch.arange(n, device=x.device).expand(batch, n)
+    if keep >= n - protect:
+        return x, size, _compose(local, source)
+    real = size > 0
+    attention = _received(q, k, real, attrs.scale, attrs.rank)
+    ranking = torch.where(real, attention, torch.full_like(attention, -1.0))[:, protect:]
+    order = ranking.argsort(dim=-1, descending=True, stable=True)
+    kept = order[:, :keep].sort(dim=-1).values + protect
+    pruned = order[:, keep:] + protect
+    head = x[:, :protect]
+    body = x.gather(1, kept[..., None].expand(batch, keep, channels))
+    parts, sizes = [head, body], [size[:, :protect], size.gather(1, kept)]
+    local = torch.full((batch, n), -1, dtype=torch.long, device=x.device)
+    local[:, :protect] = torch.arange(protect, device=x.device)
+    local.scatter_(1, kept, protect + torch.arange(keep, device=x.device).expand(batch, keep))
+    if attrs.fuse:
+        weight = attention.gather(1, pruned) * real.gather(1, pruned)
+        rest = x.gather(1, pruned[..., None].expand(batch, pruned.shape[1], channels))
+        fused = (rest.float() * weight[..., None]).sum(dim=1, keepdim=True)
+        fused = fused / weight.sum(dim=1).clamp(min=1e-12)[:, None, None]
+        parts.append(fused.to(x.dtype))
+        sizes.append(size.gather(1, pruned).sum(dim=1, keepdim=True))
+        local.scatter_(1, pruned, protect + keep)
+    return torch.cat(parts, dim=1), torch.cat(sizes, dim=1), _compose(local, source)
+
+
+def unmerge_tokens(x: torch.Tensor, source: torch.Tensor, axis: int = 1) -> torch.Tensor:
+    """Every original position gets the vector of the token it ended up in (zeros if dropped).
+
+    Args:
+        x: reduced values with the token axis at ``axis`` (``[B, N', ...]`` or ``[B, H, N', ...]``).
+        source: original position -> current token, ``[B, S0]``.
+        axis: the token axis of ``x``.
+
+    Returns:
+        ``x`` with ``S0`` tokens at ``axis``.
+    """
+    shape = [1] * x.dim()
+    shape[0], shape[axis] = source.shape
+    index = source.clamp(min=0).reshape(shape)
+    expanded = list(x.shape)
+    expanded[axis] = source.shape[1]
+    out = x.gather(axis, index.expand(expanded))
+    if bool((source < 0).any()):
+        out = out.masked_fill((source < 0).reshape(shape), 0)
+    return out
+
+
+def reduced_tokens(n: int, attrs: TokenMergeAttrs | TokenPruneAttrs) -> int:
+    """Tokens left after the reduction ``attrs`` describes, from ``n``.
+
+    Args:
+        n: tokens going in.
+        attrs: a ``token_merge`` or ``token_prune`` op's attributes.
+
+    Returns:
+        The number of tokens coming out (the same for every row of a batch).
+    """
+    if isinstance(attrs, TokenMergeAttrs):
+        return n - merge_count(n, attrs)
+    protect = min(attrs.protect, n)
+    kept = prune_count(n, attrs)
+    if kept >= n - protect:
+        return n
+    return protect + kept + (1 if attrs.fuse else 0)
+
+
+def _reduced_types(
+    x: TensorType, source: TensorType | None, attrs: TokenMergeAttrs | TokenPruneAttrs
+) -> list[Type]:
+    original = source.shape[1] if source is not None else x.shape[1]
+    n = x.shape[1]
+    tokens = reduced_tokens(n, attrs) if isinstance(n, int) else attrs.symbol
+    return [
+        TensorType((x.shape[0], tokens, *x.shape[2:]), x.dtype),
+        TensorType((x.shape[0], tokens), torch.float32),
+        TensorType((x.shape[0], original), torch.int64),
+    ]
+
+
+def _merge_infer(types: list[Type | None], attrs: TokenMergeAttrs) -> list[Type]:
+    x, source = types[0], types[4]
+    assert isinstance(x, TensorType)
+    return _reduced_types(x, source if isinstance(source, TensorType) else None, attrs)
+
+
+def _prune_infer(types: list[Type | None], attrs: TokenPruneAttrs) -> list[Type]:
+    x, source = types[0], types[5]
+    assert isinstance(x, TensorType)
+    return _reduced_types(x, source if isinstance(source, TensorType) else None, attrs)
+
+
+def _unmerge_infer(types: list[Type | None], attrs: UnmergeAttrs) -> list[Type]:
+    x, source = types[0], types[1]
+    assert isinstance(x, TensorType) and isinstance(source, TensorType)
+    shape = list(x.shape)
+    shape[attrs.axis] = source.shape[1]
+    return [TensorType(tuple(shape), x.dtype)]
+
+
+def _check_merge(node: Any) -> str | None:
+    attrs = node.attrs
+    if attrs.r is None and attrs.keep is None:
+        return "token_merge needs r or keep"
+    if attrs.keep is not None and not 0.0 < attrs.keep <= 1.0:
+        return f"token_merge keep={attrs.keep} must be in (0, 1]"
+    return None
+
+
+register_op(
+    OpDef(
+        "token_merge",
+        TokenMergeAttrs,
+        lambda inputs, attrs: merge_tokens(*inputs, attrs),
+        num_outputs=3,
+        infer=_merge_infer,
+        verify=_check_merge,
+    )
+)
+register_op(
+    OpDef(
+        "token_prune",
+        TokenPruneAttrs,
+        lambda inputs, attrs: prune_tokens(*inputs, attrs),
+        num_outputs=3,
+        infer=_prune_infer,
+    )
+)
+register_op(
+    OpDef(
+        "token_unmerge",
+        UnmergeAttrs,
+        lambda inputs, attrs: unmerge_tokens(inputs[0], inputs[1], attrs.axis),
+        infer=_unmerge_infer,
+    )
+)
