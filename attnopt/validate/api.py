@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from attnopt.validate.budget import Budget
+from attnopt.validate.budget import Budget, resolve_tolerance
 from attnopt.validate.compare import (
     build_report,
     check_same_structure,
@@ -120,15 +120,24 @@ def _concat(per_batch: list[dict[str, torch.Tensor]], logits: set[str]) -> dict[
     return merged
 
 
-def _run_oracle(reference: Callable, batches: list[Batch], warnings: list[str]) -> list | None:
+def _run_oracle(
+    reference: Callable, batches: list[Batch], ref_outputs: list, fallback: str
+) -> tuple[list | None, str | None]:
+    """The fp64 oracle's outputs per batch, or None and a one-line reason it is unusable."""
     try:
         model = _float64_copy(reference)
-        return [_call(model, _to_float64(batch)) for batch in batches]
+        outputs = [_call(model, _to_float64(batch)) for batch in batches]
     except Exception as error:  # the oracle is advisory: judge without it
-        warnings.append(
-            f"the fp64 oracle could not run ({type(error).__name__}: {error}); judged without it"
+        return None, (
+            f"the fp64 oracle could not run ({type(error).__name__}: {error}); {fallback}"
         )
-        return None
+    for position, (ref, oracle) in enumerate(zip(ref_outputs, outputs)):
+        try:
+            check_same_structure(flatten_outputs(ref), flatten_outputs(oracle), "fp64 oracle")
+        except ValidationError as error:
+            where = f" in batch {position}" if len(batches) > 1 else ""
+            return None, f"the fp64 oracle is unusable{where} ({error}); {fallback}"
+    return outputs, None
 
 
 def run_and_compare(
@@ -155,10 +164,14 @@ def run_and_compare(
         kwargs: keyword inputs of a single batch.
         inputs: instead of args/kwargs, an iterable of ``(args, kwargs)`` pairs; the report
             aggregates over all of them.
-        tolerance: ``"exact"``, ``"none"``, a lossy preset name, or a :class:`Budget`.
-        oracle: also run a deep copy of the reference converted to float64 on float64 copies
-            of the floating inputs, and judge "exact" against that fp64 oracle as described in
-            :mod:`attnopt.validate.budget`. If the copy cannot run, a warning says so.
+        tolerance: ``"exact"`` (the fp64-oracle rule), ``"exact-elementwise"``, ``"none"``, a
+            lossy preset name, or a :class:`Budget` (see :mod:`attnopt.validate.budget`).
+        oracle: run the fp64 oracle (a deep copy of the reference converted to float64, on
+            float64 copies of the floating inputs) also for a tolerance that does not judge by
+            it: its errors are then recorded, and an elementwise tolerance accepts an output
+            that meets the fp64-oracle rule. ``"exact"`` always runs it. When the oracle cannot
+            run or returns other outputs, one warning says so and ``"exact"`` is judged
+            elementwise.
         logits_keys: output names judged as logits (top-1 agreement, KL divergence).
 
     Returns:
@@ -170,6 +183,7 @@ def run_and_compare(
             itself propagates unchanged (it is a bug in the candidate, not in the inputs).
     """
     batches = input_batches(args, kwargs, inputs)
+    criterion = resolve_tolerance(tolerance)
     warnings: list[str] = []
     if isinstance(reference, torch.nn.Module) and reference.training:
         warnings.append("the reference is in training mode (dropout?); call .eval() first")
@@ -185,17 +199,23 @@ def run_and_compare(
     padding_input = getattr(candidate, "removed_padding", None)
     if isinstance(padding_input, str):
         ref_outputs = _real_positions(ref_outputs, batches, padding_input, warnings)
-    oracle_outputs = _run_oracle(reference, batches, warnings) if oracle else None
+    oracle_outputs = None
+    if oracle or criterion.oracle_rule:
+        fallback = "judged elementwise" if criterion.oracle_rule else "judged without it"
+        oracle_outputs, why_not = _run_oracle(reference, batches, ref_outputs, fallback)
+        warnings += [why_not] if why_not else []
+    if oracle_outputs is not None and isinstance(padding_input, str):
+        oracle_outputs = _real_positions(oracle_outputs, batches, padding_input, [])
     if len(batches) == 1:
         report = build_report(
             ref_outputs[0],
             cand_outputs[0],
-            tolerance=tolerance,
+            tolerance=criterion,
             oracle_outputs=oracle_outputs[0] if oracle_outputs else None,
             logits_keys=logits_keys,
         )
     else:
-        report = _aggregate(ref_outputs, cand_outputs, oracle_outputs, tolerance, logits_keys)
+        report = _aggregate(ref_outputs, cand_outputs, oracle_outputs, criterion, logits_keys)
     report.warnings[:0] = warnings
     report.batches = len(batches)
     return report

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from attnopt.tolerances import oracle_allowed_error, oracle_error_ratio, oracle_floor
 from attnopt.validate.budget import Budget, Criterion, judge_metrics, resolve_tolerance
 from attnopt.validate.errors import ValidationError
 from attnopt.validate.metrics import (
@@ -195,7 +196,33 @@ def _metrics_for(
         metrics.update(tolerance_metrics(reference, candidate, atol=tol.atol, rtol=tol.rtol))
     if oracle is not None and reference.is_floating_point():
         metrics.update(oracle_metrics(reference, candidate, oracle))
+        numel, dtype = reference.numel(), reference.dtype
+        metrics["fp64_ratio_limit"] = oracle_error_ratio(numel, dtype)
+        metrics["fp64_floor"] = oracle_floor(metrics["fp64_rms"], dtype)
+        metrics["fp64_allowed_rmse"] = oracle_allowed_error(
+            metrics["eager_fp64_rmse"], metrics["fp64_rms"], numel, dtype
+        )
     return metrics
+
+
+def _oracle_leaf(
+    name: str, reference: torch.Tensor, oracle_flat: Mapping[str, torch.Tensor] | None
+) -> tuple[torch.Tensor | None, str | None]:
+    """The oracle output for a floating output, or None and why it cannot serve as one."""
+    if oracle_flat is None or not reference.is_floating_point():
+        return None, None
+    if reference.dtype == torch.float64:
+        return None, (
+            f"output {name!r} is float64 already: the fp64 oracle is no more precise, "
+            "judged without it"
+        )
+    oracle = oracle_flat[name]
+    if oracle.dtype != torch.float64:
+        return None, (
+            f"output {name!r}: the fp64 oracle returned it as {oracle.dtype}, not float64: "
+            "judged without the oracle"
+        )
+    return oracle, None
 
 
 _SITE_INDEX = re.compile(r"^\s*site\s+(\d+)\b")
@@ -256,7 +283,7 @@ def build_report(
     ref_outputs: Any,
     cand_outputs: Any,
     *,
-    tolerance: str | Budget = "exact",
+    tolerance: str | Budget | Criterion = "exact",
     site_pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     oracle_outputs: Any = None,
     logits_keys: Iterable[str] = ("logits",),
@@ -267,13 +294,16 @@ def build_report(
     Args:
         ref_outputs: the reference model's output (any nesting :func:`flatten_outputs` reads).
         cand_outputs: the candidate's output, same structure and shapes.
-        tolerance: ``"exact"``, ``"none"``, a lossy preset name, or a :class:`Budget`
-            (see :mod:`attnopt.validate.budget`).
+        tolerance: ``"exact"``, ``"exact-elementwise"``, ``"none"``, a lossy preset name, a
+            :class:`Budget` or a resolved :class:`Criterion` (see :mod:`attnopt.validate.budget`).
         site_pairs: ``{site name: (reference site output, candidate site output)}`` in layer
             order. A name starting ``"site N"`` gives the site index N; otherwise its position.
         oracle_outputs: the output of a float64 copy of the reference on float64 inputs; when
-            given, eager's and the candidate's errors against it are recorded and table
-            tolerances accept a candidate about as close to fp64 as eager.
+            given, the reference's and the candidate's errors against it are recorded, and
+            ``"exact"`` judges floating outputs by the fp64-oracle rule (other table tolerances
+            accept an output outside the table that meets it). Without it ``"exact"`` is
+            judged elementwise. Floating outputs the oracle returns in another dtype than
+            float64 are judged without it (with a warning).
         logits_keys: output names judged as logits (top-1 agreement, KL).
         judge_sites: when True, a failing site also fails the report.
 
@@ -294,14 +324,16 @@ def build_report(
     if oracle_outputs is not None:
         oracle_flat = flatten_outputs(oracle_outputs)
         check_same_structure(ref_flat, oracle_flat, "fp64 oracle")
-    report = NumericsReport(tolerance=criterion.name, oracle=oracle_flat is not None)
+    report = NumericsReport(tolerance=criterion.name)
     report.warnings += [f"output {item} is not a tensor and was not compared" for item in skipped]
     if not ref_flat:
         report.warnings.append("the outputs hold no tensors: nothing was compared")
     for name, reference in ref_flat.items():
         candidate = cand_flat[name]
         is_logits = _is_logits(name, reference, logits_keys)
-        oracle = oracle_flat[name] if oracle_flat is not None else None
+        oracle, why_not = _oracle_leaf(name, reference, oracle_flat)
+        report.warnings += [why_not] if why_not else []
+        report.oracle = report.oracle or oracle is not None
         metrics = _metrics_for(reference, candidate, criterion, is_logits=is_logits, oracle=oracle)
         report.metrics[name] = metrics
         if is_logits:
@@ -311,6 +343,7 @@ def build_report(
             for reason in judge_metrics(metrics, criterion, is_logits=is_logits)
         ]
         report.warnings += _output_warnings(name, reference, candidate, metrics)
+    report.rule = criterion.rule(oracle=report.oracle)
     if site_pairs:
         report.sites = site_reports(site_pairs, criterion)
         if judge_sites:

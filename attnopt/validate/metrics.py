@@ -273,19 +273,22 @@ def _rmse(values: torch.Tensor, target: torch.Tensor) -> float:
 def oracle_metrics(
     reference: torch.Tensor, candidate: torch.Tensor, oracle: torch.Tensor
 ) -> MetricDict:
-    """Errors of the reference (eager) and of the candidate against a float64 oracle.
+    """Errors of the reference and of the candidate against a float64 oracle.
 
-    Both are root-mean-square errors over the positions where the oracle is finite; a
-    non-finite value at such a position makes the error inf.
+    Both are root-mean-square errors over the positions where the oracle and the reference are
+    finite (where the reference is not, the candidate must reproduce it: ``nonfinite_mismatch``
+    of :func:`tensor_metrics`); a non-finite candidate value at such a position makes its error
+    inf.
 
     Args:
-        reference: the eager output, in the model's dtype.
+        reference: the reference (original model's) output, in the model's dtype.
         candidate: the candidate output.
         oracle: the same output computed by a float64 copy of the reference.
 
     Returns:
-        ``eager_fp64_rmse``, ``candidate_fp64_rmse`` and ``fp64_error_ratio`` (candidate over
-        eager; 1 when both are zero, inf when only eager is).
+        ``eager_fp64_rmse`` (the reference's error), ``candidate_fp64_rmse``,
+        ``fp64_error_ratio`` (candidate over reference; 1 when both are zero, inf when only the
+        reference's is) and ``fp64_rms`` (root mean square of the oracle over those positions).
 
     Raises:
         ValidationError: when the shapes differ.
@@ -293,15 +296,18 @@ def oracle_metrics(
     _check_shapes(reference, candidate)
     _check_shapes(reference, oracle, what="oracle")
     target = _as_float64(oracle)
-    finite = torch.isfinite(target)
+    ref = _as_float64(reference, device=target.device)
+    finite = torch.isfinite(target) & torch.isfinite(ref)
     target = target[finite]
-    eager_err = _rmse(_as_float64(reference, device=target.device)[finite], target)
+    eager_err = _rmse(ref[finite], target)
     cand_err = _rmse(_as_float64(candidate, device=target.device)[finite], target)
     ratio = 1.0 if eager_err == 0 and cand_err == 0 else _safe_ratio(cand_err, eager_err)
+    rms = float(torch.linalg.vector_norm(target)) / math.sqrt(max(target.numel(), 1))
     return {
         "eager_fp64_rmse": eager_err,
         "candidate_fp64_rmse": cand_err,
         "fp64_error_ratio": ratio,
+        "fp64_rms": rms,
     }
 
 
@@ -329,6 +335,6 @@ def format_metric(key: str, value: float | int | bool) -> str:
         if 0.999999 <= value < 1.0:
             return f"1-{1.0 - value:.1e}"
         return f"{value:.6f}"
-    if key in ("sqnr_db", "tol_ratio", "fp64_error_ratio"):
+    if key in ("sqnr_db", "tol_ratio", "fp64_error_ratio", "fp64_ratio_limit"):
         return f"{value:.1f}" if key == "sqnr_db" else f"{value:.3g}"
     return "0" if value == 0 else f"{value:.2e}"

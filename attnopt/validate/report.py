@@ -78,9 +78,16 @@ _OUTPUT_COLUMNS = [
     ("top1_agreement", "top1"),
     ("kl_divergence", "KL"),
     ("tol_ratio", "err/tol"),
-    ("eager_fp64_rmse", "eager vs fp64"),
-    ("candidate_fp64_rmse", "cand vs fp64"),
     ("ref_nonfinite", "ref NaN/inf"),
+]
+# The fp64-oracle rule per output: RMSE against the oracle, their ratio, the allowed RMSE.
+_ORACLE_COLUMNS = [
+    ("eager_fp64_rmse", "ref vs fp64"),
+    ("candidate_fp64_rmse", "cand vs fp64"),
+    ("fp64_error_ratio", "cand/ref"),
+    ("fp64_ratio_limit", "k"),
+    ("fp64_floor", "floor"),
+    ("fp64_allowed_rmse", "allowed"),
 ]
 _SITE_COLUMNS = [
     ("max_abs", "max_abs"),
@@ -104,7 +111,9 @@ class NumericsReport:
         failures: human-readable reasons the report is not ok.
         warnings: things worth knowing that do not fail it (NaN in the reference, ...).
         tolerance: the tolerance's name.
-        oracle: whether a float64 oracle was used.
+        oracle: whether a float64 oracle judged (or was measured against) some output.
+        rule: the verdict rule applied to the outputs, as one line (see
+            :meth:`attnopt.validate.budget.Criterion.rule`).
         batches: how many input batches the metrics aggregate.
         logits: names of the outputs judged as logits.
     """
@@ -115,6 +124,7 @@ class NumericsReport:
     warnings: list[str] = field(default_factory=list)
     tolerance: str = "exact"
     oracle: bool = False
+    rule: str = ""
     batches: int = 1
     logits: list[str] = field(default_factory=list)
 
@@ -132,13 +142,18 @@ class NumericsReport:
         """Plain-data form of the report (non-finite floats kept as floats).
 
         Returns:
-            A dict with ``ok``, ``tolerance``, ``oracle``, ``batches``, ``logits``,
-            ``metrics``, ``sites``, ``failures`` and ``warnings``.
+            A dict with ``ok``, ``tolerance``, ``oracle``, ``rule``, ``batches``, ``logits``,
+            ``metrics``, ``sites``, ``failures`` and ``warnings``. With an fp64 oracle, each
+            floating output's metrics hold ``eager_fp64_rmse`` (the reference's RMSE against
+            the oracle), ``candidate_fp64_rmse``, ``fp64_error_ratio`` (candidate over
+            reference), ``fp64_allowed_rmse`` and its parts ``fp64_ratio_limit`` and
+            ``fp64_floor``.
         """
         return {
             "ok": self.ok,
             "tolerance": self.tolerance,
             "oracle": self.oracle,
+            "rule": self.rule,
             "batches": self.batches,
             "logits": list(self.logits),
             "metrics": {name: dict(values) for name, values in self.metrics.items()},
@@ -165,7 +180,8 @@ class NumericsReport:
             width: the line width of the tables.
 
         Returns:
-            Multi-line text: a status line, the outputs table, the sites table, failures.
+            Multi-line text: a status line, the verdict rule, the outputs table, the sites
+            table, failures and warnings.
         """
         from rich.console import Console
 
@@ -178,8 +194,14 @@ class NumericsReport:
             markup=False,
             highlight=False,
         )
+        if self.rule:
+            console.print(f"rule: {self.rule}", markup=False, highlight=False, soft_wrap=True)
         rows = [(name, values, None) for name, values in self.metrics.items()]
-        console.print(self._table("outputs", "output", _OUTPUT_COLUMNS, rows))
+        console.print(self._table("outputs vs the reference", "output", _OUTPUT_COLUMNS, rows))
+        oracle_rows = [row for row in rows if "eager_fp64_rmse" in row[1]]
+        if oracle_rows:
+            title = "outputs against the fp64 oracle (RMSE; allowed = k * ref vs fp64 + floor)"
+            console.print(self._table(title, "output", _ORACLE_COLUMNS, oracle_rows))
         if self.sites:
             site_rows = [(f"{s.index}: {s.name}", s.metrics, s.ok) for s in self.sites]
             console.print(self._table("attention sites", "site", _SITE_COLUMNS, site_rows))
