@@ -89,9 +89,11 @@ class TokenPruneAttrs:
 
 @dataclass(frozen=True)
 class UnmergeAttrs:
-    """``token_unmerge``: the token axis of ``x`` (1 for ``[B, N, C]``, 2 for ``[B, H, N, D]``)."""
+    """``token_unmerge``: the token axis of ``x`` (1 for ``[B, N, C]``, 2 for ``[B, H, N, D]``)
+    and its batch axis (None: packed tokens of no batch axis, ``source`` is ``[T0]``)."""
 
     axis: int = 1
+    batch: int | None = 0
 
 
 def _start(x: torch.Tensor, size: torch.Tensor | None, valid: torch.Tensor | None) -> torch.Tensor:
@@ -282,22 +284,31 @@ def prune_tokens(
     return torch.cat(parts, dim=1), torch.cat(sizes, dim=1), _compose(local, source)
 
 
-def unmerge_tokens(x: torch.Tensor, source: torch.Tensor, axis: int = 1) -> torch.Tensor:
+def unmerge_tokens(
+    x: torch.Tensor, source: torch.Tensor, axis: int = 1, batch: int | None = 0
+) -> torch.Tensor:
     """Every original position gets the vector of the token it ended up in (zeros if dropped).
 
     Args:
         x: reduced values with the token axis at ``axis`` (``[B, N', ...]`` or ``[B, H, N', ...]``).
-        source: original position -> current token, ``[B, S0]``.
+        source: original position -> current token, ``[B, S0]`` (``[T0]`` for packed tokens).
         axis: the token axis of ``x``.
+        batch: the batch axis of ``x`` (None: packed tokens, no batch axis).
 
     Returns:
         ``x`` with ``S0`` tokens at ``axis``.
     """
+    original = source.shape[-1]
     shape = [1] * x.dim()
-    shape[0], shape[axis] = source.shape
+    if batch is None:
+        shape[axis] = source.shape[-1]
+    else:
+        shape[batch], shape[axis] = source.shape
+        if batch > axis:  # [S0, B] order in x
+            source = source.t()
     index = source.clamp(min=0).reshape(shape)
     expanded = list(x.shape)
-    expanded[axis] = source.shape[1]
+    expanded[axis] = original
     out = x.gather(axis, index.expand(expanded))
     if bool((source < 0).any()):
         out = out.masked_fill((source < 0).reshape(shape), 0)
@@ -352,7 +363,7 @@ def _unmerge_infer(types: list[Type | None], attrs: UnmergeAttrs) -> list[Type]:
     x, source = types[0], types[1]
     assert isinstance(x, TensorType) and isinstance(source, TensorType)
     shape = list(x.shape)
-    shape[attrs.axis] = source.shape[1]
+    shape[attrs.axis] = source.shape[-1]
     return [TensorType(tuple(shape), x.dtype)]
 
 
@@ -388,7 +399,7 @@ register_op(
     OpDef(
         "token_unmerge",
         UnmergeAttrs,
-        lambda inputs, attrs: unmerge_tokens(inputs[0], inputs[1], attrs.axis),
+        lambda inputs, attrs: unmerge_tokens(inputs[0], inputs[1], attrs.axis, attrs.batch),
         infer=_unmerge_infer,
     )
 )

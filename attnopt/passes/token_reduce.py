@@ -23,13 +23,14 @@ tokens it sees are full again): the notes say which.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from attnopt.errors import PipelineError
-from attnopt.ir import Graph, Node, Value, aten_call_args
+from attnopt.ir import Graph, Node, Value, aten_call_args, verify
 from attnopt.ir.core_ops import ShapeAttrs
 from attnopt.ir.symbolic import dim_expr, evaluate_dim
 from attnopt.ir.token_reduce import (
@@ -69,9 +70,21 @@ class _Stage:
 
 @dataclass
 class _Reduced:
+    """A value on reduced tokens: its token axis and its batch axis (None: packed tokens)."""
+
     value: Value
     axis: int
     stage: _Stage
+    batch: int | None = 0
+
+    def moved(self, value: Value, where: Callable[[int], int | None]) -> _Reduced | None:
+        """This entry for ``value``, whose axes are ``where(old axis)``; None when the token or
+        the batch axis does not survive (folded with another dim, or reduced over)."""
+        axis = where(self.axis)
+        batch = None if self.batch is None else where(self.batch)
+        if axis is None or (self.batch is not None and batch is None):
+            return None
+        return _Reduced(value, axis, self.stage, batch)
 
 
 class _Reducer:
@@ -84,6 +97,7 @@ class _Reducer:
         self.unmerged: dict[int, Value] = {}
         self.served: list[int] = []
         self.fallbacks: list[str] = []
+        self._unmerged_kinds: set[str] = set()
 
     # -- helpers ---------------------------------------------------------------------------------
     def _emit(self, anchor: Node | None, op: str, inputs: list[Any], attrs: Any = None) -> Value:
@@ -102,10 +116,19 @@ class _Reducer:
                 anchor,
                 "token_unmerge",
                 [entry.value, entry.stage.source],
-                UnmergeAttrs(axis=entry.axis),
+                UnmergeAttrs(axis=entry.axis, batch=entry.batch),
             )
             self.unmerged[id(entry.value)] = cached
         return cached
+
+    def note_unmerged(self, node: Node) -> None:
+        """Say (once per op kind) that an op read unmerged tokens."""
+        kind = node.attrs.target if node.op == "aten" else node.op
+        if node.op not in ("attention", "unpack") and kind not in self._unmerged_kinds:
+            self._unmerged_kinds.add(kind)
+            self.fallbacks.append(
+                f"{kind} reads unmerged tokens (not token-wise, or it mixes them with full-length values)"
+            )
 
     def _common(self, node: Node) -> tuple[_Stage, list[_Reduced]] | None:
         entries = [
@@ -141,15 +164,13 @@ class _Reducer:
             rank = node.output.tensor_type.rank
             return self._permuted(node, [d % rank for d in node.attrs.dims])
         if op == "unsqueeze":
-            entry = self.reduced[id(node.inputs[0])]
             dim = node.attrs.dim % node.output.tensor_type.rank
-            axis = entry.axis + (1 if dim <= entry.axis else 0)
-            return self._same(node, axis)
+            return self._same(node, lambda a: a + (1 if dim <= a else 0))
         if op in ("softmax", "log_softmax"):
             entry = self.reduced[id(node.inputs[0])]
             if node.attrs.dim % node.output.tensor_type.rank == entry.axis:
                 return False
-            return self._same(node, entry.axis)
+            return self._same(node, _kept)
         if op == "aten" and node.attrs.target in _NORMS:
             return self._norm(node)
         if op == "aten" and node.attrs.target in ATEN_DIM_ARG:
@@ -158,31 +179,35 @@ class _Reducer:
             return self._attention(node)
         return False
 
-    def _same(self, node: Node, axis: int, inputs: list[Value | None] | None = None) -> bool:
-        """Re-emit ``node`` on its reduced inputs; the output's token axis is ``axis``."""
+    def _same(self, node: Node, where: Callable[[int], int | None]) -> bool:
+        """Re-emit ``node`` on its reduced inputs; an input axis ``a`` is the output's
+        ``where(a)`` (checked before anything is emitted)."""
         entry = self.reduced[
             id(next(v for v in node.inputs if v is not None and id(v) in self.reduced))
         ]
-        if inputs is None:
-            inputs = [
-                self.reduced[id(v)].value if v is not None and id(v) in self.reduced else v
-                for v in node.inputs
-            ]
+        if entry.moved(node.output, where) is None:
+            return False
+        inputs = [
+            self.reduced[id(v)].value if v is not None and id(v) in self.reduced else v
+            for v in node.inputs
+        ]
         new = emit_before(self.graph, node, node.op, inputs, node.attrs)
-        self.reduced[id(node.output)] = _Reduced(new, axis, entry.stage)
+        self.reduced[id(node.output)] = entry.moved(new, where)  # type: ignore[assignment]
         return True
 
     def _elementwise(self, node: Node) -> bool:
         out_rank = node.output.tensor_type.rank
-        stage, entries = self._common(node)  # type: ignore[misc]
-        axes = set()
+        placed = set()
         for value in node.inputs:
             if value is not None and id(value) in self.reduced:
                 entry = self.reduced[id(value)]
-                axes.add(entry.axis + out_rank - value.tensor_type.rank)
-        if len(axes) != 1:
+                lead = out_rank - value.tensor_type.rank
+                placed.add((entry.axis + lead, None if entry.batch is None else entry.batch + lead))
+        if len(placed) != 1:
             return False
-        axis = axes.pop()
+        axis, batch = placed.pop()
+        first = next(v for v in node.inputs if v is not None and id(v) in self.reduced)
+        lead = out_rank - first.tensor_type.rank
         for value in node.inputs:
             if value is None or id(value) in self.reduced or not hasattr(value.type, "shape"):
                 continue
@@ -201,9 +226,11 @@ class _Reducer:
             if any(isinstance(v, Value) for v in (kwargs or {}).values()):
                 return False
             new = emit_aten_before(self.graph, node, node.attrs.target, new_args, kwargs)
-            self.reduced[id(node.output)] = _Reduced(new, axis, stage)
+            self.reduced[id(node.output)] = _Reduced(
+                new, axis, self.reduced[id(first)].stage, batch
+            )
             return True
-        return self._same(node, axis)
+        return self._same(node, lambda a: a + lead)
 
     def _linear(self, node: Node) -> bool:
         x = node.inputs[0]
@@ -214,7 +241,7 @@ class _Reducer:
         entry = self.reduced[id(x)]
         if entry.axis == x.tensor_type.rank - 1:
             return False
-        return self._same(node, entry.axis)
+        return self._same(node, _kept)
 
     def _reshape(self, node: Node) -> bool:
         source = node.inputs[0]
@@ -234,14 +261,16 @@ class _Reducer:
             dim_expr(tokens).free_symbols & dim_expr(d).free_symbols for d in others
         ):
             return False
+        where = lambda a: position if a == entry.axis else _token_position(before, after, a)  # noqa: E731
+        if entry.moved(node.output, where) is None:
+            return False
         attrs = dataclasses.replace(node.attrs, shape=tuple(shape))
         new = emit_before(self.graph, node, node.op, [entry.value], attrs)
-        self.reduced[id(node.output)] = _Reduced(new, position, entry.stage)
+        self.reduced[id(node.output)] = entry.moved(new, where)  # type: ignore[assignment]
         return True
 
     def _permuted(self, node: Node, order: list[int]) -> bool:
-        entry = self.reduced[id(node.inputs[0])]
-        return self._same(node, order.index(entry.axis))
+        return self._same(node, order.index)
 
     def _norm(self, node: Node) -> bool:
         args, kwargs = aten_call_args(node)
@@ -253,10 +282,12 @@ class _Reducer:
         entry = self.reduced[id(x)]
         if entry.axis >= x.tensor_type.rank - len(shape):
             return False
+        if entry.batch is not None and entry.batch >= x.tensor_type.rank - len(shape):
+            return False
         new = emit_aten_before(
             self.graph, node, node.attrs.target, [entry.value, *args[1:]], kwargs
         )
-        self.reduced[id(node.output)] = _Reduced(new, entry.axis, entry.stage)
+        self.reduced[id(node.output)] = entry.moved(new, _kept)  # type: ignore[assignment]
         return True
 
     def _dim_op(self, node: Node) -> bool:
@@ -270,17 +301,24 @@ class _Reducer:
         ):
             return False
         entries = [self.reduced[id(p)] for p in parts]
-        if len({(e.axis, id(e.stage)) for e in entries}) != 1:
+        if len({(e.axis, e.batch, id(e.stage)) for e in entries}) != 1:
             return False
-        axis, rank = entries[0].axis, parts[0].tensor_type.rank
+        rank = parts[0].tensor_type.rank
         dims = args[position]
-        listed = dims if isinstance(dims, (list, tuple)) else [dims]
-        if any(d % rank == axis for d in listed):
+        listed = {d % rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+        squeezed = target in (
+            "aten.mean.dim",
+            "aten.sum.dim_IntList",
+            "aten.amax.default",
+        ) and not ((len(args) > 2 and bool(args[2])) or bool((kwargs or {}).get("keepdim")))
+
+        def where(a: int) -> int | None:
+            if a in listed:
+                return None  # reduced, normalised, concatenated or sliced along
+            return a - sum(1 for d in listed if d < a) if squeezed else a
+
+        if entries[0].moved(node.output, where) is None:
             return False
-        if target in ("aten.mean.dim", "aten.sum.dim_IntList", "aten.amax.default"):
-            keepdim = len(args) > 2 and bool(args[2]) or bool((kwargs or {}).get("keepdim"))
-            if not keepdim:
-                axis -= sum(1 for d in listed if d % rank < axis)
         if any(isinstance(a, Value) for a in args[1:]):
             return False
         new_args = list(args)
@@ -288,7 +326,7 @@ class _Reducer:
             [e.value for e in entries] if isinstance(source, (list, tuple)) else entries[0].value
         )
         new = emit_aten_before(self.graph, node, target, new_args, kwargs)
-        self.reduced[id(node.output)] = _Reduced(new, axis, entries[0].stage)
+        self.reduced[id(node.output)] = entries[0].moved(new, where)  # type: ignore[assignment]
         return True
 
     def _attention(self, node: Node) -> bool:
@@ -359,6 +397,11 @@ class _Reducer:
                 self.graph, node, "reshape", [logs], ShapeAttrs(shape=(batch, 1, 1, stage.tokens))
             )
         return stage.bias
+
+
+def _kept(axis: int) -> int:
+    """An op that keeps every axis where it is."""
+    return axis
 
 
 def _token_position(before: tuple, after: tuple, axis: int) -> int | None:
@@ -471,6 +514,29 @@ class _TokenPass(Pass):
         if not points:
             return PassResult(changed=False, notes=notes, declined=declined)
         snapshot = graph.copy()
+        try:
+            return self._rewrite(graph, ctx, points, notes, declined, snapshot)
+        except PipelineError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any inconsistency: leave the model as it was
+            _restore(graph, snapshot)
+            reason = (
+                f"the rewrite failed ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
+            )
+            for site in points.values():
+                decline(notes, declined, site.index, f"tokens not reduced: {reason}")
+            return PassResult(changed=False, notes=notes, declined=declined)
+
+    def _rewrite(
+        self,
+        graph: Graph,
+        ctx: PassContext,
+        points: dict[int, Site],
+        notes: list[str],
+        declined: list[tuple[int, str]],
+        snapshot: Graph,
+    ) -> PassResult:
+        """The reductions at ``points`` (merge point value id -> site) and everything after."""
         hints = graph.meta.setdefault("symbol_hints", {})
         reducer = _Reducer(graph, proportional=getattr(self, "proportional", False))
         stage: _Stage | None = None
@@ -486,6 +552,7 @@ class _TokenPass(Pass):
                 for position, value in enumerate(node.inputs):
                     if value is not None and id(value) in reducer.reduced:
                         node.inputs[position] = reducer.unmerge(node, value)
+                        reducer.note_unmerged(node)
             created.update(id(n) for n in graph.nodes[index : index + len(graph.nodes) - count])
             site = points.get(id(node.outputs[0])) if node.outputs else None
             if site is None:
@@ -533,6 +600,7 @@ class _TokenPass(Pass):
             return PassResult(changed=False, notes=notes, declined=declined)
         graph.dead_code_elimination()
         graph.infer_types()
+        verify(graph)
         notes.extend(reducer.fallbacks)
         original = reductions[0][1]
         for site, before, after in reductions:
