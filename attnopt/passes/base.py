@@ -492,8 +492,8 @@ class PassManager:
             try:
                 ctx.enter_pass(position, p, graph)
                 result = p.run(graph, ctx)
-            except (PassError, PlanError):
-                raise
+            except (PassError, PlanError, PipelineError):
+                raise  # a pass option that does not fit the model is the user's to fix
             except Exception as err:  # noqa: BLE001 - wrapped with the pipeline for the user
                 raise PassError(
                     f"pass {p} failed: {type(err).__name__}: {err} "

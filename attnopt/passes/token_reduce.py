@@ -498,6 +498,17 @@ class _TokenPass(Pass):
         notes: list[str] = []
         declined: list[tuple[int, str]] = []
         chosen = sites_for(graph, self, variant=None)
+        if self.layers is not None:
+            present = {
+                site.layer
+                for site in sites_for(graph, dataclasses.replace(self, layers=None), variant=None)
+            }
+            missing = sorted(set(self.layers) - present)
+            if missing:
+                raise PipelineError(
+                    f"{self.name}: option layers={list(self.layers)} names layers {missing} the "
+                    f"model does not have (its attention layers: {sorted(i for i in present if i is not None)})"
+                )
         users = graph.users()
         points: dict[int, Site] = {}
         for site in chosen:
