@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# pytest-xdist workers for `make test` (each runs torch single-threaded, see tests/conftest.py).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint format bench clean setup
 
@@ -20,7 +22,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check attnopt tests benchmarks examples
 	$(VENV)/bin/ruff format --check attnopt tests benchmarks examples
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist load --durations=25 tests
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format attnopt tests benchmarks examples
