@@ -29,6 +29,7 @@ from tests import zoo
 from tests.helpers import zoo_model
 
 EXACT_PIPELINE = "canonicalize,fuse-attention"
+# Every test runs one input shape: compile for it alone (one capture instead of two).
 
 
 # --- mutations: passes that make the compiled program compute something else -----------------
@@ -172,7 +173,7 @@ def bert():
 @pytest.fixture(scope="module")
 def bert_exact(bert):
     model, args, kwargs = bert
-    return attnopt.compile(model, args, kwargs, passes="exact")
+    return attnopt.compile(model, args, kwargs, passes="exact", dynamic=False)
 
 
 def test_bert_exact_compile_is_exact_and_the_report_says_why(bert, bert_exact):
@@ -204,7 +205,7 @@ def test_bert_rounding_level_differences_are_exact(bert, bert_exact, make):
 def test_bert_wrong_computations_fail(bert, mutation):
     model, args, kwargs = bert
     pipeline = attnopt.PassManager([*attnopt.PassManager.parse(EXACT_PIPELINE).passes, mutation])
-    candidate = attnopt.compile(model, args, kwargs, passes=pipeline)
+    candidate = attnopt.compile(model, args, kwargs, passes=pipeline, dynamic=False)
     report = attnopt.validate(model, candidate, args, kwargs, sites=False)
     check(report, ok=False)
     if isinstance(mutation, _ScaleAttention):
@@ -235,7 +236,7 @@ def minilm():
 @pytest.fixture(scope="module")
 def minilm_exact(minilm):
     model, args, kwargs = minilm
-    return attnopt.compile(model, args, kwargs, passes="exact")
+    return attnopt.compile(model, args, kwargs, passes="exact", dynamic=False)
 
 
 def test_minilm_exact_compile_is_exact_where_the_elementwise_check_is_not(minilm, minilm_exact):
@@ -261,7 +262,7 @@ def test_minilm_rounding_level_differences_are_exact(minilm, minilm_exact, make)
 def test_minilm_wrong_softmax_scale_fails(minilm):
     model, args, kwargs = minilm
     pipeline = f"{EXACT_PIPELINE},{_ScaleAttention.name}"
-    candidate = attnopt.compile(model, args, kwargs, passes=pipeline)
+    candidate = attnopt.compile(model, args, kwargs, passes=pipeline, dynamic=False)
     check(attnopt.validate(model, candidate, args, kwargs, sites=False), ok=False)
 
 
@@ -288,7 +289,7 @@ def test_minilm_wrong_computations_fail(minilm, minilm_exact, make):
 def test_zoo_exact_compiles_pass_the_fp64_oracle_rule(name, impl):
     model = zoo_model(name, impl)
     args, kwargs = zoo.get(name).example(2, 8)
-    candidate = attnopt.compile(model, args, kwargs, passes="exact")
+    candidate = attnopt.compile(model, args, kwargs, passes="exact", dynamic=False)
     check(attnopt.validate(model, candidate, args, kwargs, sites=False), ok=True)
 
 
