@@ -1,23 +1,27 @@
 """Token reduction ops: fewer tokens mid-graph (ToMe merging, EViT pruning) and back again.
 
-Entry points: the ops ``token_merge``, ``token_prune``, ``token_unmerge`` and ``token_sizes``;
-their functions :func:`merge_tokens`, :func:`prune_tokens`, :func:`unmerge_tokens`; the
+Entry points: the ops ``token_merge``, ``token_prune`` (a padded batch ``[B, N, C]``),
+``token_merge_packed``, ``token_prune_packed`` (packed tokens ``[T, C]`` after padding removal,
+rows given by segment ids) and ``token_unmerge``; their functions :func:`merge_tokens`,
+:func:`prune_tokens`, :func:`merge_packed`, :func:`prune_packed`, :func:`unmerge_tokens`; the
 attributes :class:`TokenMergeAttrs`, :class:`TokenPruneAttrs`, :class:`UnmergeAttrs`.
 
-Every reduction op takes the token-wise hidden state ``x [B, N, C]`` and the bookkeeping of the
-reductions before it, and returns ``(x' [B, N', C], size' [B, N'], source' [B, S0])``:
+Every reduction op takes the token-wise hidden state and the bookkeeping of the reductions before
+it, and returns the reduced state with new bookkeeping:
 
 * ``size`` (float) is the number of original tokens each current token stands for; a padded
   token has size 0 and counts as nothing (it is masked as a key, merges only with padding and
   never changes a real token);
-* ``source`` (int64) maps each original position ``0 <= s < S0`` to the current token it ended up
-  in (``-1``: dropped, its unmerged vector is zeros). ``token_unmerge`` gathers with it, so every
-  original position gets the vector of the token it was merged into.
+* ``source`` (int64) maps each original position to the current token it ended up in (``-1``:
+  dropped, its unmerged vector is zeros). ``token_unmerge`` gathers with it, so every original
+  position gets the vector of the token it was merged into.
 
-The first reduction of a graph gets ``size=None`` (every token has size 1, or ``valid`` when the
-model has a key padding mask) and ``source=None`` (the identity). ``N'`` is known only at run
-time for a symbolic ``N`` (the symbol named by the attributes, bound from the output by the
-program); it is the same for every row of the batch.
+In a padded batch, ``x [B, N, C] -> (x' [B, N', C], size' [B, N'], source' [B, S0])`` with the
+same ``N'`` for every row (padding merges or is pruned first). On packed tokens, ``x [T, C] ->
+(x' [T', C], size' [T'], source' [T0], segments' [1, T'])``: each row reduces its own share of
+its own tokens. The first reduction of a graph gets ``size=None`` (ones, or ``valid`` when the
+model has a key padding mask) and ``source=None`` (the identity). A size that depends on the
+data is a symbol named by the attributes, bound from the output by the program.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ __all__ = [
     "UnmergeAttrs",
     "merge_tokens",
     "merge_count",
+    "merge_packed",
+    "prune_packed",
     "prune_count",
     "prune_tokens",
     "reduced_tokens",
@@ -100,17 +106,42 @@ def _start(x: torch.Tensor, size: torch.Tensor | None, valid: torch.Tensor | Non
     """The sizes going into a reduction: given, or 1 per real token (0 per padded one)."""
     if size is not None:
         return size
-    if valid is not None:
-        return valid.reshape(x.shape[0], x.shape[1]).to(torch.float32)
+    if valid is not None:  # [B or 1, N] or [B or 1, 1, 1, N]
+        rows = valid.reshape(-1, x.shape[1]).expand(x.shape[0], x.shape[1])
+        return rows.to(torch.float32)
     return x.new_ones(x.shape[:2], dtype=torch.float32)
 
 
 def _compose(local: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
-    """Original position -> new token, through this reduction's ``local`` map (-1 stays -1)."""
+    """Original position -> new token, through this reduction's ``local`` map (-1 stays -1);
+    ``[B, S0]`` maps in a batch, ``[T0]`` maps of packed tokens."""
     if source is None:
         return local
-    mapped = local.gather(1, source.clamp(min=0))
+    if source.dim() == 1:
+        mapped = torch.where(local[source.clamp(min=0)] < 0, -1, local[source.clamp(min=0)])
+    else:
+        mapped = local.gather(1, source.clamp(min=0))
     return torch.where(source < 0, source, mapped)
+
+
+def _match(
+    keys: torch.Tensor, real: torch.Tensor, protect: int, pad_pairs: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's matching of the alternating split: for each token of the first set (even
+    positions), its most similar token of the second and their cosine, ``[B, Na]`` each.
+    Padding matches only padding (first of all when ``pad_pairs``); protected tokens and padding
+    without a padded partner get ``-inf``."""
+    keys = keys.float()
+    keys = keys / keys.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    scores = keys[:, ::2] @ keys[:, 1::2].transpose(1, 2)
+    a_real, b_real = real[:, ::2, None], real[:, None, 1::2]
+    scores = scores.masked_fill(~(a_real & b_real), -math.inf)
+    if pad_pairs:
+        scores = scores.masked_fill(~a_real & ~b_real, _PAD_PAIR)
+    if protect:
+        scores[:, : (protect + 1) // 2, :] = -math.inf
+        scores[:, :, : protect // 2] = -math.inf
+    return scores.max(dim=-1)
 
 
 def merge_count(n: int, attrs: TokenMergeAttrs) -> int:
@@ -152,22 +183,10 @@ def merge_tokens(
     local = torch.arange(n, device=x.device).expand(batch, n)
     if r == 0:
         return x, size, _compose(local, source)
-    keys = metric.float().mean(dim=1)
-    keys = keys / keys.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    a_keys, b_keys = keys[:, ::2], keys[:, 1::2]
-    scores = a_keys @ b_keys.transpose(1, 2)
-    real = size > 0
-    a_real, b_real = real[:, ::2, None], real[:, None, 1::2]
-    scores = torch.where(a_real & b_real, scores, torch.full_like(scores, -math.inf))
-    scores = torch.where(~a_real & ~b_real, torch.full_like(scores, _PAD_PAIR), scores)
-    protect = attrs.protect
-    if protect:
-        scores[:, : (protect + 1) // 2, :] = -math.inf
-        scores[:, :, : protect // 2] = -math.inf
-    best, partner = scores.max(dim=-1)
+    best, partner = _match(metric.mean(dim=1), size > 0, attrs.protect, pad_pairs=True)
     order = best.argsort(dim=-1, descending=True, stable=True)
     merged_a, kept_a = order[:, :r], order[:, r:].sort(dim=-1).values
-    n_a, n_b = a_keys.shape[1], b_keys.shape[1]
+    n_a, n_b = (n + 1) // 2, n // 2
     kept = n_a - r
     x_a, x_b = x[:, ::2], x[:, 1::2]
     size_a, size_b = size[:, ::2], size[:, 1::2]
@@ -284,6 +303,184 @@ def prune_tokens(
     return torch.cat(parts, dim=1), torch.cat(sizes, dim=1), _compose(local, source)
 
 
+class _Rows:
+    """Packed tokens ``[T, ...]`` of rows given by ``segments`` (each row contiguous, in order)
+    seen as a right-padded ``[B, L, ...]`` batch of rows, and back."""
+
+    def __init__(self, segments: torch.Tensor) -> None:
+        seg = segments.reshape(-1).long()
+        counts = torch.bincount(seg)
+        starts = counts.cumsum(0) - counts
+        self.tokens = seg.shape[0]
+        self.counts = counts
+        self.batch = counts.shape[0]
+        self.width = int(counts.max()) if self.tokens else 0
+        self.slot = seg * self.width + (torch.arange(self.tokens, device=seg.device) - starts[seg])
+
+    def view(self, x: torch.Tensor, fill: float | bool = 0) -> torch.Tensor:
+        """``[T, *rest]`` -> ``[B, L, *rest]`` with ``fill`` in the padding."""
+        out = x.new_full((self.batch * self.width, *x.shape[1:]), fill)
+        out[self.slot] = x
+        return out.view(self.batch, self.width, *x.shape[1:])
+
+    def real(self) -> torch.Tensor:
+        """``[B, L]`` bool: the slots that hold a token."""
+        slots = torch.arange(self.width, device=self.counts.device)
+        return slots[None, :] < self.counts[:, None]
+
+
+def _pack_rows(
+    keep: torch.Tensor, values: list[torch.Tensor], target: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The kept slots (``keep [B, W]``) of each ``[B, W, *rest]`` in ``values`` packed in order;
+    their rows as ``[1, T']`` segments; and for each input token (``target``: the slot it ended
+    up in) its packed index (-1: a slot that was not kept)."""
+    flat = keep.reshape(-1)
+    chosen = flat.nonzero().squeeze(1)
+    width = keep.shape[1]
+    packed = [v.reshape(-1, *v.shape[2:])[chosen] for v in values]
+    index = flat.long().cumsum(0) - 1
+    local = torch.where(flat[target], index[target], torch.full_like(target, -1))
+    return packed, torch.div(chosen, width, rounding_mode="floor").unsqueeze(0), local
+
+
+def merge_packed(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    size: torch.Tensor | None,
+    source: torch.Tensor | None,
+    segments: torch.Tensor,
+    attrs: TokenMergeAttrs,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe on packed tokens (padding removed): each row merges its own share of its tokens.
+
+    Args:
+        x: packed token states ``[T, C]``.
+        metric: the attention keys ``[1, H, T, D]``.
+        size: tokens per current token ``[T]`` (None: ones).
+        source: original packed position -> current token ``[T0]`` (None: the identity).
+        segments: the row of each token ``[1, T]`` (rows contiguous and in order).
+        attrs: ``r`` tokens per row (capped at the row's mergeable half) or ``keep`` of each
+            row's tokens.
+
+    Returns:
+        ``(x', size', source', segments')``: the tokens left, in their order.
+    """
+    tokens, channels = x.shape
+    size = x.new_ones(tokens, dtype=torch.float32) if size is None else size
+    local = torch.arange(tokens, device=x.device)
+    if tokens == 0 or (attrs.r == 0 or (attrs.r is None and (attrs.keep or 1.0) >= 1.0)):
+        return x, size, _compose(local, source), segments
+    rows = _Rows(segments)
+    real = rows.real()
+    counts = rows.counts
+    mergeable = ((counts + 1) // 2 - (attrs.protect + 1) // 2).clamp(min=0)
+    if attrs.r is not None:
+        wanted = torch.full_like(counts, attrs.r)
+    else:
+        wanted = counts - torch.ceil(counts.double() * attrs.keep - 1e-9).long()
+    wanted = torch.minimum(wanted, mergeable).clamp(min=0)
+    keys = rows.view(metric[0].float().mean(dim=0))
+    best, partner = _match(keys, real, attrs.protect, pad_pairs=False)
+    order = best.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=x.device).expand_as(order)
+    )
+    merged = (rank < wanted[:, None]) & torch.isfinite(best)
+    xv, sv = rows.view(x), rows.view(size)
+    x_a, x_b, s_a, s_b = xv[:, ::2], xv[:, 1::2], sv[:, ::2], sv[:, 1::2]
+    weight = s_a * merged
+    total = s_b.scatter_add(1, partner, weight)
+    summed = (x_b.float() * s_b[..., None]).scatter_add(
+        1, partner[..., None].expand(*partner.shape, channels), x_a.float() * weight[..., None]
+    )
+    xv = xv.clone()
+    sv = sv.clone()
+    xv[:, 1::2] = (summed / total.clamp(min=1e-12)[..., None]).to(x.dtype)
+    sv[:, 1::2] = total
+    keep = real.clone()
+    keep[:, ::2] &= ~merged
+    width = rows.width
+    row = torch.div(rows.slot, width, rounding_mode="floor")
+    position = rows.slot - row * width
+    a_index = torch.div(position, 2, rounding_mode="floor")
+    is_merged = (position % 2 == 0) & merged[row, a_index.clamp(max=merged.shape[1] - 1)]
+    target = torch.where(
+        is_merged,
+        row * width + 2 * partner[row, a_index.clamp(max=partner.shape[1] - 1)] + 1,
+        rows.slot,
+    )
+    (x_new, s_new), new_segments, local = _pack_rows(keep, [xv, sv], target)
+    return x_new, s_new, _compose(local, source), new_segments
+
+
+def prune_packed(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    size: torch.Tensor | None,
+    source: torch.Tensor | None,
+    segments: torch.Tensor,
+    attrs: TokenPruneAttrs,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EViT on packed tokens (padding removed): each row keeps ``keep`` of its own tokens.
+
+    Args:
+        x: packed token states ``[T, C]``.
+        q: the attention's queries ``[1, H, T, D]``.
+        k: the attention's keys ``[1, Hkv, T, D]``.
+        size: tokens per current token ``[T]`` (None: ones).
+        source: original packed position -> current token ``[T0]`` (None: the identity).
+        segments: the row of each token ``[1, T]`` (rows contiguous and in order).
+        attrs: the pruning's attributes.
+
+    Returns:
+        ``(x', size', source', segments')``: per row the protected prefix, the kept tokens in
+        their order, then (with ``fuse``, when a row pruned any) the fused token.
+    """
+    tokens, channels = x.shape
+    size = x.new_ones(tokens, dtype=torch.float32) if size is None else size
+    local = torch.arange(tokens, device=x.device)
+    if tokens == 0 or attrs.keep >= 1.0:
+        return x, size, _compose(local, source), segments
+    rows = _Rows(segments)
+    real = rows.real()
+    qv = rows.view(q[0].transpose(0, 1)).transpose(1, 2)  # [B, H, L, D]
+    kv = rows.view(k[0].transpose(0, 1)).transpose(1, 2)
+    attention = _received(qv, kv, real, attrs.scale, attrs.rank)
+    protect = attrs.protect
+    candidates = (rows.counts - protect).clamp(min=0)
+    kept = torch.ceil(candidates.double() * attrs.keep - 1e-9).long().clamp(min=1)
+    kept = torch.minimum(kept, candidates)
+    ranking = attention.masked_fill(~real, -1.0)
+    ranking[:, :protect] = math.inf
+    order = ranking.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=x.device).expand_as(order)
+    )
+    keep = (rank < (protect + kept)[:, None]) & real
+    pruned = real & ~keep
+    xv, sv = rows.view(x), rows.view(size)
+    extra = pruned.any(dim=1) & attrs.fuse
+    weight = attention * pruned
+    fused = (xv.float() * weight[..., None]).sum(dim=1) / weight.sum(dim=1).clamp(min=1e-12)[
+        :, None
+    ]
+    xv = torch.cat([xv, fused.to(x.dtype)[:, None]], dim=1)
+    sv = torch.cat([sv, (sv * pruned).sum(dim=1, keepdim=True)], dim=1)
+    keep = torch.cat([keep, extra[:, None]], dim=1)
+    width = rows.width
+    row = torch.div(rows.slot, width, rounding_mode="floor")
+    slot = rows.slot + row  # the same slot in rows one wider
+    gone = pruned.reshape(-1)[rows.slot]
+    fused_slot = row * (width + 1) + width
+    target = torch.where(gone, fused_slot if attrs.fuse else slot, slot)
+    (x_new, s_new), new_segments, local = _pack_rows(keep, [xv, sv], target)
+    if not attrs.fuse:
+        local = torch.where(gone, torch.full_like(local, -1), local)
+    return x_new, s_new, _compose(local, source), new_segments
+
+
 def unmerge_tokens(
     x: torch.Tensor, source: torch.Tensor, axis: int = 1, batch: int | None = 0
 ) -> torch.Tensor:
@@ -367,6 +564,28 @@ def _unmerge_infer(types: list[Type | None], attrs: UnmergeAttrs) -> list[Type]:
     return [TensorType(tuple(shape), x.dtype)]
 
 
+def _packed_types(x: TensorType, source: TensorType | None, symbol: str) -> list[Type]:
+    original = source.shape[0] if source is not None else x.shape[0]
+    return [
+        TensorType((symbol, *x.shape[1:]), x.dtype),
+        TensorType((symbol,), torch.float32),
+        TensorType((original,), torch.int64),
+        TensorType((1, symbol), torch.int64),
+    ]
+
+
+def _merge_packed_infer(types: list[Type | None], attrs: TokenMergeAttrs) -> list[Type]:
+    x, source = types[0], types[3]
+    assert isinstance(x, TensorType)
+    return _packed_types(x, source if isinstance(source, TensorType) else None, attrs.symbol)
+
+
+def _prune_packed_infer(types: list[Type | None], attrs: TokenPruneAttrs) -> list[Type]:
+    x, source = types[0], types[4]
+    assert isinstance(x, TensorType)
+    return _packed_types(x, source if isinstance(source, TensorType) else None, attrs.symbol)
+
+
 def _check_merge(node: Any) -> str | None:
     attrs = node.attrs
     if attrs.r is None and attrs.keep is None:
@@ -401,5 +620,24 @@ register_op(
         UnmergeAttrs,
         lambda inputs, attrs: unmerge_tokens(inputs[0], inputs[1], attrs.axis, attrs.batch),
         infer=_unmerge_infer,
+    )
+)
+register_op(
+    OpDef(
+        "token_merge_packed",
+        TokenMergeAttrs,
+        lambda inputs, attrs: merge_packed(*inputs, attrs),
+        num_outputs=4,
+        infer=_merge_packed_infer,
+        verify=_check_merge,
+    )
+)
+register_op(
+    OpDef(
+        "token_prune_packed",
+        TokenPruneAttrs,
+        lambda inputs, attrs: prune_packed(*inputs, attrs),
+        num_outputs=4,
+        infer=_prune_packed_infer,
     )
 )

@@ -23,6 +23,7 @@ tokens it sees are full again): the notes say which.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -30,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 
 from attnopt.errors import PipelineError
-from attnopt.ir import Graph, Node, Value, aten_call_args, verify
+from attnopt.ir import AttentionOperands, Graph, Node, Value, aten_call_args, verify
 from attnopt.ir.core_ops import ShapeAttrs
 from attnopt.ir.symbolic import dim_expr, evaluate_dim
 from attnopt.ir.token_reduce import (
@@ -53,6 +54,8 @@ from attnopt.passes.select import Site, check_fraction, check_positive, decline,
 __all__ = ["TokenMerge", "TokenPrune"]
 
 _NORMS = {"aten.layer_norm.default", "aten.rms_norm.default"}
+#: Mask kinds (mask analysis) a reduction can carry: a mask per key (and batch row) only.
+_KEY_MASKS = {"key_padding", "key_mask"}
 _RESIDUAL = {"add"}
 
 
@@ -66,6 +69,7 @@ class _Stage:
     hint: int
     masks: dict[int, Value] = field(default_factory=dict)
     bias: Value | None = None
+    segments: Value | None = None  # [1, T'] rows of packed tokens (None: a padded batch)
 
 
 @dataclass
@@ -330,21 +334,23 @@ class _Reducer:
         return True
 
     def _attention(self, node: Node) -> bool:
-        q, k, v = node.inputs[:3]
-        rest = list(node.inputs[3:]) + [None] * max(0, 5 - len(node.inputs))
-        mask, bias, extra = rest[0], rest[1], rest[2:]
+        ops = AttentionOperands.of(node.inputs)
+        mask, bias = ops.mask, ops.bias
         attrs = node.attrs
-        entries = [self.reduced.get(id(x)) for x in (q, k, v)]
+        entries = [self.reduced.get(id(x)) for x in (ops.q, ops.k, ops.v)]
+        packed = entries[0] is not None and entries[0].batch is None
         reason = None
         if any(e is None or e.axis != 2 for e in entries):
             reason = "queries, keys and values are not all reduced"
         elif len({id(e.stage) for e in entries}) != 1:  # type: ignore[union-attr]
             reason = "queries and keys come from different reductions"
-        elif bias is not None or any(x is not None for x in extra):
+        elif bias is not None or ops.kv_counts is not None or ops.kv_indices is not None:
             reason = "a bias or block metadata"
+        elif packed != (ops.segments is not None) or (packed and mask is not None):
+            reason = "packed tokens without their segments, or with a mask"
         elif attrs.causal or attrs.mask_causal:
             reason = "causal (merging breaks causality)"
-        elif mask is not None and attrs.mask_kind != "key_padding":
+        elif mask is not None and attrs.mask_kind not in _KEY_MASKS:
             reason = f"a mask beyond key padding ({attrs.mask_kind})"
         elif attrs.variant not in ("dense", "linear"):
             reason = f"the {attrs.variant} variant needs token positions"
@@ -352,6 +358,14 @@ class _Reducer:
             self.fallbacks.append(f"site {attrs.site}: runs on unmerged tokens ({reason})")
             return False
         stage = entries[0].stage  # type: ignore[union-attr]
+        if packed:  # sizes are never 0 here: log(size) is a finite key mask, as the kernel takes
+            sized = self._bias(node, stage) if self.proportional else None
+            inputs = [e.value for e in entries] + [sized, None, None, None, stage.segments]  # type: ignore[union-attr]
+            new = emit_before(self.graph, node, "attention", inputs, attrs)
+            new.producer.meta.update(node.meta)  # type: ignore[union-attr]
+            self.reduced[id(node.output)] = _Reduced(new, 2, stage, None)
+            self.served.append(attrs.site)
+            return True
         new_mask = None if mask is None else self._mask(node, mask, stage)
         if mask is not None and new_mask is None:
             self.fallbacks.append(f"site {attrs.site}: its padding mask cannot be rebuilt")
@@ -389,10 +403,11 @@ class _Reducer:
         return keep
 
     def _bias(self, node: Node, stage: _Stage) -> Value:
-        """``log(size)`` as a ``[B, 1, 1, N']`` additive bias (proportional attention)."""
+        """``log(size)`` as a ``[B, 1, 1, N']`` additive bias (proportional attention; ``B = 1``
+        for packed tokens)."""
         if stage.bias is None:
             logs = emit_aten_before(self.graph, node, "aten.log.default", [stage.size])
-            batch = stage.size.shape[0]
+            batch = 1 if stage.segments is not None else stage.size.shape[0]
             stage.bias = emit_before(
                 self.graph, node, "reshape", [logs], ShapeAttrs(shape=(batch, 1, 1, stage.tokens))
             )
@@ -462,7 +477,7 @@ def _site_refusal(site: Site) -> str | None:
         return "causal attention: merging or pruning tokens breaks causality"
     if site.q_len != site.kv_len or site.q.tensor_type.rank != 4:
         return "cross-attention (queries and keys differ)"
-    if site.mask is not None and attrs.mask_kind != "key_padding":
+    if site.mask is not None and attrs.mask_kind not in _KEY_MASKS:
         return f"a mask beyond key padding ({attrs.mask_kind or 'unanalysed'})"
     if site.bias is not None:
         return "an attention bias (relative positions) would need reducing too"
@@ -484,10 +499,11 @@ class _TokenPass(Pass):
     def _reduction(
         self, graph: Graph, anchor: Node | None, site: Site, x: Value, q: Value, k: Value,
         size: Value | None, valid: Value | None, source: Value | None, n: int | str, hint: int,
-        symbol: str, stages: int,
+        symbol: str, stages: int, segments: Value | None,
     ) -> tuple[Node, int | str, int]:  # fmt: skip
         """Insert the reduction op before ``anchor``: ``(node, tokens out, tokens at the
-        example)``; ``stages`` is the number of reductions the pass makes."""
+        example)``; ``stages`` is the number of reductions the pass makes; ``segments`` the rows
+        of packed tokens (None: a padded batch)."""
         raise NotImplementedError
 
     def _record(self, site: Site, before: int, after: int) -> dict[str, Any]:
@@ -514,9 +530,10 @@ class _TokenPass(Pass):
         for site in chosen:
             reason = _site_refusal(site)
             point = None if reason else _merge_point(site, users)
-            if reason is None and (point is None or point.tensor_type.rank != 3):
+            packed = AttentionOperands.of(site.node.inputs).segments is not None
+            if reason is None and (point is None or point.tensor_type.rank != (2 if packed else 3)):
                 reason = "no value between the attention block and its MLP was found"
-            elif point is not None and point.shape[1] != site.q_len:
+            elif point is not None and point.shape[0 if packed else 1] != site.q_len:
                 reason = "the block's output does not have the attention's tokens"
             if reason is not None:
                 decline(notes, declined, site.index, f"tokens not reduced: {reason}")
@@ -585,7 +602,10 @@ class _TokenPass(Pass):
                     "tokens not reduced: a reduction before it fell back",
                 )
                 continue
-            n = x.shape[1]
+            segments = (
+                AttentionOperands.of(site.node.inputs).segments if stage is None else stage.segments
+            )
+            n = x.shape[0 if segments is not None else 1]
             hint = evaluate_dim(n, hints) if isinstance(n, str) else n
             symbol = _fresh_symbol(hints)
             position = graph.nodes.index(node) + 1
@@ -595,13 +615,17 @@ class _TokenPass(Pass):
                 None if stage is None else stage.size,
                 valid if stage is None else None,
                 None if stage is None else stage.source,
-                n, hint, symbol, len(points),
+                n, hint, symbol, len(points), segments,
             )  # fmt: skip
             created.add(id(op))
             if isinstance(tokens, str):
                 hints[tokens] = new_hint
-            stage = _Stage(op.outputs[1], op.outputs[2], tokens, new_hint)
-            reducer.reduced[id(point)] = _Reduced(op.outputs[0], 1, stage)
+            outputs = op.outputs
+            rows = outputs[3] if segments is not None else None
+            stage = _Stage(outputs[1], outputs[2], tokens, new_hint, segments=rows)
+            reducer.reduced[id(point)] = _Reduced(
+                outputs[0], 0 if rows is not None else 1, stage, None if rows is not None else 0
+            )
             reductions.append((site, hint, new_hint))
         for position, value in enumerate(graph.outputs):
             if value is not None and id(value) in reducer.reduced:
@@ -687,19 +711,27 @@ class TokenMerge(_TokenPass):
         return ratio ** (1.0 / max(1, stages))
 
     def _reduction(
-        self, graph, anchor, site, x, q, k, size, valid, source, n, hint, symbol, stages
-    ):  # type: ignore[override]  # noqa: ANN001, ANN202
+        self, graph: Graph, anchor: Node | None, site: Site, x: Value, q: Value, k: Value,
+        size: Value | None, valid: Value | None, source: Value | None, n: int | str, hint: int,
+        symbol: str, stages: int, segments: Value | None,
+    ) -> tuple[Node, int | str, int]:  # fmt: skip
+        """Insert the reduction op (see :meth:`_TokenPass._reduction`)."""
         if self.r is not None:
             attrs = TokenMergeAttrs(r=self.r, protect=self.protect, symbol=symbol)
         else:
             attrs = TokenMergeAttrs(keep=self._keep(stages), protect=self.protect, symbol=symbol)
         merged = merge_count(hint, attrs)
-        if self.r is not None and self.r > merged:
+        if self.r is not None and self.r > merged and size is None and segments is None:
+            # the first merge sees the whole input; later ones cap r at their mergeable half
             raise PipelineError(
                 f"{self.name}: option r={self.r} is larger than the {merged} tokens that can "
                 f"merge at site {site.index} ({hint} tokens, {self.protect} protected): "
                 f"use r <= {merged} or ratio="
             )
+        if segments is not None:  # packed rows: each merges its own share (hint: a guess)
+            node = graph.make_node("token_merge_packed", [x, k, size, source, segments], attrs)
+            _place(graph, node, anchor)
+            return node, symbol, max(2, hint - merged)
         tokens: int | str = reduced_tokens(n, attrs) if isinstance(n, int) else symbol
         node = graph.make_node("token_merge", [x, k, size, valid, source], attrs)
         _place(graph, node, anchor)
@@ -749,8 +781,11 @@ class TokenPrune(_TokenPass):
         _check_layers(self.name, self.layers)
 
     def _reduction(
-        self, graph, anchor, site, x, q, k, size, valid, source, n, hint, symbol, stages
-    ):  # type: ignore[override]  # noqa: ANN001, ANN202
+        self, graph: Graph, anchor: Node | None, site: Site, x: Value, q: Value, k: Value,
+        size: Value | None, valid: Value | None, source: Value | None, n: int | str, hint: int,
+        symbol: str, stages: int, segments: Value | None,
+    ) -> tuple[Node, int | str, int]:  # fmt: skip
+        """Insert the reduction op (see :meth:`_TokenPass._reduction`)."""
         attrs = TokenPruneAttrs(
             keep=self.keep, protect=self.protect, fuse=self.fuse, rank=self.rank,
             scale=site.attrs.scale if site.attrs.scale is not None else q.shape[-1] ** -0.5,
@@ -761,6 +796,10 @@ class TokenPrune(_TokenPass):
                 f"{self.name}: option protect={self.protect} is not shorter than the "
                 f"{hint} tokens at site {site.index}"
             )
+        if segments is not None:  # packed rows: each keeps its own share (hint: a guess)
+            node = graph.make_node("token_prune_packed", [x, q, k, size, source, segments], attrs)
+            _place(graph, node, anchor)
+            return node, symbol, max(2, math.ceil(hint * self.keep))
         tokens: int | str = reduced_tokens(n, attrs) if isinstance(n, int) else symbol
         node = graph.make_node("token_prune", [x, q, k, size, valid, source], attrs)
         _place(graph, node, anchor)

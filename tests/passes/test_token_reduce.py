@@ -288,3 +288,31 @@ def test_passes_are_public_and_parse_back():
     assert attnopt.passes.PassManager.parse(str(TokenPrune(keep=0.7))).passes[0] == TokenPrune(
         keep=0.7
     )
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["token-merge{r=2}", "token-merge{ratio=0.5}", "token-prune{keep=0.5}", "token-merge{r=0}"],
+)
+def test_after_remove_padding_each_row_reduces_its_own_tokens(option):
+    """With the padding removed, a batch reduces each row as the model run on that row alone
+    (no padding) does: per row, not one count for the whole batch."""
+    entry = zoo.get("bert")
+    model = _build("bert")
+    args, kwargs = entry.example(3, 16)
+    mask = torch.ones(3, 16, dtype=torch.long)
+    mask[1, 11:] = 0
+    mask[2, 6:] = 0
+    kwargs = dict(kwargs, attention_mask=mask)
+    cm = attnopt.compile(model, args, kwargs, passes=f"{BASE},remove-padding,{option}", strict=True)
+    graph = str(cm.graph)
+    assert "token_merge_packed" in graph or "token_prune_packed" in graph
+    with torch.no_grad():
+        got = primary_output(cm(*args, **kwargs))
+        for row in range(3):
+            length = int(mask[row].sum())
+            alone = {name: value[row : row + 1, :length] for name, value in kwargs.items()}
+            single = attnopt.compile(model, (), alone, passes=f"{BASE},{option}", strict=True)
+            want = primary_output(single(**alone))[0]
+            torch.testing.assert_close(got[row, :length], want, rtol=1e-4, atol=1e-5)
+            assert got[row, length:].abs().max() == 0 if length < 16 else True
