@@ -37,6 +37,7 @@ from attnopt.ir.types import TensorType, Type
 
 __all__ = [
     "TokenMergeAttrs",
+    "SiteTapAttrs",
     "TokenPruneAttrs",
     "UnmergeAttrs",
     "merge_tokens",
@@ -639,5 +640,32 @@ register_op(
         lambda inputs, attrs: prune_packed(*inputs, attrs),
         num_outputs=4,
         infer=_prune_packed_infer,
+    )
+)
+
+
+@dataclass(frozen=True)
+class SiteTapAttrs:
+    """``site_tap``: the attention site whose (reduced) output is restored for validation."""
+
+    site: int = -1
+    axis: int = 2
+    batch: int | None = 0
+
+
+def _site_tap_impl(inputs: list[Any], attrs: SiteTapAttrs) -> None:
+    """Nothing: the runtime's ``K.site_tap`` records the unmerged output when validating."""
+    return None
+
+
+register_op(
+    OpDef(
+        "site_tap",
+        SiteTapAttrs,
+        _site_tap_impl,
+        num_outputs=0,
+        infer=lambda types, attrs: [],
+        emit=lambda n, a: f"K.site_tap({n[0]}, {n[1]}, {{attrs}})",
+        pure=False,
     )
 )

@@ -35,6 +35,7 @@ from attnopt.ir import AttentionOperands, Graph, Node, Value, aten_call_args, ve
 from attnopt.ir.core_ops import ShapeAttrs
 from attnopt.ir.symbolic import dim_expr, evaluate_dim
 from attnopt.ir.token_reduce import (
+    SiteTapAttrs,
     TokenMergeAttrs,
     TokenPruneAttrs,
     UnmergeAttrs,
@@ -374,6 +375,8 @@ class _Reducer:
         inputs = [e.value for e in entries] + [new_mask, new_bias]  # type: ignore[union-attr]
         new = emit_before(self.graph, node, "attention", inputs, attrs)
         new.producer.meta.update(node.meta)  # type: ignore[union-attr]
+        tap = self.graph.make_node("site_tap", [new, stage.source], SiteTapAttrs(site=attrs.site))
+        self.graph.insert_before(node, tap)
         self.reduced[id(node.output)] = _Reduced(new, 2, stage)
         self.served.append(attrs.site)
         return True
