@@ -85,3 +85,14 @@ def test_remove_padding_example_matches_hf_embeddings():
     assert figures["ok"] == 1.0
     assert figures["min_cosine"] > 0.99999
     assert figures["padding_ratio"] > 1.2  # the texts really are of different lengths
+
+
+def test_token_merge_example_reports_a_lossy_rewrite_within_its_budget():
+    path = EXAMPLE.parent / "token_merge.py"
+    spec = importlib.util.spec_from_file_location("token_merge", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    figures = module.main(batch=6)
+    assert figures["ok"] == 1.0
+    # lossy, but close: merging from layer 2 on keeps the sentence embeddings
+    assert 0.95 < figures["mean_cosine"] < 1.0 - 1e-6
