@@ -595,8 +595,18 @@ class _TokenPass(Pass):
             x = entry.value if entry is not None else point
             q = reducer.reduced[id(site.q)].value if id(site.q) in reducer.reduced else site.q
             k = reducer.reduced[id(site.k)].value if id(site.k) in reducer.reduced else site.k
-            if (stage is None) != (entry is None) or (
-                entry is not None and entry.stage is not stage
+            inputs_reduced = all(
+                (stage is None and id(v) not in reducer.reduced)
+                or (
+                    stage is not None
+                    and getattr(reducer.reduced.get(id(v)), "stage", None) is stage
+                )
+                for v in (site.q, site.k)
+            )
+            if (
+                (stage is None) != (entry is None)
+                or (entry is not None and entry.stage is not stage)
+                or not inputs_reduced
             ):
                 decline(
                     notes,
