@@ -34,6 +34,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend", default="auto", choices=["auto", "torch", "triton", "triton-interpret"]
     )
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument(
+        "--plan", default=None, help="a saved plan (JSON) to reapply instead of calibrating"
+    )
+    parser.add_argument("--plan-out", default=None, help="save the compile's plan (JSON) here")
 
 
 def _load(ns: argparse.Namespace) -> Any:
@@ -45,9 +50,18 @@ def _load(ns: argparse.Namespace) -> Any:
 def _compile(ns: argparse.Namespace, loaded: Any) -> Any:
     import attnopt
 
-    return attnopt.compile(
-        loaded.model, loaded.args, loaded.kwargs, passes=ns.passes, backend=ns.backend
+    cm = attnopt.compile(
+        loaded.model,
+        loaded.args,
+        loaded.kwargs,
+        passes=ns.passes,
+        backend=ns.backend,
+        precision=ns.precision,
+        plan=ns.plan,
     )
+    if ns.plan_out:
+        print(f"plan -> {cm.plan.save(ns.plan_out)}")
+    return cm
 
 
 def cmd_inspect(ns: argparse.Namespace) -> int:
@@ -81,6 +95,7 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
         "mask",
         "bias",
         "variant",
+        "tokens",
     ):
         sites.add_column(column)
     for s in cm.sites:
@@ -96,6 +111,7 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
             s.mask_kind,
             str(s.has_bias),
             s.variant,
+            f"{s.tokens_kept:.2f}",
         )
     console.print(sites)
     if ns.explain:

@@ -79,3 +79,17 @@ def test_help(argv):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 0
+
+
+def test_plan_out_then_plan_reapplies_the_decisions(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    passes = "canonicalize,fuse-attention,token-merge{ratio=0.5}"
+    common = ["bert", "--impl", "sdpa", "--seq", "12", "--passes", passes]
+    assert main(["compile", *common, "--out", str(tmp_path / "a"), "--plan-out", str(plan)]) == 0
+    saved = json.loads(plan.read_text())
+    assert saved["pipeline"] == passes and saved["decisions"]
+    assert main(["compile", *common, "--out", str(tmp_path / "b"), "--plan", str(plan)]) == 0
+    sites = json.loads((tmp_path / "b" / "sites.json").read_text())
+    assert sites[-1]["tokens_kept"] < 1.0
+    with pytest.raises(SystemExit):
+        main(["compile", *common, "--precision", "fp8"])
