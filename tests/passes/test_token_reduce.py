@@ -318,3 +318,16 @@ def test_after_remove_padding_each_row_reduces_its_own_tokens(option):
             want = primary_output(single(**alone))[0]
             torch.testing.assert_close(got[row, :length], want, rtol=1e-4, atol=1e-5)
             assert got[row, length:].abs().max() == 0 if length < 16 else True
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [("swin", "attention bias"), ("mha", "between the attention block and its MLP")],
+)
+def test_encoders_it_cannot_reduce_stay_exact_and_say_why(name, reason):
+    model = _build(name)
+    args, kwargs = zoo.get(name).example(2, 12)
+    cm = attnopt.compile(model, args, kwargs, passes=f"{BASE},token-merge{{r=0}}", dynamic=False)
+    history = _history(cm, "token-merge")
+    assert not history["changed"] and any(reason in why for _, why in history["declined"])
+    assert_matches_eager(model, cm, args, kwargs)
