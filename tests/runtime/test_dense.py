@@ -25,6 +25,7 @@ def test_linear_matches_f_linear(shape, with_bias):
 def test_linear_uses_onednn_for_large_fp32_products(monkeypatch):
     if not onednn_linear_available():
         pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(dense, "onednn_fp32_faster", lambda: True)  # where it wins
     calls = []
     real = torch.ops.mkldnn._linear_pointwise
 
@@ -82,3 +83,24 @@ def test_linear_follows_autocast():
     x, weight = torch.randn(256, 512), torch.randn(384, 512)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert linear(x, weight, None).dtype == F.linear(x, weight).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("choice, expected", [("onednn", True), ("mkl", False)])
+def test_the_fp32_kernel_choice_can_be_fixed(monkeypatch, choice, expected):
+    monkeypatch.setenv("ATTNOPT_CPU_LINEAR", choice)
+    dense.onednn_fp32_faster.cache_clear()
+    try:
+        assert dense.onednn_fp32_faster() is expected
+    finally:
+        dense.onednn_fp32_faster.cache_clear()
+
+
+def test_the_measured_choice_follows_this_cpu(monkeypatch):
+    """Without the variable, the choice is a measurement (a bool, the same on every call)."""
+    monkeypatch.delenv("ATTNOPT_CPU_LINEAR", raising=False)
+    dense.onednn_fp32_faster.cache_clear()
+    try:
+        first = dense.onednn_fp32_faster()
+        assert first in (True, False) and dense.onednn_fp32_faster() is first
+    finally:
+        dense.onednn_fp32_faster.cache_clear()
