@@ -596,50 +596,33 @@ def _check_merge(node: Any) -> str | None:
     return None
 
 
-register_op(
-    OpDef(
-        "token_merge",
-        TokenMergeAttrs,
-        lambda inputs, attrs: merge_tokens(*inputs, attrs),
-        num_outputs=3,
-        infer=_merge_infer,
-        verify=_check_merge,
+def _calling(fn: Any) -> Any:
+    """An op implementation that calls ``fn(*inputs, attrs)``."""
+    return lambda inputs, attrs: fn(*inputs, attrs)
+
+
+for _name, _attrs, _fn, _outputs, _infer, _verify in (
+    ("token_merge", TokenMergeAttrs, merge_tokens, 3, _merge_infer, _check_merge),
+    ("token_prune", TokenPruneAttrs, prune_tokens, 3, _prune_infer, None),
+    ("token_merge_packed", TokenMergeAttrs, merge_packed, 4, _merge_packed_infer, _check_merge),
+    ("token_prune_packed", TokenPruneAttrs, prune_packed, 4, _prune_packed_infer, None),
+):
+    register_op(
+        OpDef(
+            _name,
+            _attrs,
+            _calling(_fn),
+            num_outputs=_outputs,
+            infer=_infer,
+            verify=_verify,
+        )
     )
-)
-register_op(
-    OpDef(
-        "token_prune",
-        TokenPruneAttrs,
-        lambda inputs, attrs: prune_tokens(*inputs, attrs),
-        num_outputs=3,
-        infer=_prune_infer,
-    )
-)
 register_op(
     OpDef(
         "token_unmerge",
         UnmergeAttrs,
         lambda inputs, attrs: unmerge_tokens(inputs[0], inputs[1], attrs.axis, attrs.batch),
         infer=_unmerge_infer,
-    )
-)
-register_op(
-    OpDef(
-        "token_merge_packed",
-        TokenMergeAttrs,
-        lambda inputs, attrs: merge_packed(*inputs, attrs),
-        num_outputs=4,
-        infer=_merge_packed_infer,
-        verify=_check_merge,
-    )
-)
-register_op(
-    OpDef(
-        "token_prune_packed",
-        TokenPruneAttrs,
-        lambda inputs, attrs: prune_packed(*inputs, attrs),
-        num_outputs=4,
-        infer=_prune_packed_infer,
     )
 )
 

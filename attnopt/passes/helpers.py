@@ -1,6 +1,6 @@
 """Small graph-building helpers shared by passes.
 
-Entry points: :func:`emit_before`, :func:`emit_aten_before`, :func:`constant_scalar`,
+Entry points: :func:`emit_before`, :func:`emit_at`, :func:`emit_aten_before`, :func:`constant_scalar`,
 :func:`view_chain_source`.
 """
 
@@ -67,6 +67,28 @@ def emit_before(
     if "module" not in node.meta and "module" in anchor.meta:
         node.meta["module"] = anchor.meta["module"]
     graph.insert_before(anchor, node)
+    return node.output
+
+
+def emit_at(
+    graph: Graph, anchor: Node | None, op: str, inputs: list[Value | None], attrs: Any = None
+) -> Value:
+    """:func:`emit_before` ``anchor``, or at the end of the graph when ``anchor`` is None.
+
+    Args:
+        graph: the graph.
+        anchor: the node the new one must precede, or None.
+        op: op name.
+        inputs: input values.
+        attrs: attributes (op defaults when None).
+
+    Returns:
+        The new node's output value.
+    """
+    if anchor is not None:
+        return emit_before(graph, anchor, op, inputs, attrs)
+    node = graph.make_node(op, inputs, attrs)
+    graph.append(node)
     return node.output
 
 

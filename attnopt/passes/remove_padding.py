@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -37,6 +37,7 @@ from attnopt.passes.helpers import (
     ATEN_DIM_ARG,
     ATEN_POINTWISE,
     ELEMENTWISE_OPS,
+    emit_at,
     emit_aten_before,
     emit_before,
 )
@@ -103,13 +104,6 @@ class _Rewriter:
         moved = emit_before(g, anchor, "transpose", [packed], TransposeAttrs(dim0=0, dim1=1))
         return emit_before(g, anchor, "unsqueeze", [moved], DimAttrs(dim=0))
 
-    def _emit(self, anchor: Node | None, op: str, inputs: list[Any], attrs: Any = None) -> Value:
-        if anchor is not None:
-            return emit_before(self.graph, anchor, op, inputs, attrs)
-        node = self.graph.make_node(op, inputs, attrs)
-        self.graph.append(node)
-        return node.output
-
     def unpack(self, anchor: Node | None, value: Value) -> Value:
         """The original-layout value of a packed one (zeros at padded positions), emitted before
         ``anchor`` (None: at the end of the graph)."""
@@ -119,13 +113,15 @@ class _Rewriter:
         entry = self.packed[id(value)]
         assert self.indices is not None and self.valid is not None
         if entry.layout == TOKEN:
-            out = self._emit(anchor, "unpack", [entry.value, self.indices, self.valid])
+            out = emit_at(self.graph, anchor, "unpack", [entry.value, self.indices, self.valid])
         else:
             shape = tuple(entry.value.shape[1:])
-            inner = self._emit(anchor, "reshape", [entry.value], ShapeAttrs(shape=shape))
-            token = self._emit(anchor, "transpose", [inner], TransposeAttrs(dim0=0, dim1=1))
-            padded = self._emit(anchor, "unpack", [token, self.indices, self.valid])
-            out = self._emit(anchor, "transpose", [padded], TransposeAttrs(dim0=1, dim1=2))
+            inner = emit_at(self.graph, anchor, "reshape", [entry.value], ShapeAttrs(shape=shape))
+            token = emit_at(
+                self.graph, anchor, "transpose", [inner], TransposeAttrs(dim0=0, dim1=1)
+            )
+            padded = emit_at(self.graph, anchor, "unpack", [token, self.indices, self.valid])
+            out = emit_at(self.graph, anchor, "transpose", [padded], TransposeAttrs(dim0=1, dim1=2))
         self.unpacked[id(value)] = out
         return out
 

@@ -47,6 +47,7 @@ from attnopt.passes.helpers import (
     ATEN_DIM_ARG,
     ATEN_POINTWISE,
     ELEMENTWISE_OPS,
+    emit_at,
     emit_aten_before,
     emit_before,
 )
@@ -105,19 +106,13 @@ class _Reducer:
         self._unmerged_kinds: set[str] = set()
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _emit(self, anchor: Node | None, op: str, inputs: list[Any], attrs: Any = None) -> Value:
-        if anchor is not None:
-            return emit_before(self.graph, anchor, op, inputs, attrs)
-        node = self.graph.make_node(op, inputs, attrs)
-        self.graph.append(node)
-        return node.output
-
     def unmerge(self, anchor: Node | None, value: Value) -> Value:
         """The original-layout value of a reduced one (emitted once, before ``anchor``)."""
         entry = self.reduced[id(value)]
         cached = self.unmerged.get(id(entry.value))
         if cached is None:
-            cached = self._emit(
+            cached = emit_at(
+                self.graph,
                 anchor,
                 "token_unmerge",
                 [entry.value, entry.stage.source],
