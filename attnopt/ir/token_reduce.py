@@ -38,6 +38,7 @@ from attnopt.ir.types import TensorType, Type
 __all__ = [
     "TokenMergeAttrs",
     "SiteTapAttrs",
+    "restore_site_output",
     "TokenPruneAttrs",
     "UnmergeAttrs",
     "merge_tokens",
@@ -629,15 +630,53 @@ register_op(
 
 @dataclass(frozen=True)
 class SiteTapAttrs:
-    """``site_tap``: the attention site whose (reduced) output is restored for validation."""
+    """``site_tap(out, source?, indices?, valid?)``: the attention site whose output, on merged
+    tokens (``source``) and/or packed tokens (``indices``, ``valid`` of ``token_index``), is
+    restored to the model's ``[B, H, S, D]`` for validation.
+
+    Attributes:
+        site: the site index.
+        axis: the token axis of ``out``.
+        batch: its batch axis (None: packed tokens).
+    """
 
     site: int = -1
     axis: int = 2
     batch: int | None = 0
 
 
+def restore_site_output(
+    out: torch.Tensor,
+    source: torch.Tensor | None,
+    indices: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    attrs: SiteTapAttrs,
+) -> torch.Tensor:
+    """A site's output on merged and/or packed tokens as the model's ``[B, H, S, D]`` (merged
+    tokens copied back to their positions, zeros at padded ones).
+
+    Args:
+        out: the site's output (``[B, H, N', D]``, or ``[1, H, T', D]`` on packed tokens).
+        source: original position -> merged token (None: not merged).
+        indices: the flat positions of the packed tokens (None: not packed).
+        valid: the ``[B, S]`` real-token mask the tokens were packed with.
+        attrs: the tap's attributes.
+
+    Returns:
+        The output in the model's layout.
+    """
+    if source is not None:
+        out = unmerge_tokens(out, source, attrs.axis, attrs.batch)
+    if indices is not None and valid is not None:
+        from attnopt.ir.tokens import unpack_tokens
+
+        tokens = out[0].transpose(0, 1)  # [T, H, D]
+        out = unpack_tokens(tokens, indices, valid).transpose(1, 2)
+    return out
+
+
 def _site_tap_impl(inputs: list[Any], attrs: SiteTapAttrs) -> None:
-    """Nothing: the runtime's ``K.site_tap`` records the unmerged output when validating."""
+    """Nothing: the runtime's ``K.site_tap`` records the restored output when validating."""
     return None
 
 
@@ -648,7 +687,7 @@ register_op(
         _site_tap_impl,
         num_outputs=0,
         infer=lambda types, attrs: [],
-        emit=lambda n, a: f"K.site_tap({n[0]}, {n[1]}, {{attrs}})",
+        emit=lambda n, a: f"K.site_tap([{', '.join(n)}], {{attrs}})",
         pure=False,
     )
 )

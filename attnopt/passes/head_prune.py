@@ -82,7 +82,7 @@ def _depends_on_linear(value: Value, depth: int = 64) -> bool:
 def _output_projection(value: Value, users: dict[Value, list[Node]]) -> Node | None:
     current = value
     for _ in range(16):
-        readers = users.get(current, [])
+        readers = [n for n in users.get(current, []) if n.op != "site_tap"]  # observers
         if len(readers) != 1:
             return None
         node = readers[0]

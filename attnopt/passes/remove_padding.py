@@ -31,6 +31,7 @@ import torch
 
 from attnopt.ir import Graph, Node, Value, aten_call_args
 from attnopt.ir.core_ops import DimAttrs, ShapeAttrs, TransposeAttrs
+from attnopt.ir.token_reduce import SiteTapAttrs
 from attnopt.ir.tokens import TokenIndexAttrs
 from attnopt.passes.base import Pass, PassContext, PassResult
 from attnopt.passes.helpers import (
@@ -356,6 +357,12 @@ class _Rewriter:
         ]  # type: ignore[arg-type]
         new = emit_before(self.graph, node, "attention", inputs, node.attrs)
         new.producer.meta.update(node.meta)  # type: ignore[union-attr]
+        tap = self.graph.make_node(
+            "site_tap",
+            [new, None, self.indices, self.valid],
+            SiteTapAttrs(site=node.attrs.site, batch=None),
+        )
+        self.graph.insert_before(node, tap)
         self.packed[id(node.output)] = _Packed(new, HEAD)
         self.sites.append(node.attrs.site)
         return True

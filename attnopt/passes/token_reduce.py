@@ -359,6 +359,14 @@ class _Reducer:
             inputs = [e.value for e in entries] + [sized, None, None, None, stage.segments]  # type: ignore[union-attr]
             new = emit_before(self.graph, node, "attention", inputs, attrs)
             new.producer.meta.update(node.meta)  # type: ignore[union-attr]
+            packing = next(iter(self.graph.find("token_index")), None)
+            if packing is not None:
+                tap = self.graph.make_node(
+                    "site_tap",
+                    [new, stage.source, packing.outputs[0], packing.inputs[0]],
+                    SiteTapAttrs(site=attrs.site, batch=None),
+                )
+                self.graph.insert_before(node, tap)
             self.reduced[id(node.output)] = _Reduced(new, 2, stage, None)
             self.served.append(attrs.site)
             return True
@@ -441,7 +449,7 @@ def _merge_point(site: Site, users: dict[Value, list[Node]]) -> Value | None:
     value = site.node.output
     residual = False
     for _ in range(32):
-        readers = users.get(value, [])
+        readers = [n for n in users.get(value, []) if n.op != "site_tap"]  # observers
         if residual and len(readers) >= 2:
             return value
         if len(readers) != 1 or len(readers[0].outputs) != 1:
@@ -571,6 +579,11 @@ class _TokenPass(Pass):
         valid = None
         for node in list(graph.nodes):
             if id(node) in created or node.op == "param":
+                continue
+            if node.op == "site_tap" and any(
+                v is not None and id(v) in reducer.reduced for v in node.inputs
+            ):
+                graph.erase(node)  # the reduced site has its own tap
                 continue
             index = graph.nodes.index(node)
             count = len(graph.nodes)

@@ -210,14 +210,15 @@ class KernelNamespace:
             self.taps[attrs.site] = out.detach()
         return out
 
-    def site_tap(self, out: torch.Tensor, source: torch.Tensor, attrs: Any) -> None:
-        """When taps are recorded, a site that runs on reduced tokens is recorded unmerged
-        (each original position gets the output of the token it is in), so validation compares
-        it with the reference's; a no-op otherwise."""
+    def site_tap(self, inputs: list[Any], attrs: Any) -> None:
+        """When taps are recorded, a site that runs on merged or packed tokens is recorded in the
+        model's layout (each original position gets the output of the token it is in, padded
+        positions zeros), so validation compares it with the reference's; a no-op otherwise."""
         if self.taps is not None and attrs.site >= 0:
-            from attnopt.ir.token_reduce import unmerge_tokens
+            from attnopt.ir.token_reduce import restore_site_output
 
-            self.taps[attrs.site] = unmerge_tokens(out.detach(), source, attrs.axis, attrs.batch)
+            out, *rest = list(inputs) + [None] * (4 - len(inputs))
+            self.taps[attrs.site] = restore_site_output(out.detach(), *rest, attrs)
 
     def _try_triton(self, inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor | None:
         try:

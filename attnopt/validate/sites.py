@@ -111,6 +111,12 @@ def validate(
     first_args, first_kwargs = input_batches(args, kwargs, inputs)[0]
     ref_sites = site_outputs(reference, first_args, first_kwargs)
     cand_sites = site_outputs(candidate, first_args, first_kwargs)
+    padding_input = getattr(candidate, "removed_padding", None)
+    real = first_kwargs.get(padding_input) if isinstance(padding_input, str) else None
+    if isinstance(real, torch.Tensor) and real.dim() == 2:
+        ref_sites = {  # a candidate without padding has zeros in its padded query rows
+            index: (name, _real_queries(out, real != 0)) for index, (name, out) in ref_sites.items()
+        }
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for index, (name, ref_out) in ref_sites.items():
         if index not in cand_sites:
@@ -127,6 +133,14 @@ def validate(
     if pairs:
         report.sites = site_reports(pairs, resolve_tolerance(tolerance))
     return report
+
+
+def _real_queries(out: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """A ``[B, H, S, D]`` site output with its padded query rows zeroed (other shapes as they
+    are)."""
+    if out.dim() == 4 and tuple(out.shape[:1]) + tuple(out.shape[2:3]) == tuple(valid.shape):
+        return out * valid[:, None, :, None].to(out.dtype)
+    return out
 
 
 def sensitivity(

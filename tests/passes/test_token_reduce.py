@@ -331,3 +331,19 @@ def test_encoders_it_cannot_reduce_stay_exact_and_say_why(name, reason):
     history = _history(cm, "token-merge")
     assert not history["changed"] and any(reason in why for _, why in history["declined"])
     assert_matches_eager(model, cm, args, kwargs)
+
+
+@pytest.mark.parametrize("option", ["", ",token-merge{ratio=0.5}"])
+def test_validate_compares_every_site_on_packed_and_merged_tokens(option):
+    """Sites running on packed (and merged) tokens are compared per site, in the model's
+    layout: exact after remove-padding alone, an error where the tokens were merged."""
+    entry = zoo.get("bert")
+    model = _build("bert")
+    args, kwargs = entry.example(2, 16)
+    cm = attnopt.compile(model, args, kwargs, passes=f"{BASE},remove-padding{option}")
+    report = attnopt.validate(model, cm, args, kwargs, tolerance=attnopt.Budget(cosine=0.5))
+    assert len(report.sites) == 2, report.warnings
+    errors = [site.metrics["max_abs"] for site in report.sites]
+    assert errors[0] < 1e-5  # the first layer's attention runs before any merge
+    assert (errors[1] > 1e-3) == bool(option)
+    assert not any("not compared" in w for w in report.warnings)
