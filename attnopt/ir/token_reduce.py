@@ -120,7 +120,7 @@ def _compose(local: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
     if source is None:
         return local
     if source.dim() == 1:
-        mapped = torch.where(local[source.clamp(min=0)] < 0, -1, local[source.clamp(min=0)])
+        mapped = local[source.clamp(min=0)]
     else:
         mapped = local.gather(1, source.clamp(min=0))
     return torch.where(source < 0, source, mapped)

@@ -92,6 +92,28 @@ def emit_at(
     return node.output
 
 
+def key_padding_keep(mask: Value | None) -> Value | None:
+    """The bool keep mask behind a key padding mask: itself, or ``keep`` of
+    ``where(keep, 0, fill)`` (the additive form that keeps eager's rows for a finite fill).
+
+    Args:
+        mask: an attention mask operand, or None.
+
+    Returns:
+        The bool mask of the same shape, or None (no mask, or not of these forms).
+    """
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return mask
+    node = mask.producer
+    if node is not None and node.op == "where" and node.inputs[0] is not None:
+        keep = node.inputs[0]
+        if keep.dtype == torch.bool and tuple(keep.shape) == tuple(mask.shape):
+            return keep
+    return None
+
+
 def _aten_template(args: list[Any], kwargs: dict | None) -> tuple[list[Value], str]:
     """The input Values and the JSON argument template of an ``aten`` call."""
     inputs: list[Value] = []

@@ -41,6 +41,7 @@ from attnopt.passes.helpers import (
     emit_at,
     emit_aten_before,
     emit_before,
+    key_padding_keep,
 )
 from attnopt.passes.select import decline
 
@@ -80,7 +81,7 @@ class _Rewriter:
 
     def setup(self, anchor: Node) -> None:
         g = self.graph
-        keep = _bool_of(self.mask)
+        keep = key_padding_keep(self.mask)
         assert keep is not None
         self.valid = emit_before(
             g, anchor, "reshape", [keep], ShapeAttrs(shape=(self.batch, self.seq))
@@ -387,7 +388,11 @@ def _shared_padding_mask(graph: Graph) -> tuple[Value | None, list[tuple[int, st
         if "mask" in kinds or "documents" in kinds:
             refused.append((attrs.site, f"a mask beyond key padding ({attrs.mask_kind})"))
             continue
-        if _bool_of(mask) is None or mask.tensor_type.rank != 4 or mask.shape[1:3] != (1, 1):
+        if (
+            key_padding_keep(mask) is None
+            or mask.tensor_type.rank != 4
+            or mask.shape[1:3] != (1, 1)
+        ):
             refused.append((attrs.site, "the key padding mask is not a [B, 1, 1, S] bool"))
             continue
         if node.inputs[0].shape[2] != node.inputs[1].shape[2]:  # type: ignore[union-attr]
@@ -410,19 +415,6 @@ def _shared_padding_mask(graph: Graph) -> tuple[Value | None, list[tuple[int, st
         if other is not None and other is not mask and id(other) in counts:
             refused.append((node.attrs.site, "reads another padding mask than the other sites"))
     return mask, refused
-
-
-def _bool_of(mask: Value) -> Value | None:
-    """The bool keep mask behind a key padding mask: itself, or ``keep`` of ``where(keep, 0, fill)``
-    (the additive form that keeps eager's rows for a finite fill)."""
-    if mask.dtype == torch.bool:
-        return mask
-    node = mask.producer
-    if node is not None and node.op == "where" and node.inputs[0] is not None:
-        keep = node.inputs[0]
-        if keep.dtype == torch.bool and tuple(keep.shape) == tuple(mask.shape):
-            return keep
-    return None
 
 
 def _hoist_cone(graph: Graph, value: Value) -> Node | None:
@@ -470,7 +462,7 @@ class RemovePadding(Pass):
         symbol = _fresh_symbol(graph)
         snapshot = graph.copy()
         order = list(graph.nodes)
-        keep = _bool_of(mask)
+        keep = key_padding_keep(mask)
         assert keep is not None
         anchor = _hoist_cone(graph, keep)
         if anchor is None:

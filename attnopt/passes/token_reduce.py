@@ -50,6 +50,7 @@ from attnopt.passes.helpers import (
     emit_at,
     emit_aten_before,
     emit_before,
+    key_padding_keep,
 )
 from attnopt.passes.select import Site, check_fraction, check_positive, decline, sites_for
 
@@ -461,21 +462,6 @@ def _merge_point(site: Site, users: dict[Value, list[Node]]) -> Value | None:
     return None
 
 
-def _bool_keep(mask: Value | None) -> Value | None:
-    """The bool ``[B, 1, 1, S]`` keep mask behind a key padding mask (itself or ``where``'s
-    condition)."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        return mask
-    node = mask.producer
-    if node is not None and node.op == "where" and node.inputs[0] is not None:
-        keep = node.inputs[0]
-        if keep.dtype == torch.bool and tuple(keep.shape) == tuple(mask.shape):
-            return keep
-    return None
-
-
 def _site_refusal(site: Site) -> str | None:
     """Why a site cannot be the place of a reduction (None: it can)."""
     attrs = site.attrs
@@ -487,7 +473,7 @@ def _site_refusal(site: Site) -> str | None:
         return f"a mask beyond key padding ({attrs.mask_kind or 'unanalysed'})"
     if site.bias is not None:
         return "an attention bias (relative positions) would need reducing too"
-    keep = _bool_keep(site.mask)
+    keep = key_padding_keep(site.mask)
     if site.mask is not None and (
         keep is None or keep.tensor_type.rank != 4 or tuple(keep.shape[1:3]) != (1, 1)
     ):
@@ -599,7 +585,7 @@ class _TokenPass(Pass):
             point = node.outputs[0]
             entry = reducer.reduced.get(id(point))
             if stage is None:
-                valid = _bool_keep(site.mask)
+                valid = key_padding_keep(site.mask)
             x = entry.value if entry is not None else point
             q = reducer.reduced[id(site.q)].value if id(site.q) in reducer.reduced else site.q
             k = reducer.reduced[id(site.k)].value if id(site.k) in reducer.reduced else site.k
