@@ -1,7 +1,8 @@
 """attnopt: a compiler for the attention in PyTorch models.
 
 Entry points: :func:`compile`, :func:`capture`, :func:`validate`, :class:`Pass`,
-:class:`PassManager`, :class:`Plan`, :mod:`attnopt.passes`, :mod:`attnopt.ir`.
+:class:`PassManager`, :class:`Plan`, :class:`Budget` (the budgeted search:
+``compile(..., budget=..., calibration=...)``), :mod:`attnopt.passes`, :mod:`attnopt.ir`.
 """
 
 from attnopt import ir
@@ -10,6 +11,7 @@ from attnopt.compiled import CompiledModule
 from attnopt.errors import (
     AttnoptError,
     BackendError,
+    CalibrationError,
     CaptureError,
     PassError,
     PipelineError,
@@ -18,6 +20,7 @@ from attnopt.errors import (
 )
 from attnopt.passes.base import Pass, PassContext, PassManager, PassResult
 from attnopt.passes.plan import Plan
+from attnopt.search import SearchReport
 from attnopt.sites import AttentionSite
 from attnopt.validate import Budget, NumericsReport, ValidationError
 from attnopt.validate.sites import sensitivity
@@ -32,6 +35,7 @@ __all__ = [
     "ValidationError",
     "AttnoptError",
     "BackendError",
+    "CalibrationError",
     "CaptureError",
     "CompiledModule",
     "Pass",
@@ -42,6 +46,7 @@ __all__ = [
     "PipelineError",
     "Plan",
     "PlanError",
+    "SearchReport",
     "SignatureError",
     "capture",
     "compile",

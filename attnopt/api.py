@@ -36,6 +36,9 @@ def compile(  # noqa: A001 - the public name is fixed by the design
     dynamic: bool | None = None,
     strict: bool = False,
     precision: str = "fp32",
+    validation: Any = None,
+    max_seconds: float = 300.0,
+    progress: bool = True,
 ) -> CompiledModule:
     """Compile ``model`` for the attention in it.
 
@@ -43,20 +46,26 @@ def compile(  # noqa: A001 - the public name is fixed by the design
         model: the module to compile (use ``model.eval()`` for inference graphs).
         args: example positional inputs; when given (or ``kwargs``), compilation happens now.
         kwargs: example keyword inputs.
-        passes: "exact" (canonicalize + fuse attention), "none", pipeline text such as
+        passes: "exact" (canonicalize + fuse attention), "none", "auto" (the budgeted search:
+            needs ``budget`` and ``calibration``), pipeline text such as
             ``"fuse-attention,sliding-window{window=512,sinks=4}"``, a list of passes, or a
-            PassManager. None (the default): the plan's pipeline when ``plan`` is given, else
-            "exact".
+            PassManager. None (the default): the plan's pipeline when ``plan`` is given, the
+            budgeted search when ``budget`` is, else "exact".
         backend: "auto" (Triton on CUDA, fast torch kernels on CPU), "torch", "triton" or
             "triton-interpret" (the generated Triton kernels in Triton's interpreter, for tests).
             The interpreter needs ``TRITON_INTERPRET=1`` in the environment before anything
             imports triton: Triton fixes its library's mode for the whole process at that
             import. attnopt never sets it (it only decorates its own kernels for the
             interpreter); without it, compile warns and attention runs on the torch kernels.
-        calibration: iterable of ``(args, kwargs)`` for passes that score heads/layers/tokens.
-        budget: an accuracy budget (``attnopt.Budget``) for the budgeted search. The search is not
-            built yet: a budget is accepted, warned about at compile time, and not used (give
-            lossy passes their own options, and check them with ``attnopt.validate``).
+        calibration: iterable of ``(args, kwargs)`` batches (or dicts of keyword inputs) of
+            your own data: passes that score heads/layers/tokens read it, and the budgeted
+            search measures error and speed on it.
+        budget: an accuracy budget (``attnopt.Budget(cosine=0.98)``, ...): with ``passes``
+            None or "auto", the budgeted search (:mod:`attnopt.search`) measures candidate plans
+            on ``calibration`` and compiles the fastest within the budget (``cm.plan``,
+            ``cm.search_report``). A budget no plan meets gives the exact plan with a warning
+            (``strict``: :class:`attnopt.PlanError`). With explicit passes, a budget is not
+            searched with (a warning says so).
         method: capture method: "auto", "export", "export-strict" or "fx".
         max_signatures: input signatures kept compiled at once.
         retain_memory: on the CPU, tune glibc malloc (process-wide) so freed activations are reused
@@ -79,6 +88,12 @@ def compile(  # noqa: A001 - the public name is fixed by the design
         strict: raise :class:`attnopt.PassError` instead of warning when a pass leaves a site
             its options select as it is (or drops an option there). Without it, compile warns
             once, listing the sites and the reason.
+        validation: held-out batches (like ``calibration``) the budgeted search re-checks its
+            chosen plan on (stepping back to a safer plan when the chosen one breaks the budget
+            there); ``cm.search_report.validation`` reports it.
+        max_seconds: the budgeted search's time limit; it keeps the best plan found by then.
+        progress: the budgeted search shows a progress bar and prints its Pareto table on
+            stderr.
 
     Raises:
         PlanError: the plan cannot be read, or does not fit the model or the pipeline (checked
@@ -101,6 +116,28 @@ def compile(  # noqa: A001 - the public name is fixed by the design
         )
     if not isinstance(args, builtins.tuple):
         args = (args,)
+    if isinstance(passes, str) and passes == "auto" or (passes is None and budget is not None):
+        if plan is not None:
+            passes = None  # replaying a searched plan: no search
+        elif budget is None:
+            raise PipelineError(
+                "passes='auto' is the budgeted search: give budget=attnopt.Budget(...) and "
+                "calibration=[...] (your own data), or name the passes"
+            )
+        else:
+            return _searched(
+                model,
+                args,
+                kwargs,
+                budget,
+                calibration,
+                validation,
+                backend,
+                strict,
+                max_seconds,
+                progress,
+                precision,
+            )
     if plan is not None and not isinstance(plan, Plan):
         if not isinstance(plan, (str, os.PathLike)):
             raise TypeError(f"plan must be an attnopt.Plan or a path, not {type(plan).__name__}")
@@ -119,11 +156,11 @@ def compile(  # noqa: A001 - the public name is fixed by the design
     pipeline = as_pipeline(passes)
     if precision == "bf16" and not any(p.name == "precision" for p in pipeline.passes):
         pipeline = as_pipeline([*pipeline.passes, parse_pass("precision{dtype=bf16}")])
-    if budget is not None:
+    if budget is not None and plan is None:
         warnings.warn(
-            "attnopt.compile(budget=...) is not used yet: the budgeted search is not built, so "
-            f"the passes run as given ({pipeline}); check the result against your budget with "
-            "attnopt.validate(..., tolerance=budget)",
+            f"attnopt.compile(budget=...) with explicit passes ({pipeline}): the budget is not "
+            "searched with; use passes='auto' for the budgeted search, or check this pipeline "
+            "against the budget with attnopt.validate(..., tolerance=budget)",
             UserWarning,
             stacklevel=2,
         )
@@ -152,6 +189,52 @@ def compile(  # noqa: A001 - the public name is fixed by the design
     )
     if args or kwargs:
         compiled.compile_for(args, kwargs or {})
+    return compiled
+
+
+def _searched(
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: dict | None,
+    budget: Any,
+    calibration: Any,
+    validation: Any,
+    backend: str,
+    strict: bool,
+    max_seconds: float,
+    progress: bool,
+    precision: str,
+) -> CompiledModule:
+    """``attnopt.compile`` with a budget and no passes: the budgeted search."""
+    from attnopt.search import search
+    from attnopt.validate import Budget
+
+    if not isinstance(budget, Budget):
+        raise TypeError(
+            f"budget must be an attnopt.Budget (e.g. attnopt.Budget(cosine=0.98)), not "
+            f"{type(budget).__name__}"
+        )
+    families = None
+    if precision == "bf16":
+        warnings.warn(
+            "precision='bf16' with a budget: the search decides the precision (it tries bf16 "
+            "where the CPU computes it natively)",
+            UserWarning,
+            stacklevel=3,
+        )
+    example = (args, kwargs or {}) if (args or kwargs) else None
+    compiled, _ = search(
+        model,
+        example,
+        calibration,
+        budget,
+        validation=validation,
+        max_seconds=max_seconds,
+        families=families,
+        backend=backend,
+        strict=strict,
+        progress=progress,
+    )
     return compiled
 
 

@@ -16,6 +16,7 @@ program cannot serve. ``stats`` counts captures, compilations and their times.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import time
 import warnings
@@ -189,6 +190,12 @@ class CompiledModule(torch.nn.Module):
         dynamic: symbolic shapes (None/True) or one compilation per input shape (False).
         strict: raise :class:`attnopt.PassError` when a pass leaves a selected site alone
             (else one warning per compiled module lists them).
+        captures: a capture store shared by compiled modules of one model (the budgeted search
+            compiles many pipelines of it): each input signature is captured once, and every
+            compile runs its passes on a copy of the captured graph.
+        check_static: compare a symbolic compile with the per-shape one (which must not fuse
+            more). The budgeted search turns it off for its candidates once the exact plan
+            passed it; the module it returns checks again.
 
     Pickling keeps the model, the plan (as JSON) and the options, never a generated program or
     kernel: an unpickled module compiles again on its first call, replaying the plan.
@@ -208,6 +215,8 @@ class CompiledModule(torch.nn.Module):
         plan: Plan | None = None,
         dynamic: bool | None = None,
         strict: bool = False,
+        captures: dict[tuple, CapturedProgram] | None = None,
+        check_static: bool = True,
     ):
         super().__init__()
         if plan is not None:
@@ -229,6 +238,10 @@ class CompiledModule(torch.nn.Module):
             raise TypeError(f"dynamic must be None, True or False, not {dynamic!r}")
         self.dynamic = dynamic
         self.strict = bool(strict)
+        self._captures = captures
+        self._check_static = check_static
+        #: What the budgeted search found (:class:`attnopt.search.SearchReport`), when it ran.
+        self.search_report: Any = None
         self._told: set[str] = set()  # declines already reported (once per compiled module)
         # One symbolic program per call structure (which inputs, dtypes, non-tensor values).
         self._symbolic: list[tuple[SymbolicSignature, CompiledEntry]] = []
@@ -340,6 +353,8 @@ class CompiledModule(torch.nn.Module):
                 self._refuse_symbolic(f"{type(err).__name__}: {first[:300]}")
                 return static
             else:
+                if not self._check_static:
+                    return self._serve_symbolic(symbolic, args, kwargs, flat, spec)
                 # The same model compiled per shape must not fuse more: else serve it that way.
                 # It replays the plan the symbolic compile recorded (calibration runs once); a
                 # plan that does not fit it means the two graphs' sites differ.
@@ -351,21 +366,27 @@ class CompiledModule(torch.nn.Module):
                     static = self._compile(args, kwargs, flat, dynamic=False)
                     problem = f"the per-shape graph's sites differ ({err})"
                 if problem is None:
-                    ranges = self._checked_size_one(symbolic, args, kwargs)
-                    signature = SymbolicSignature(
-                        flat,
-                        spec,
-                        symbolic.captured.input_positions,
-                        [value.type for value in symbolic.graph.inputs],
-                        ranges,
-                    )
-                    self._symbolic.append((signature, symbolic))
-                    self.stats["mode"] = "symbolic"
-                    return symbolic
+                    return self._serve_symbolic(symbolic, args, kwargs, flat, spec)
                 self._refuse_symbolic(problem)
                 return static
         self.stats["mode"] = "symbolic" if self._symbolic else "per-shape"
         return self._compile(args, kwargs, flat, dynamic=False)
+
+    def _serve_symbolic(
+        self, symbolic: CompiledEntry, args: tuple, kwargs: dict, flat: list[Any], spec: Any
+    ) -> CompiledEntry:
+        """Keep ``symbolic`` as the program for every call its signature binds."""
+        ranges = self._checked_size_one(symbolic, args, kwargs)
+        signature = SymbolicSignature(
+            flat,
+            spec,
+            symbolic.captured.input_positions,
+            [value.type for value in symbolic.graph.inputs],
+            ranges,
+        )
+        self._symbolic.append((signature, symbolic))
+        self.stats["mode"] = "symbolic"
+        return symbolic
 
     def _checked_size_one(
         self, entry: CompiledEntry, args: tuple, kwargs: dict
@@ -440,9 +461,7 @@ class CompiledModule(torch.nn.Module):
     def _compile(self, args: tuple, kwargs: dict, flat: list[Any], dynamic: bool) -> CompiledEntry:
         start = time.perf_counter()
         try:
-            captured = capture_program(
-                self.model, args, kwargs, method=self.method, dynamic=dynamic
-            )
+            captured = self._capture(args, kwargs, flat, dynamic)
         except CaptureError as err:
             if self._structure is not None:
                 raise SignatureError(
@@ -492,6 +511,19 @@ class CompiledModule(torch.nn.Module):
             pass_history=list(ctx.history),
             explanations=list(ctx.explanations),
         )
+
+    def _capture(self, args: tuple, kwargs: dict, flat: list[Any], dynamic: bool) -> Any:
+        """Capture the model, or copy the capture a shared store holds for this signature."""
+        if self._captures is None:
+            return capture_program(self.model, args, kwargs, method=self.method, dynamic=dynamic)
+        _, spec = pytree.tree_flatten((args, kwargs))
+        key = (self.method, dynamic, signature_key(flat, spec))
+        stored = self._captures.get(key)
+        if stored is None:
+            stored = capture_program(self.model, args, kwargs, method=self.method, dynamic=dynamic)
+            self._captures[key] = stored
+        # Passes rewrite the graph in place: each compile gets its own copy.
+        return dataclasses.replace(stored, graph=stored.graph.copy(), seconds=0.0)
 
     # --- calling ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:

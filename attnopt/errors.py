@@ -32,3 +32,7 @@ class BackendError(AttnoptError, ValueError):
 class PlanError(AttnoptError, ValueError):
     """A saved plan that cannot be applied: corrupt or truncated, a newer format version, or made
     for another model, layer count, site or pipeline; names the mismatch."""
+
+
+class CalibrationError(AttnoptError, ValueError):
+    """Calibration or validation data is missing, empty, ill-shaped, or does not run the model."""

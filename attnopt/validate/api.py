@@ -1,6 +1,7 @@
 """Run a reference and a candidate on the same inputs and report how their outputs differ.
 
-Entry points: :func:`run_and_compare` (``attnopt.validate`` is built on it), :func:`input_batches`.
+Entry points: :func:`run_and_compare` (``attnopt.validate`` is built on it), :func:`compare_runs`
+(outputs already computed), :func:`input_batches`.
 
 Several input batches aggregate into one report: each output's leaves are concatenated across
 batches (flattened, or as rows of classes for logits) and the metrics are computed over the
@@ -11,6 +12,9 @@ every element once.
 from __future__ import annotations
 
 import copy
+import inspect
+import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -197,15 +201,65 @@ def run_and_compare(
             ) from error
     cand_outputs = [_call(candidate, batch) for batch in batches]
     padding_input = getattr(candidate, "removed_padding", None)
-    if isinstance(padding_input, str):
-        ref_outputs = _real_positions(ref_outputs, batches, padding_input, warnings)
     oracle_outputs = None
     if oracle or criterion.oracle_rule:
         fallback = "judged elementwise" if criterion.oracle_rule else "judged without it"
         oracle_outputs, why_not = _run_oracle(reference, batches, ref_outputs, fallback)
         warnings += [why_not] if why_not else []
-    if oracle_outputs is not None and isinstance(padding_input, str):
-        oracle_outputs = _real_positions(oracle_outputs, batches, padding_input, [])
+    return compare_runs(
+        ref_outputs,
+        cand_outputs,
+        batches,
+        tolerance=criterion,
+        padding_input=padding_input if isinstance(padding_input, str) else None,
+        oracle_outputs=oracle_outputs,
+        logits_keys=logits_keys,
+        warnings=warnings,
+    )
+
+
+def compare_runs(
+    ref_outputs: list,
+    cand_outputs: list,
+    batches: list[Batch],
+    *,
+    tolerance: Any = "exact",
+    padding_input: str | None = None,
+    real_positions_only: bool = False,
+    oracle_outputs: list | None = None,
+    logits_keys: Iterable[str] = ("logits",),
+    warnings: list[str] | None = None,
+) -> NumericsReport:
+    """The report for outputs already computed, batch by batch (``run_and_compare`` runs the
+    models and calls this; the budgeted search calls it with the reference's outputs cached).
+
+    Args:
+        ref_outputs: the reference's outputs, one per batch.
+        cand_outputs: the candidate's outputs, one per batch.
+        batches: the ``(args, kwargs)`` batches they ran on.
+        tolerance: as for :func:`run_and_compare` (a name, a Budget or a resolved Criterion).
+        padding_input: the keyword input whose nonzero entries are real tokens when the
+            candidate removed padding (the reference's padded positions are then zeroed).
+        real_positions_only: zero the candidate's padded positions too, so only real positions
+            are compared (the budgeted search: what a model computes at padding is not used).
+        oracle_outputs: the fp64 oracle's outputs per batch, if it ran.
+        logits_keys: output names judged as logits.
+        warnings: warnings to put first in the report.
+
+    Returns:
+        The :class:`NumericsReport`, including the budget's user metric when it has one.
+
+    Raises:
+        ValidationError: different output structures, or a user metric that fails.
+    """
+    criterion = resolve_tolerance(tolerance)
+    warnings = list(warnings or [])
+    if padding_input is not None:
+        ref_outputs = _real_positions(ref_outputs, batches, padding_input, warnings)
+        if real_positions_only:
+            cand_outputs = _real_positions(cand_outputs, batches, padding_input, [])
+        if oracle_outputs is not None:
+            oracle_outputs = _real_positions(oracle_outputs, batches, padding_input, [])
     if len(batches) == 1:
         report = build_report(
             ref_outputs[0],
@@ -218,7 +272,63 @@ def run_and_compare(
         report = _aggregate(ref_outputs, cand_outputs, oracle_outputs, criterion, logits_keys)
     report.warnings[:0] = warnings
     report.batches = len(batches)
+    if criterion.budget is not None and criterion.budget.metric is not None:
+        budget = criterion.budget
+        value = user_metric(budget, ref_outputs, cand_outputs, batches)
+        report.metrics[budget.metric_name] = {"value": value, "batches": len(batches)}
+        report.failures += budget.judge_metric(value)
     return report
+
+
+def user_metric(budget: Budget, ref_outputs: list, cand_outputs: list, batches: list) -> float:
+    """The worst value of ``budget.metric`` over the batches (lowest for ``metric_min``,
+    highest for ``metric_max``).
+
+    Args:
+        budget: a budget with a ``metric`` callable.
+        ref_outputs: the reference's outputs per batch (padded positions zeroed when the
+            candidate removed padding).
+        cand_outputs: the candidate's outputs per batch.
+        batches: the ``(args, kwargs)`` of each batch.
+
+    Returns:
+        The worst value.
+
+    Raises:
+        ValidationError: the callable raised, or returned something that is not a finite real
+            number.
+    """
+    metric = budget.metric
+    assert metric is not None
+    name = budget.metric_name
+    try:
+        takes_inputs = "inputs" in inspect.signature(metric).parameters
+    except (TypeError, ValueError):
+        takes_inputs = False
+    values = []
+    for position, (ref, cand, batch) in enumerate(zip(ref_outputs, cand_outputs, batches)):
+        try:
+            raw = metric(ref, cand, inputs=batch) if takes_inputs else metric(ref, cand)
+        except Exception as error:
+            raise ValidationError(
+                f"the budget's {name} raised on batch {position}: {type(error).__name__}: "
+                f"{error}. It is called as metric(reference_outputs, candidate_outputs) with "
+                "one batch's model outputs"
+            ) from error
+        if isinstance(raw, torch.Tensor) and raw.numel() == 1:
+            raw = raw.item()
+        if isinstance(raw, bool) or not isinstance(raw, numbers.Real):
+            raise ValidationError(
+                f"the budget's {name} returned {type(raw).__name__} on batch {position}: it must "
+                "return a float"
+            )
+        if not math.isfinite(float(raw)):
+            raise ValidationError(
+                f"the budget's {name} returned {float(raw)} on batch {position}: it must return "
+                "a finite float (check it for 0/0 or an empty selection)"
+            )
+        values.append(float(raw))
+    return min(values) if budget.metric_min is not None else max(values)
 
 
 def _zero_padding(obj: Any, valid: torch.Tensor) -> Any:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 
 import torch
@@ -70,12 +70,14 @@ _LIMITS: dict[str, tuple[float, float, bool, bool]] = {
     "max_abs": (0.0, math.inf, True, False),
     "rel_l2": (0.0, math.inf, True, False),
     "top1": (0.0, 1.0, False, True),
+    "metric_min": (-math.inf, math.inf, False, False),
+    "metric_max": (-math.inf, math.inf, False, False),
 }
 
 
 def _interval(name: str) -> str:
     low, high, low_in, high_in = _LIMITS[name]
-    if name == "sqnr_db":
+    if name in ("sqnr_db", "metric_min", "metric_max"):
         return "a finite number"
     return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
 
@@ -90,6 +92,14 @@ class Budget:
         max_abs: maximum absolute error of every output, >= 0.
         rel_l2: maximum relative L2 error of every output, >= 0.
         top1: minimum top-1 agreement of logits outputs, in (0, 1].
+        metric: a callable ``metric(reference_outputs, candidate_outputs) -> float`` on one
+            batch's model outputs (as the model returns them; with padding removed, the
+            reference's padded positions are zeros like the candidate's). A callable that also
+            takes an ``inputs`` keyword gets the batch's ``(args, kwargs)``. Judged on its worst
+            batch against ``metric_min`` (a score: higher is better) or ``metric_max`` (an
+            error: lower is better), exactly one of which it needs.
+        metric_min: the lowest acceptable value of ``metric``.
+        metric_max: the highest acceptable value of ``metric``.
     """
 
     cosine: float | None = None
@@ -97,11 +107,15 @@ class Budget:
     max_abs: float | None = None
     rel_l2: float | None = None
     top1: float | None = None
+    metric: Callable[..., float] | None = None
+    metric_min: float | None = None
+    metric_max: float | None = None
 
     def __post_init__(self) -> None:
+        self._check_metric()
         for item in fields(self):
             value = getattr(self, item.name)
-            if value is None:
+            if value is None or item.name == "metric":
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(
@@ -117,6 +131,47 @@ class Budget:
         if all(getattr(self, item.name) is None for item in fields(self)):
             raise ValueError("Budget needs at least one limit (cosine, sqnr_db, max_abs, ...)")
 
+    def _check_metric(self) -> None:
+        bounds = [name for name in ("metric_min", "metric_max") if getattr(self, name) is not None]
+        if self.metric is None:
+            if bounds:
+                raise ValueError(f"Budget.{bounds[0]} needs metric=<callable> to bound")
+            return
+        if not callable(self.metric):
+            raise TypeError(
+                f"Budget.metric must be a callable metric(reference_outputs, candidate_outputs) "
+                f"-> float, got {type(self.metric).__name__}"
+            )
+        if len(bounds) != 1:
+            raise ValueError(
+                "Budget(metric=...) needs exactly one of metric_min= (a score, higher is better) "
+                "or metric_max= (an error, lower is better)"
+            )
+
+    @property
+    def metric_name(self) -> str:
+        """The user metric's name in reports (``metric:<function name>``), or ``""``."""
+        if self.metric is None:
+            return ""
+        return "metric:" + getattr(self.metric, "__name__", type(self.metric).__name__)
+
+    def judge_metric(self, value: float) -> list[str]:
+        """Reasons why the user metric's (worst) value breaks this budget (empty when within).
+
+        Args:
+            value: the metric's value.
+
+        Returns:
+            At most one reason.
+        """
+        if self.metric is None:
+            return []
+        if self.metric_min is not None and not value >= self.metric_min:
+            return [f"{self.metric_name} {value:.6g} < {self.metric_min:g}"]
+        if self.metric_max is not None and not value <= self.metric_max:
+            return [f"{self.metric_name} {value:.6g} > {self.metric_max:g}"]
+        return []
+
     def describe(self) -> str:
         """The limits as text, e.g. ``"cosine>=0.999, sqnr_db>=25"``.
 
@@ -124,11 +179,16 @@ class Budget:
             One line naming every limit that is set.
         """
         ops = {"cosine": ">=", "sqnr_db": ">=", "max_abs": "<=", "rel_l2": "<=", "top1": ">="}
-        return ", ".join(
+        parts = [
             f"{name}{ops[name]}{getattr(self, name):g}"
             for name in ops
             if getattr(self, name) is not None
-        )
+        ]
+        if self.metric_min is not None:
+            parts.append(f"{self.metric_name}>={self.metric_min:g}")
+        if self.metric_max is not None:
+            parts.append(f"{self.metric_name}<={self.metric_max:g}")
+        return ", ".join(parts)
 
     def check(self, metrics: Mapping[str, float], *, is_logits: bool = False) -> list[str]:
         """Reasons why ``metrics`` break this budget (empty when within).
