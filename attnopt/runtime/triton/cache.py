@@ -7,7 +7,9 @@ An entry is two files named by its key: ``<key>.py`` (the kernel module's source
 source, the kernel config, the Triton version and the device capability, like Triton's own cache.
 Files are written to a temporary file and moved into place with ``os.replace``, so readers never
 see half an entry; the metadata is written last and is what makes an entry valid. An entry whose
-metadata does not parse, names another key, or hashes to a different source is rebuilt.
+metadata does not parse, names another key, or hashes to a different source is rebuilt; so is one
+whose files are symbolic links (the rebuild replaces the link, never the file it points to). A
+directory that cannot be written raises :class:`~attnopt.errors.BackendError`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+
+from attnopt.errors import BackendError
 
 #: Bumped when the entry layout changes; older entries are then rebuilt.
 CACHE_FORMAT = 1
@@ -145,6 +149,8 @@ class KernelCache:
             The ``.py`` path, or None.
         """
         source_path, meta_path = self.paths(key)
+        if source_path.is_symlink() or meta_path.is_symlink():
+            return None  # an entry is two files of this directory, never a link to elsewhere
         try:
             metadata = json.loads(meta_path.read_text(encoding="utf-8"))
             source = source_path.read_text(encoding="utf-8")
@@ -169,6 +175,10 @@ class KernelCache:
 
         Returns:
             The path of the entry's ``.py`` file.
+
+        Raises:
+            BackendError: the directory cannot be created or written (names it and
+                ``ATTNOPT_CACHE_DIR``).
         """
         found = self.lookup(key)
         if found is not None and found.read_text(encoding="utf-8") == source:
@@ -176,16 +186,23 @@ class KernelCache:
             self.last_outcome = "hit"
             return found
         source_path, meta_path = self.paths(key)
-        existed = source_path.exists() or meta_path.exists()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(source_path, source)
+        existed = any(path.exists() or path.is_symlink() for path in (source_path, meta_path))
         record = {
             **metadata,
             "format": CACHE_FORMAT,
             "key": key,
             "source_sha256": _sha256(source),
         }
-        _atomic_write(meta_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _atomic_write(source_path, source)
+            _atomic_write(meta_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        except OSError as err:
+            raise BackendError(
+                f"cannot write the kernel cache directory {str(self.directory)!r} "
+                f"({type(err).__name__}: {err.strerror or err}): set ATTNOPT_CACHE_DIR to a "
+                "writable directory"
+            ) from err
         if existed:
             self.stats.rebuilds += 1
             self.last_outcome = "rebuilt"
