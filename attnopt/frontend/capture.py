@@ -254,7 +254,9 @@ def capture_program(
         The captured program.
 
     Raises:
-        CaptureError: naming the model, the methods tried and each failure.
+        CaptureError: naming the model, the methods tried and each failure; or naming an input
+            on the meta device when the model's weights have data, or the buffers and inputs
+            the forward updates in place.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
@@ -264,6 +266,7 @@ def capture_program(
         args = (args,)
     kwargs = dict(kwargs or {})
     name = type(model).__name__
+    _check_meta_inputs(model, args, kwargs)
     _prepare_model(model)
     order = ["export", "export-strict", "fx"] if method == "auto" else [method]
     attempts: list[str] = []
@@ -279,6 +282,7 @@ def capture_program(
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
             attempts.append(f"{attempt}: {type(err).__name__}: {first_line[:300]}")
             continue
+        _refuse_state_updates(ep, name)
         graph = lower_exported_program(ep, model_name=name)
         graph.meta["model"] = name
         _strip_bound_prefix(graph)
@@ -299,6 +303,56 @@ def capture_program(
         f"could not capture {name}. Tried:\n  {tried}\n"
         "Next: call model.eval(), pass tensors (not Python objects) as inputs, set "
         "use_cache=False for decoders, or capture the submodule that contains the attention."
+    )
+
+
+def _argument_names(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """``forward``'s parameter names for the call's arguments (``args[i]`` where unbound)."""
+    import inspect
+
+    try:
+        return dict(inspect.signature(model.forward).bind(*args, **kwargs).arguments)
+    except (TypeError, ValueError):
+        return {**{f"args[{i}]": value for i, value in enumerate(args)}, **kwargs}
+
+
+def _check_meta_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Refuse inputs on the meta device for a model with real weights.
+
+    Export traces with fake tensors, so it captures such a call, but the program (like eager)
+    can never run it: a meta tensor has no data.
+    """
+    devices = {t.device.type for t in (*model.parameters(), *model.buffers())}
+    if not devices or devices == {"meta"}:
+        return
+    where = sorted(devices - {"meta"})[0]
+    for argument, value in _argument_names(model, args, kwargs).items():
+        leaves = pytree.tree_leaves(value)
+        if any(isinstance(leaf, torch.Tensor) and leaf.device.type == "meta" for leaf in leaves):
+            raise CaptureError(
+                f"input {argument!r} of {type(model).__name__} is on the meta device (shapes "
+                f"only, no data) and the model's weights are on {where}: pass tensors with data "
+                f"on {where}, e.g. {argument}.to({where!r})"
+            )
+
+
+def _refuse_state_updates(ep: Any, model_name: str) -> None:
+    """Raise when the forward writes to a buffer or an input in place.
+
+    The IR is a pure function of its inputs: a compiled program would return the new value as an
+    extra output and never store it, so the model's state would silently stop changing.
+    """
+    signature = ep.graph_signature
+    buffers = sorted(set(signature.buffers_to_mutate.values()))
+    inputs = sorted(set(signature.user_inputs_to_mutate.values()))
+    if not buffers and not inputs:
+        return
+    what = [f"buffer {b!r}" for b in buffers] + [f"input {i!r}" for i in inputs]
+    raise CaptureError(
+        f"{model_name}'s forward updates {', '.join(what)} in place; attnopt compiles "
+        "stateless inference graphs and would not store the update. Keep the state outside "
+        "forward (update it in the caller), or compile the submodule that contains the "
+        "attention."
     )
 
 
