@@ -6,7 +6,7 @@ symbolic dims, binding the symbols to the call's sizes).
 
 A program captured with symbolic batch and sequence dims serves every call with the same
 structure, dtypes, devices, non-tensor values and static dims, whose symbolic sizes lie in the
-ranges torch.export proved for them. Everything else is a new signature.
+ranges torch.export proved for them and are not 0. Everything else is a new signature.
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ class SymbolicSignature:
             return None
         for name, value in env.items():
             lower, upper = self.ranges.get(name, (0, None))
-            if value < lower or (upper is not None and value > upper):
+            # Export never proves a symbolic program for empty inputs (its range may still
+            # start at 0): a size of 0 compiles per shape, where capture sees the real size.
+            if value < max(lower, 1) or (upper is not None and value > upper):
                 return None
         return env
