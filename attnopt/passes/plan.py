@@ -206,7 +206,9 @@ class Plan:
                     f"the plan's site {old.describe()} is not in this model (its sites: "
                     f"{', '.join(repr(s.key) for s in table)})"
                 )
-            for name in ("kind", "causal", "num_heads", "num_kv_heads", "head_dim"):
+            # Not ``kind``: self or cross is how a call wires q and kv (nn.MultiheadAttention
+            # projects an unbatched query apart from its keys), not the model's head layout.
+            for name in ("causal", "num_heads", "num_kv_heads", "head_dim"):
                 if getattr(old, name) != getattr(new, name):
                     raise PlanError(
                         f"site {old.describe()}: the plan has {name}={getattr(old, name)!r}, "
