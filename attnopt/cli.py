@@ -30,7 +30,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=16)
-    parser.add_argument("--passes", default="exact", help='"exact", "none" or pipeline text')
+    parser.add_argument(
+        "--passes",
+        default=None,
+        help='"exact" (the default), "none", "auto" (the budgeted search) or pipeline text',
+    )
     parser.add_argument(
         "--backend", default="auto", choices=["auto", "torch", "triton", "triton-interpret"]
     )
@@ -39,6 +43,26 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--plan", default=None, help="a saved plan (JSON) to reapply instead of calibrating"
     )
     parser.add_argument("--plan-out", default=None, help="save the compile's plan (JSON) here")
+    parser.add_argument(
+        "--budget",
+        default=None,
+        help="accuracy budget for the budgeted search, e.g. cosine=0.98 or cosine=0.99,top1=0.98 "
+        "(fields of attnopt.Budget); needs --calibration",
+    )
+    parser.add_argument(
+        "--calibration",
+        default=None,
+        help="your data: a .txt file (one text per line, tokenized with the model's tokenizer, "
+        "padded to --seq, length-sorted batches of --batch) or a .json list of batches "
+        '({"input name": nested list, ...})',
+    )
+    parser.add_argument("--validation", default=None, help="held-out data, as --calibration")
+    parser.add_argument(
+        "--max-seconds", type=float, default=300.0, help="time limit of the budgeted search"
+    )
+    parser.add_argument(
+        "--search-out", default=None, help="save the search's report (JSON) and Pareto plot here"
+    )
 
 
 def _load(ns: argparse.Namespace) -> Any:
@@ -47,20 +71,143 @@ def _load(ns: argparse.Namespace) -> Any:
     return load_model(ns.model, impl=ns.impl, batch=ns.batch, seq=ns.seq)
 
 
+def parse_budget(text: str) -> Any:
+    """``"cosine=0.98,top1=0.99"`` as an :class:`attnopt.Budget`.
+
+    Args:
+        text: comma-separated ``field=value`` pairs (cosine, sqnr_db, max_abs, rel_l2, top1).
+
+    Returns:
+        The budget.
+
+    Raises:
+        SystemExit: (via argparse-style message) for an unknown field or a bad value.
+    """
+    from attnopt import Budget
+
+    fields = {"cosine", "sqnr_db", "max_abs", "rel_l2", "top1"}
+    limits: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in fields:
+            raise SystemExit(
+                f"--budget {text!r}: each item is field=value with field one of "
+                f"{', '.join(sorted(fields))}"
+            )
+        try:
+            limits[name.strip()] = float(value)
+        except ValueError:
+            raise SystemExit(f"--budget {text!r}: {value!r} is not a number") from None
+    try:
+        return Budget(**limits)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"--budget {text!r}: {err}") from None
+
+
+def load_batches(path: str, model_name: str, batch: int, seq: int) -> list[dict[str, Any]]:
+    """Calibration (or validation) batches from a file.
+
+    A ``.txt`` file holds one text per line: they are tokenized with the model's tokenizer
+    (the bundled MiniLM's), padded to ``seq`` and cut into length-sorted batches of ``batch``.
+    A ``.json`` file holds a list of batches, each ``{"input name": nested list}`` (integers
+    become int64 tensors, other numbers float32). Never unpickled.
+
+    Args:
+        path: the file.
+        model_name: the model spec (for its tokenizer).
+        batch: texts per batch.
+        seq: padded length.
+
+    Returns:
+        Keyword-input batches.
+
+    Raises:
+        SystemExit: an unreadable or empty file, a format it cannot read.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"calibration file {path!r} does not exist")
+    if file.suffix == ".txt":
+        texts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+        if not texts:
+            raise SystemExit(f"{path}: no texts (one text per line)")
+        if model_name != "minilm":
+            raise SystemExit(
+                f"{path}: text calibration needs the model's tokenizer; only the bundled minilm "
+                "has one here. Give a .json list of tokenized batches instead"
+            )
+        from attnopt.zoo.minilm import minilm_tokenizer
+
+        tokenizer = minilm_tokenizer()
+        texts.sort(key=lambda text: len(tokenizer(text)["input_ids"]))
+        return [
+            dict(
+                tokenizer(
+                    texts[i : i + batch],
+                    padding="max_length",
+                    max_length=seq,
+                    truncation=True,
+                    return_tensors="pt",
+                )
+            )
+            for i in range(0, len(texts), batch)
+        ]
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{path}: not a .txt file or JSON ({err})") from None
+    if not isinstance(data, list) or not data or not all(isinstance(b, dict) for b in data):
+        raise SystemExit(f"{path}: JSON must be a non-empty list of {{input name: list}} batches")
+    batches = []
+    for position, item in enumerate(data):
+        converted = {}
+        for name, value in item.items():
+            try:
+                tensor = torch.tensor(value)
+            except (TypeError, ValueError) as err:
+                raise SystemExit(f"{path}: batch {position}, input {name!r}: {err}") from None
+            converted[name] = tensor if not tensor.is_floating_point() else tensor.float()
+        batches.append(converted)
+    return batches
+
+
 def _compile(ns: argparse.Namespace, loaded: Any) -> Any:
     import attnopt
 
+    budget = parse_budget(ns.budget) if getattr(ns, "budget", None) else None
+    calibration = validation = None
+    if getattr(ns, "calibration", None):
+        calibration = load_batches(ns.calibration, ns.model, ns.batch, ns.seq)
+    if getattr(ns, "validation", None):
+        validation = load_batches(ns.validation, ns.model, ns.batch, ns.seq)
+    if budget is not None and calibration is None and ns.plan is None:
+        raise SystemExit("--budget needs --calibration FILE (your own data) to measure on")
+    args, kwargs = loaded.args, loaded.kwargs
+    if calibration is not None and budget is not None:
+        args, kwargs = (), calibration[0]
     cm = attnopt.compile(
         loaded.model,
-        loaded.args,
-        loaded.kwargs,
+        args,
+        kwargs,
         passes=ns.passes,
         backend=ns.backend,
         precision=ns.precision,
         plan=ns.plan,
+        calibration=calibration,
+        validation=validation,
+        budget=budget,
+        max_seconds=getattr(ns, "max_seconds", 300.0),
     )
     if ns.plan_out:
         print(f"plan -> {cm.plan.save(ns.plan_out)}")
+    if cm.search_report is not None and getattr(ns, "search_out", None):
+        out = Path(ns.search_out)
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"search report -> {cm.search_report.save(out / 'search.json')}")
+        try:
+            print(f"Pareto plot -> {cm.search_report.plot(out / 'search.png')}")
+        except ImportError as err:
+            print(f"no Pareto plot: {err}")
     return cm
 
 
@@ -207,7 +354,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
     eager = timed(lambda: loaded.model(*loaded.args, **loaded.kwargs))
     ours = timed(lambda: cm(*loaded.args, **loaded.kwargs))
-    table = Table(title=f"{loaded.name}: passes={ns.passes}")
+    table = Table(title=f"{loaded.name}: passes={cm.pipeline}")
     for column in ("", "ms", "speed-up"):
         table.add_column(column, justify="right")
     table.add_row("eager", f"{eager * 1e3:.2f}", "1.00x")

@@ -93,3 +93,38 @@ def test_plan_out_then_plan_reapplies_the_decisions(tmp_path, capsys):
     assert sites[-1]["tokens_kept"] < 1.0
     with pytest.raises(SystemExit):
         main(["compile", *common, "--precision", "fp8"])
+
+
+def test_compile_with_a_budget_searches_and_saves_plan_and_report(tmp_path, capsys):
+    from attnopt import zoo
+
+    _, kwargs = zoo.get("bert").example(2, 12)
+    batches = [{name: value.tolist() for name, value in kwargs.items()}] * 2
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps(batches))
+    plan = tmp_path / "plan.json"
+    argv = ["compile", "bert", "--impl", "sdpa", "--seq", "12", "--budget", "cosine=0.99"]
+    argv += ["--calibration", str(calibration), "--max-seconds", "60", "--plan-out", str(plan)]
+    argv += ["--search-out", str(tmp_path / "search"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "search" / "search.json").read_text())
+    assert report["budget"] == "cosine>=0.99" and report["points"][0]["label"] == "exact"
+    assert json.loads(plan.read_text())["pipeline"] == report["chosen"]["pipeline"]
+    assert (tmp_path / "search" / "search.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="needs --calibration"):
+        main(["compile", "bert", "--budget", "cosine=0.99"])
+    with pytest.raises(SystemExit, match="field=value"):
+        main(["compile", "bert", "--budget", "cosinus=0.99", "--calibration", str(calibration)])
+
+
+def test_text_calibration_is_tokenized_into_length_sorted_padded_batches(tmp_path):
+    from attnopt.cli import load_batches
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a much longer sentence than the other ones here\nshort\n\nmid sized text\n")
+    batches = load_batches(str(texts), "minilm", 2, 16)
+    assert [b["input_ids"].shape for b in batches] == [(2, 16), (1, 16)]
+    lengths = [int(n) for b in batches for n in b["attention_mask"].sum(1)]
+    assert lengths == sorted(lengths) and len(lengths) == 3
+    with pytest.raises(SystemExit, match="tokenizer"):
+        load_batches(str(texts), "bert", 2, 16)
