@@ -96,3 +96,16 @@ def test_token_merge_example_reports_a_lossy_rewrite_within_its_budget():
     assert figures["ok"] == 1.0
     # lossy, but close: merging from layer 2 on keeps the sentence embeddings
     assert 0.95 < figures["mean_cosine"] < 1.0 - 1e-6
+
+
+def test_budgeted_search_example_keeps_its_budget_on_held_out_texts(capsys):
+    path = EXAMPLE.parent / "budgeted_search.py"
+    spec = importlib.util.spec_from_file_location("budgeted_search", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.main(max_seconds=25.0)
+    out = capsys.readouterr().out
+    assert "identical outputs: True" in out
+    assert report.chosen.ok and report.validation["ok"]
+    assert report.validation["metrics"]["cosine"] >= 0.98
+    assert report.chosen.pipeline.startswith("canonicalize,fuse-attention")

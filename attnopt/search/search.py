@@ -192,8 +192,10 @@ class _Searcher:
         self.progress = progress
         self.captures: dict[tuple, Any] = {}
         self.padding = _padding_input(batches)
-        self.reference = _run(model, batches)
-        self.eager_seconds, _ = _timed(model, batches, repeats)
+        # The reference run is the original model's first timed pass (the caller warmed it up).
+        first, self.reference = _timed(model, batches, 1, warm_up=False)
+        again, _ = _timed(model, batches, max(1, repeats - 1), warm_up=False)
+        self.eager_seconds = min(first, again)
         self.base: _Candidate | None = None
         self.cache: dict[str, _Candidate] = {}
 
@@ -287,11 +289,26 @@ class _Searcher:
         )
 
     def faster(self, candidate: _Candidate, than: _Candidate) -> bool:
-        return (
-            candidate.point.ok
-            and not candidate.point.no_effect
-            and candidate.point.seconds < than.point.seconds * (1.0 - self.min_gain)
-        )
+        """Whether ``candidate`` (within budget, rewriting something) beats ``than`` by
+        ``min_gain``. A candidate that looks faster is timed again interleaved with ``than``
+        (A B A B, best of each), so a burst of machine noise does not decide."""
+
+        def beats() -> bool:
+            return candidate.point.seconds < than.point.seconds * (1.0 - self.min_gain)
+
+        if not (candidate.point.ok and not candidate.point.no_effect and beats()):
+            return False
+        if candidate.module is None or than.module is None or self.out_of_time():
+            return beats()
+        for _ in range(self.repeats):
+            for contender in (than, candidate):
+                seconds, _ = _timed(contender.module, self.batches, 1, warm_up=False)
+                contender.point.seconds = min(contender.point.seconds, seconds)
+        for contender in (than, candidate):
+            base = self.base.point.seconds if self.base else contender.point.seconds
+            contender.point.speedup = base / contender.point.seconds
+            contender.point.eager_speedup = self.eager_seconds / contender.point.seconds
+        return beats()
 
     def best_level(self, family: Family, steps: list[str], current: _Candidate) -> int | None:
         """The family's fastest level within budget on top of ``steps`` (bisecting the ladder
@@ -413,6 +430,10 @@ def search(
             )
             notes += [f"{kind}: not tried ({reason})" for kind, reason in space.skipped.items()]
             chosen, steps = _greedy(searcher, base, space.families, notes)
+    for point in searcher.state.points:  # against the final (best) timings of exact and eager
+        if point.seconds > 0:
+            point.speedup = base.point.seconds / point.seconds
+            point.eager_speedup = searcher.eager_seconds / point.seconds
     report = SearchReport(
         budget=budget.describe(),
         points=searcher.state.points,

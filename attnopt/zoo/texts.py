@@ -3,7 +3,8 @@ demo, the client tests and the benchmarks that feed MiniLM (and sentence-transfo
 
 Entry points: :data:`TEXTS` (short sentences on everyday topics), :data:`LONGER_TEXTS` (longer
 sentences), :func:`varied_texts` (``count`` texts whose lengths, in tokens of a given tokenizer,
-are spread evenly over a range).
+are spread evenly over a range), :func:`python_docs_texts` (480 texts of one domain with natural
+lengths, for the budgeted search's calibration and validation).
 """
 
 from __future__ import annotations
@@ -133,3 +134,21 @@ def varied_texts(
                 break
         texts.append(text[: encoded["offset_mapping"][content - 1][1]])
     return texts
+
+
+def python_docs_texts() -> list[str]:
+    """480 real English texts of one domain: docstrings of Python standard-library modules,
+    classes and functions (PSF license), whitespace collapsed, at least 12 words each, in a
+    fixed shuffled order (a snapshot in ``attnopt/zoo/data/python_docs.json``, so every Python
+    version reads the same texts). Their lengths vary naturally: about 80 MiniLM tokens on
+    average, a tenth over 190, a few over 256.
+
+    Returns:
+        The texts, in the snapshot's order (the budgeted-search benchmark takes the first 64
+        for calibration and the next 256 for validation).
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent / "data" / "python_docs.json"
+    return list(json.loads(path.read_text())["texts"])
