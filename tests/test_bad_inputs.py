@@ -16,6 +16,7 @@ import copy
 import json
 import multiprocessing
 import os
+import queue
 import re
 import threading
 import warnings
@@ -582,8 +583,8 @@ def _compile_in_child(cache_dir: str, barrier: Any, results: Any) -> None:
     os.environ["ATTNOPT_CACHE_DIR"] = cache_dir
     torch.set_num_threads(1)
     model, hidden = _mha(), _mha_input()
-    barrier.wait(timeout=120)
     try:
+        barrier.wait(timeout=120)
         compiled = _compile_interpreted(model, hidden)
         _assert_same_as_eager(model, compiled, hidden)
         results.put(("ok", sorted(compiled.kernels)))
@@ -602,10 +603,17 @@ def test_two_processes_compile_the_same_kernel(tmp_path: Path) -> None:
     ]
     for worker in workers:
         worker.start()
-    outcomes = [results.get(timeout=240) for _ in workers]
+    outcomes: list[tuple[str, Any]] = []
+    while len(outcomes) < len(workers):
+        try:
+            outcomes.append(results.get(timeout=5))
+        except queue.Empty:
+            if not any(worker.is_alive() for worker in workers) and results.empty():
+                break  # a worker died without reporting
     for worker in workers:
         worker.join(timeout=60)
-    assert [outcome[0] for outcome in outcomes] == ["ok", "ok"], outcomes
+    exit_codes = [worker.exitcode for worker in workers]
+    assert [outcome[0] for outcome in outcomes] == ["ok", "ok"], (outcomes, exit_codes)
     assert outcomes[0][1] == outcomes[1][1]
     (entry,) = _entries(cache_dir)
     assert KernelCache(cache_dir).lookup(entry.stem) == entry
