@@ -138,13 +138,18 @@ def test_budget_is_not_silently_ignored():
     import warnings
 
     import attnopt
+    from attnopt.errors import CalibrationError
     from attnopt.validate import Budget
 
     model = torch.nn.Linear(4, 4).eval()
+    # A budget without passes is the budgeted search, which needs the user's data.
+    with pytest.raises(CalibrationError, match="needs calibration"):
+        attnopt.compile(model, (torch.randn(2, 4),), budget=Budget(cosine=0.99))
+    # With explicit passes the budget is not searched with, and the user is told.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        attnopt.compile(model, (torch.randn(2, 4),), budget=Budget(cosine=0.99))
-    assert any("budget" in str(w.message) and "not used" in str(w.message) for w in caught)
+        attnopt.compile(model, (torch.randn(2, 4),), passes="exact", budget=Budget(cosine=0.99))
+    assert any("budget" in str(w.message) and "not searched" in str(w.message) for w in caught)
 
 
 def test_compiled_module_forwards_the_models_attributes():
