@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # pytest-xdist workers for `make test` (each runs torch single-threaded, see tests/conftest.py).
 TEST_WORKERS ?= 2
 
-.PHONY: demo test lint format bench clean setup
+.PHONY: demo test lint format bench clean setup fuzz
 
 setup: $(STAMP)
 
@@ -23,6 +23,13 @@ test: $(STAMP)
 	$(VENV)/bin/ruff format --check attnopt tests benchmarks examples
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist load --durations=25 tests
+
+# Long differential fuzzing of detection/fusion and the IR parser (tests/fuzz); the CI profile
+# runs inside `make test`. FUZZ_EXAMPLES programs in all, single-threaded, no xdist workers.
+FUZZ_EXAMPLES ?= 20000
+
+fuzz: $(STAMP)
+	OMP_NUM_THREADS=1 ATTNOPT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider -p no:xdist --hypothesis-show-statistics tests/fuzz tests/regressions
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format attnopt tests benchmarks examples

@@ -159,7 +159,31 @@ def parse(text: str, tensors: dict[str, torch.Tensor] | None = None) -> Graph:
     lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
     if not lines or not lines[0][1].strip().startswith("graph("):
         raise IRParseError("IR text must start with 'graph('")
-    header = _Tokens(lines[0][1], lines[0][0])
+    try:
+        _parse_header(graph, values, lines[0][1], lines[0][0])
+    except (ValueError, TypeError, KeyError) as err:
+        raise _parse_error(err, lines[0][0]) from None
+    seen = set(values)
+    for line_no, line in lines[1:]:
+        try:
+            done = _parse_line(graph, values, seen, line, line_no)
+        except (ValueError, TypeError, KeyError) as err:
+            # malformed values (a float dim, an unknown dtype, bad JSON, attributes an op's
+            # dataclass rejects) are parse errors of their line, like malformed syntax
+            raise _parse_error(err, line_no) from None
+        if done:
+            break
+    return graph
+
+
+def _parse_error(err: Exception, line_no: int) -> IRParseError:
+    if isinstance(err, IRParseError):
+        return err
+    return IRParseError(f"line {line_no}: {type(err).__name__}: {err}")
+
+
+def _parse_header(graph: Graph, values: dict[str, Any], line: str, line_no: int) -> None:
+    header = _Tokens(line, line_no)
     header.take("graph")
     header.take("(")
     while not header.at(")"):
@@ -169,63 +193,64 @@ def parse(text: str, tensors: dict[str, torch.Tensor] | None = None) -> Graph:
             header.take(",")
     header.take(")")
     header.take("{")
-    seen = set(values)
-    for line_no, line in lines[1:]:
-        tokens = _Tokens(line, line_no)
-        if tokens.at("}"):
-            break
-        if tokens.at("return"):
-            tokens.take("return")
-            tokens.take("(")
-            while not tokens.at(")"):
-                kind, ref = tokens.take()
-                graph.outputs.append(None if ref == "_" else _lookup(values, ref, line_no))
-                if tokens.at(","):
-                    tokens.take(",")
-            continue
-        outs: list[tuple[str, Type]] = []
-        if tokens.peek() and tokens.peek()[0] == "value":  # type: ignore[index]
-            outs.append(_parse_value_decl(tokens))
-            while tokens.at(","):
-                tokens.take(",")
-                outs.append(_parse_value_decl(tokens))
-            tokens.take("=")
-        for name, _ in outs:
-            if name in seen:
-                raise IRParseError(f"line {line_no}: %{name} is defined twice")
-            seen.add(name)
-        _, op = tokens.take("name")
+
+
+def _parse_line(
+    graph: Graph, values: dict[str, Any], seen: set[str], line: str, line_no: int
+) -> bool:
+    """Parse one body line into ``graph``; True at the closing brace."""
+    tokens = _Tokens(line, line_no)
+    if tokens.at("}"):
+        return True
+    if tokens.at("return"):
+        tokens.take("return")
         tokens.take("(")
-        inputs = []
         while not tokens.at(")"):
             kind, ref = tokens.take()
-            inputs.append(None if ref == "_" else _lookup(values, ref, line_no))
+            graph.outputs.append(None if ref == "_" else _lookup(values, ref, line_no))
             if tokens.at(","):
                 tokens.take(",")
-        tokens.take(")")
-        raw: dict[str, Any] = {}
-        if tokens.at("{"):
-            tokens.take("{")
-            while not tokens.at("}"):
-                _, key = tokens.take("name")
-                tokens.take("=")
-                raw[key] = _parse_attr_value(tokens)
-                if tokens.at(","):
-                    tokens.take(",")
-            tokens.take("}")
-        if not tokens.done():
-            raise IRParseError(f"line {line_no}: unexpected {tokens.peek()[1]!r}")  # type: ignore[index]
-        try:
-            attrs = _build_attrs(op, raw, line_no)
-        except KeyError as err:
-            raise IRParseError(f"line {line_no}: {err}") from None
-        node = graph.make_node(
-            op, inputs, attrs, types=[t for _, t in outs], names=[n for n, _ in outs]
-        )
-        graph.append(node)
-        for value in node.outputs:
-            values[value.name] = value
-    return graph
+        return False
+    outs: list[tuple[str, Type]] = []
+    if tokens.peek() and tokens.peek()[0] == "value":  # type: ignore[index]
+        outs.append(_parse_value_decl(tokens))
+        while tokens.at(","):
+            tokens.take(",")
+            outs.append(_parse_value_decl(tokens))
+        tokens.take("=")
+    for name, _ in outs:
+        if name in seen:
+            raise IRParseError(f"line {line_no}: %{name} is defined twice")
+        seen.add(name)
+    _, op = tokens.take("name")
+    tokens.take("(")
+    inputs = []
+    while not tokens.at(")"):
+        kind, ref = tokens.take()
+        inputs.append(None if ref == "_" else _lookup(values, ref, line_no))
+        if tokens.at(","):
+            tokens.take(",")
+    tokens.take(")")
+    raw: dict[str, Any] = {}
+    if tokens.at("{"):
+        tokens.take("{")
+        while not tokens.at("}"):
+            _, key = tokens.take("name")
+            tokens.take("=")
+            raw[key] = _parse_attr_value(tokens)
+            if tokens.at(","):
+                tokens.take(",")
+        tokens.take("}")
+    if not tokens.done():
+        raise IRParseError(f"line {line_no}: unexpected {tokens.peek()[1]!r}")  # type: ignore[index]
+    attrs = _build_attrs(op, raw, line_no)
+    node = graph.make_node(
+        op, inputs, attrs, types=[t for _, t in outs], names=[n for n, _ in outs]
+    )
+    graph.append(node)
+    for value in node.outputs:
+        values[value.name] = value
+    return False
 
 
 def _lookup(values: dict[str, Any], ref: str, line_no: int) -> Any:
