@@ -171,6 +171,34 @@ def _fewer_fused(symbolic: list[AttentionSite], static: list[AttentionSite]) -> 
     return None
 
 
+def _describe_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, str]:
+    """Each tensor input by parameter name (``x``, ``input_ids``) as ``float32[2, 6, 32] (3-D,
+    cpu)``; positional inputs take the names of the forward's parameters."""
+    import inspect
+
+    try:
+        names = [
+            p.name
+            for p in inspect.signature(model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        names = []
+    described = {}
+    items = [(names[i] if i < len(names) else f"args[{i}]", a) for i, a in enumerate(args)]
+    for name, value in [*items, *kwargs.items()]:
+        if isinstance(value, torch.Tensor):
+            dtype = str(value.dtype).removeprefix("torch.")
+            described[name] = f"{dtype}{list(value.shape)} ({value.dim()}-D, {value.device.type})"
+    return described
+
+
+def _kind(description: str) -> str:
+    """A described input without its sizes: dtype, rank and device (sizes may vary)."""
+    dtype, _, rest = description.partition("[")
+    return dtype + rest.partition("]")[2]
+
+
 class CompiledModule(torch.nn.Module):
     """A model compiled by attnopt; call it like the model.
 
@@ -251,6 +279,7 @@ class CompiledModule(torch.nn.Module):
         self._entries: OrderedDict[tuple, CompiledEntry] = OrderedDict()
         self._last: CompiledEntry | None = None
         self._structure: Any = None
+        self._example: dict[str, str] = {}  # the first compiled call's inputs, described
         self.stats: dict[str, Any] = {
             "mode": "not compiled",
             "captures": 0,
@@ -441,8 +470,9 @@ class CompiledModule(torch.nn.Module):
             if not isinstance(one, torch.Tensor) or one.shape != full.shape:
                 return False
             if full.is_floating_point():
-                scale = max(float(full.abs().max()) if full.numel() else 0.0, 1.0)
-                if not torch.allclose(one, full, rtol=1e-4, atol=1e-5 * scale):
+                finite = full[torch.isfinite(full)]
+                scale = max(float(finite.abs().max()) if finite.numel() else 0.0, 1.0)
+                if not torch.allclose(one, full, rtol=1e-4, atol=1e-5 * scale, equal_nan=True):
                     return False
             elif not torch.equal(one, full):
                 return False
@@ -466,7 +496,7 @@ class CompiledModule(torch.nn.Module):
             if self._structure is not None:
                 raise SignatureError(
                     f"these inputs do not fit {type(self.model).__name__}: the model could not "
-                    f"be run on them ({err})"
+                    f"be run on them ({err}){self._differences(args, kwargs, sizes=True)}"
                 ) from err
             raise
         device = next((x.device for x in flat if isinstance(x, torch.Tensor)), torch.device("cpu"))
@@ -492,6 +522,8 @@ class CompiledModule(torch.nn.Module):
         verify(graph)
         kernels = KernelNamespace(backend)
         program = load_program(graph, kernels)
+        if self._structure is None:
+            self._example = _describe_inputs(self.model, args, kwargs)
         self._structure = captured.in_spec
         if self.retain_memory and device.type == "cpu" and not self.stats["compilations"]:
             from attnopt.runtime.memory import retain_freed_memory
@@ -534,9 +566,47 @@ class CompiledModule(torch.nn.Module):
     def _run(self, entry: CompiledEntry, flat: list[Any]) -> Any:
         inputs = [flat[i] for i in entry.captured.input_positions]
         # An inference compiler: the sparse and generated kernels have no backward.
-        with torch.no_grad():
-            outputs = entry.program.fn(*inputs)
+        try:
+            with torch.no_grad():
+                outputs = entry.program.fn(*inputs)
+        except (RuntimeError, TypeError, ValueError) as err:
+            # Export does not check every dtype (F.linear takes float64 activations in the
+            # graph and fails only here): an input unlike the compiled example is the user's.
+            args, kwargs = pytree.tree_unflatten(flat, entry.captured.in_spec)
+            differences = self._differences(args, kwargs)
+            if differences:
+                raise SignatureError(
+                    f"{type(self.model).__name__} compiled by attnopt failed on these inputs "
+                    f"({type(err).__name__}: {' '.join(str(err).split())[:200]}){differences}"
+                ) from err
+            raise
         return pytree.tree_unflatten(list(outputs), entry.captured.out_spec)
+
+    def _differences(self, args: tuple, kwargs: dict, sizes: bool = False) -> str:
+        """How these inputs differ from the first compiled call's, as the end of a message
+        (empty when no input differs in presence, dtype, rank or device, or with ``sizes`` in
+        its sizes)."""
+        if not self._example:
+            return ""
+        now = _describe_inputs(self.model, args, kwargs)
+        lines = []
+        for name in [*self._example, *(n for n in now if n not in self._example)]:
+            before, after = self._example.get(name), now.get(name)
+            if before == after:
+                continue
+            if after is None:
+                lines.append(f"{name!r} is missing (compiled with {before})")
+            elif before is None:
+                lines.append(f"{name!r} is new: {after}")
+            elif sizes or _kind(before) != _kind(after):
+                lines.append(f"{name!r} is {after}, compiled for {before}")
+        if not lines:
+            return ""
+        return (
+            "; inputs unlike the ones it was compiled for: "
+            + "; ".join(lines)
+            + ". Give inputs of the compiled dtypes, ranks and device (or compile again for these)"
+        )
 
     def run_with_taps(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[int, torch.Tensor]]:
         """Run and also return every attention site's output, by site index.

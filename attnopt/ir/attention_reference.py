@@ -142,6 +142,7 @@ def attention_reference(
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max)
     denom = weights.sum(dim=-1, keepdim=True)
-    probs = torch.where(denom > 0, weights / denom.clamp_min(torch.finfo(compute).tiny), 0.0)
+    # Rows with no visible key give zeros; NaN (from NaN in q/k/v) propagates as in eager.
+    probs = torch.where(denom == 0, 0.0, weights / denom.clamp_min(torch.finfo(compute).tiny))
     out = torch.matmul(probs, v.to(compute))
     return out.to(q.dtype)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from attnopt.errors import PassError, PipelineError, PlanError
+from attnopt.errors import CalibrationError, PassError, PipelineError, PlanError
 from attnopt.ir import Graph, verify
 from attnopt.passes.plan import Plan, site_table
 from attnopt.passes.select import Site
@@ -164,12 +164,33 @@ class PassContext:
     def calibration_batches(self) -> list[tuple[tuple, dict]]:
         """Calibration ``(args, kwargs)`` batches, or the example being compiled when none."""
         if self.calibration is not None:
-            batches = [(tuple(a), dict(k or {})) for a, k in self.calibration]
+            batches = [_calibration_batch(item, i) for i, item in enumerate(self.calibration)]
             if batches:
                 return batches
         if self.example is not None:
             return [self.example]
         return []
+
+
+def _calibration_batch(item: Any, position: int) -> tuple[tuple, dict]:
+    """One calibration item as ``(args, kwargs)``: a pair, a dict of keyword inputs (a
+    tokenizer's output) or a single tensor."""
+    import torch
+
+    if isinstance(item, dict) or hasattr(item, "keys") and hasattr(item, "__getitem__"):
+        return (), dict(item)
+    if isinstance(item, torch.Tensor):
+        return (item,), {}
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        args, kwargs = item
+        if isinstance(args, torch.Tensor):
+            args = (args,)
+        if isinstance(args, (tuple, list)) and (kwargs is None or isinstance(kwargs, dict)):
+            return tuple(args), dict(kwargs or {})
+    raise CalibrationError(
+        f"calibration batch {position} is a {type(item).__name__}, which does not fit: give "
+        "(args, kwargs) pairs, dicts of keyword inputs (a tokenizer's output) or single tensors"
+    )
 
 
 @dataclass(frozen=True)
@@ -492,8 +513,8 @@ class PassManager:
             try:
                 ctx.enter_pass(position, p, graph)
                 result = p.run(graph, ctx)
-            except (PassError, PlanError, PipelineError):
-                raise  # a pass option that does not fit the model is the user's to fix
+            except (PassError, PlanError, PipelineError, CalibrationError):
+                raise  # a pass option or calibration data that does not fit is the user's
             except Exception as err:  # noqa: BLE001 - wrapped with the pipeline for the user
                 raise PassError(
                     f"pass {p} failed: {type(err).__name__}: {err} "

@@ -39,6 +39,12 @@ def _drop_if_inert(mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if mask_is_inert(mask) else mask
 
 
+def _all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every value is finite: one reduction per tensor (a sum is non-finite when an
+    element is, or when finite values overflow, which then only takes the slower exact path)."""
+    return all(bool(torch.isfinite(t.sum())) for t in tensors)
+
+
 def dense_attention_cpu(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -66,7 +72,9 @@ def dense_attention_cpu(
         ``[B, Hq, Sq, Dv]``.
     """
     mask = _drop_if_inert(mask)
-    if softcap is not None:
+    if softcap is not None or not _all_finite(q, k, v):
+        # SDPA's CPU flash kernel loses NaN from q at some lengths (torch 2.13: a NaN query
+        # row gives finite outputs at length 7, NaN at 8); eager propagates it, so must we.
         return _chunked_exact(
             q, k, v, mask=mask, bias=bias, scale=scale, causal=causal, cap=softcap
         )
