@@ -520,7 +520,7 @@ class CompiledModule(torch.nn.Module):
             self._plan = ctx.plan
         graph.dead_code_elimination()
         verify(graph)
-        kernels = KernelNamespace(backend)
+        kernels = KernelNamespace(backend, strict=self.strict)
         program = load_program(graph, kernels)
         if self._structure is None:
             self._example = _describe_inputs(self.model, args, kwargs)

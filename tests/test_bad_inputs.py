@@ -624,3 +624,33 @@ def test_triton_fallback_warns_once_and_matches_eager(cache_dir: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         compiled(hidden)
+
+
+@needs_interpreter
+def test_a_kernel_that_fails_at_run_time_falls_back_once_or_raises_with_strict(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A generated kernel that raises at run time (a Triton compile error, say): that site runs
+    the torch kernels from then on, with one warning naming the site, its variant and the error;
+    strict=True raises BackendError instead."""
+    import attnopt.runtime.triton.backend as triton_backend
+
+    def broken(inputs: Any, attrs: Any, interpret: bool = False) -> Any:
+        raise RuntimeError("PTX assembly failed: out of registers")
+
+    monkeypatch.setattr(triton_backend, "run_attention_triton", broken)
+    model, hidden = _mha(), _mha_input(2, 12)
+    with pytest.warns(RuntimeWarning) as caught:
+        compiled = attnopt.compile(model, (hidden,), backend="triton-interpret", dynamic=False)
+        actual = compiled(hidden)
+    failed = [w for w in caught if "failed" in str(w.message)]
+    assert len(failed) == 1, [str(w.message) for w in caught]
+    _assert_names(str(failed[0].message), r"site 0", r"variant dense", r"out of registers")
+    _assert_same_as_eager(model, compiled, hidden)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert_close(compiled(hidden), actual)  # no second warning
+    with pytest.raises(BackendError, match=r"site 0 \(variant dense\).*out of registers"):
+        attnopt.compile(model, (hidden,), backend="triton-interpret", dynamic=False, strict=True)(
+            hidden
+        )

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from attnopt.errors import BackendError
 from attnopt.ir import get_op
 from attnopt.ir.attention import (
     AttentionAttrs,
@@ -175,8 +176,12 @@ class KernelNamespace:
         backend: "torch", "triton" or "triton-interpret".
     """
 
-    def __init__(self, backend: str = "torch"):
+    def __init__(self, backend: str = "torch", strict: bool = False):
         self.backend = backend
+        #: Raise instead of falling back when a generated kernel fails at run time.
+        self.strict = strict
+        #: Sites whose generated kernel failed: they run the torch kernels from then on.
+        self.failed_sites: dict[int, str] = {}
         self.taps: dict[int, torch.Tensor] | None = None
         self.input_taps: dict[int, list[list[Any]]] | None = None
         self.calls: dict[str, int] = {"triton": 0, "torch": 0}
@@ -226,7 +231,25 @@ class KernelNamespace:
         except ImportError as err:
             self._warn_once("import", f"Triton backend unavailable ({err}); using torch kernels")
             return None
-        run = run_attention_triton(inputs, attrs, interpret=self.backend == "triton-interpret")
+        if attrs.site in self.failed_sites:
+            return None
+        try:
+            run = run_attention_triton(inputs, attrs, interpret=self.backend == "triton-interpret")
+        except Exception as err:  # noqa: BLE001 - a failing kernel falls back, once, told
+            where = f"attention site {attrs.site} (variant {attrs.variant})"
+            error = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+            if self.strict:
+                raise BackendError(
+                    f"the generated Triton kernel of {where} failed: {error} (strict=True; "
+                    "without it this site falls back to the torch kernels)"
+                ) from err
+            self.failed_sites[attrs.site] = error
+            self._warn_once(
+                f"failed:{attrs.site}",
+                f"the generated Triton kernel of {where} failed ({error}); this site runs the "
+                "torch kernels from now on",
+            )
+            return None
         if run.output is None or run.kernel is None:
             self._warn_once(
                 run.reason or "?",
