@@ -29,6 +29,7 @@ FAMILIES = (
     "head-prune",
     "sliding-window",
     "block-sparse",
+    "neighborhood",
     "linearize",
 )
 
@@ -194,17 +195,42 @@ def search_space(
             )
         else:
             skip("block-sparse", f"sequences of {seq} tokens: fewer than 8 key blocks per row")
-    if "linearize" in wanted:
-        if seq >= 512 and len(layers) >= 2:
-            counts = sorted({1, max(1, len(layers) // 4), max(1, len(layers) // 2)})
+    if "neighborhood" in wanted:
+        side = _grid_side(seq)
+        if side is not None and side >= 12 and all(s.kind == "self" for s in sites):
+            kernels = [k for k in (side - 3 - (side % 2), 9, 7) if 5 <= k < side]
             space.families.append(
                 Family(
-                    "linearize",
-                    "linearize",
-                    [f"linearize{{count={c}}}" for c in counts],
+                    "neighborhood",
+                    "neighborhood",
+                    [f"neighborhood{{kernel={k}}}" for k in sorted(set(kernels), reverse=True)],
                     group="sparse",
                 )
             )
         else:
+            skip("neighborhood", "the tokens are not an image grid of 12 x 12 or more")
+    if "linearize" in wanted:
+        if seq >= 512 and len(layers) >= 2:
+            counts = sorted({1, max(1, len(layers) // 4), max(1, len(layers) // 2)})
+            # Hybrid (an exact local window plus linear attention for the rest) is the milder
+            # form at each count.
+            levels = []
+            for count in counts:
+                levels += [
+                    f"linearize{{count={count},local_window=64}}",
+                    f"linearize{{count={count}}}",
+                ]
+            space.families.append(Family("linearize", "linearize", levels, group="sparse"))
+        else:
             skip("linearize", f"sequences of {seq} tokens: linear attention saves little")
     return space
+
+
+def _grid_side(tokens: int) -> int | None:
+    """The side of a square image grid of ``tokens`` patches (or ``tokens - 1`` with a class
+    token), or None."""
+    for count in (tokens, tokens - 1):
+        side = int(round(count**0.5)) if count > 0 else 0
+        if side > 1 and side * side == count:
+            return side
+    return None

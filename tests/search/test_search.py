@@ -272,6 +272,9 @@ def test_the_space_follows_what_the_model_is():
     assert "sliding-window" in space.skipped and "precision" in space.skipped
     long = search_space([_Site(i, kv_len="s1") for i in range(6)], {"s1": 1024})
     assert {"sliding-window", "block-sparse", "linearize"} <= {f.kind for f in long.families}
+    vision = search_space([_Site(i, kv_len=197) for i in range(12)], {})  # 14 x 14 + class
+    assert "neighborhood" in {f.kind for f in vision.families}
+    assert "neighborhood" in space.skipped  # 64 tokens: an 8 x 8 grid is too small
     decoder = search_space([_Site(i, causal=True) for i in range(6)], {})
     assert "token-merge" in decoder.skipped and "remove-padding" in decoder.skipped
     with pytest.raises(ValueError, match="unknown search families"):
