@@ -482,7 +482,7 @@ def rewrite_match(graph: Graph, m: AttentionMatch) -> Value:
             continue
         term = _to_canonical(graph, anchor, _materialise(graph, anchor, item), shape, canon)
         (biases if derived_from_parameter(graph, raw) else masks).append(term)
-    for mask, masked_when, value, shape in m.fills:  # type: ignore[misc]
+    for mask, masked_when, _value, shape in m.fills:  # type: ignore[misc]
         keep_const = _constant_keep(graph, mask, masked_when)
         if keep_const is not None and tuple(shape) == canon:
             found = causal_window(keep_const, q_len, kv_len)
@@ -492,15 +492,11 @@ def rewrite_match(graph: Graph, m: AttentionMatch) -> Value:
                 continue
         keep = _not(graph, anchor, mask) if masked_when else mask
         fill_keeps.append(_to_canonical(graph, anchor, keep, shape, canon))
-        if math.isinf(value):
-            masks.append(_to_canonical(graph, anchor, keep, shape, canon))
-        else:
-            masked = mask if masked_when else _not(graph, anchor, mask)
-            dtype = m.softmax.inputs[0].dtype  # type: ignore[union-attr]
-            fill_value = graph.add_tensor("mask_fill", torch.tensor(value, dtype=dtype))
-            zero = graph.add_tensor("mask_zero", torch.zeros((), dtype=dtype))
-            zero_or_fill = emit_before(graph, anchor, "where", [masked, fill_value, zero])
-            masks.append(_to_canonical(graph, anchor, zero_or_fill, shape, canon))
+        # A fill replaces the score whatever it was (inf and NaN too): a bool mask keeps that
+        # (the op masked_fills it), adding the fill would not (inf + fill is inf). A finite
+        # fill's weight underflows to zero as -inf's does (MASK_FILL_LIMIT); rows it masks
+        # entirely are restored after the op (_uniform_rows).
+        masks.append(fill_keeps[-1])
     k = emit_before(graph, anchor, "transpose", [kt], TransposeAttrs(dim0=-2, dim1=-1))
     return build_attention(
         graph,

@@ -82,6 +82,7 @@ class Spec:
     fully_masked_row: bool
     bias: str
     softcap: float | None
+    bias_before_softcap: bool  # not the op's order: must be refused, never mis-fused
     gqa_form: str
     dropout: str  # "none" | "module" | "functional"
     merge: str
@@ -146,6 +147,7 @@ def specs(draw: st.DrawFn) -> Spec:
         fully_masked_row=draw(st.booleans()),
         bias=bias,
         softcap=softcap,
+        bias_before_softcap=draw(st.sampled_from((False,) * 4 + (True,))),
         gqa_form=draw(st.sampled_from(GQA_FORMS)),
         dropout=draw(st.sampled_from(("none", "none", "module", "functional"))),
         merge=draw(st.sampled_from(HEAD_MERGES)),
@@ -361,10 +363,13 @@ class FuzzAttention(torch.nn.Module):
         k, v = self._repeat_kv(k), self._repeat_kv(v)
         bias = self._bias(bias_in, q.dtype)
         s = self._scores(q, k, bias)
-        if bias is not None and spec.score != "baddbmm":
+        late_bias = spec.softcap is not None and not spec.bias_before_softcap
+        if bias is not None and spec.score != "baddbmm" and not late_bias:
             s = s + bias
         if spec.softcap is not None:
             s = torch.tanh(s / spec.softcap) * spec.softcap
+        if bias is not None and spec.score != "baddbmm" and late_bias:
+            s = s + bias
         keep, add = self._mask_parts(mask, s.dtype, s.device)
         s = self._mask_scores(s, keep, add)
         if spec.score == "bmm":

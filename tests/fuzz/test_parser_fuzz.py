@@ -56,6 +56,7 @@ def _spec_for(seed: int) -> Spec:
         mask_where=seed % 2 == 1, mask_heads=False, causal_build="triu",
         causal_bottom_right=False, fully_masked_row=False,
         bias=("none", "alibi", "param")[seed % 3], softcap=30.0 if seed == 3 else None,
+        bias_before_softcap=False,
         gqa_form="expand", dropout="module", merge="transpose_reshape",
         sdpa_is_causal=True, sdpa_enable_gqa=True, sdpa_scale_arg=True, return_weights=False,
         magnitude=1.0, nonfinite="none", seed=seed,

@@ -25,8 +25,9 @@ class Case:
 
 class FiniteFillOverInfScore(torch.nn.Module):
     """``masked_fill`` with a finite fill over a score that is +inf: eager replaces it by the fill;
-    fusion turns the fill into an additive mask (``inf + -1e4 = inf``), and SDPA adds even a
-    bool mask as -inf (``inf + -inf = NaN``): every query that has the key masked gets NaN."""
+    fusion turned the fill into an additive mask (``inf + -1e4 = inf``) and every query that had
+    the key masked got NaN. Fixed: a fill becomes a bool mask, which the op applies with
+    ``masked_fill`` (its exact reference runs when an input is non-finite)."""
 
     def forward(self, q, k, v, keep):
         scores = (q @ k.transpose(-2, -1)) * 0.5
@@ -46,12 +47,5 @@ def _inf_key_inputs() -> tuple[tuple, dict]:
 
 
 CASES: dict[str, Case] = {
-    "finite_fill_over_inf_score": Case(
-        FiniteFillOverInfScore,
-        _inf_key_inputs,
-        known_bug=(
-            "attention_build.rewrite_match turns a finite fill into an additive mask and the CPU "
-            "kernel (SDPA) adds bool masks as -inf: a masked +inf score stays inf/NaN"
-        ),
-    ),
+    "finite_fill_over_inf_score": Case(FiniteFillOverInfScore, _inf_key_inputs),
 }
