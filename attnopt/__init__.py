@@ -6,7 +6,7 @@ Entry points: :func:`compile`, :func:`capture`, :func:`validate`, :class:`Pass`,
 """
 
 from attnopt import ir
-from attnopt.api import capture, compile
+from attnopt.api import capture, compile, export_onnx
 from attnopt.compiled import CompiledModule
 from attnopt.errors import (
     AttnoptError,
@@ -50,6 +50,7 @@ __all__ = [
     "SignatureError",
     "capture",
     "compile",
+    "export_onnx",
     "ir",
     "passes",
     "sensitivity",

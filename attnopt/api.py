@@ -238,4 +238,109 @@ def _searched(
     return compiled
 
 
-__all__ = ["capture", "compile"]
+def export_onnx(
+    cm: CompiledModule,
+    path: str | os.PathLike[str],
+    *,
+    opset: int = 23,
+    dynamic: bool = True,
+) -> Any:
+    """Export a compiled module's program to ONNX (torch's dynamo exporter, onnxscript).
+
+    Dense attention sites become the standard ``Attention`` op (opset 23: query and key/value
+    head counts, scale, causal, bool or additive masks); the other variants (sliding window,
+    block-sparse, linear, ...) are decomposed into standard ops that compute the same thing;
+    projections and the rest of the model are exported as torch ops are. The graph's symbolic
+    batch and sequence dims become dynamic axes (``dynamic=True``); the file passes
+    ``onnx.checker.check_model(full_check=True)`` and runs in onnxruntime's CPU provider.
+
+    Args:
+        cm: a compiled module that has compiled (called, or compiled with example inputs).
+        path: the ``.onnx`` file to write.
+        opset: the ONNX opset (23 or more for the ``Attention`` op).
+        dynamic: export the symbolic dims as dynamic axes (else the example's shapes).
+
+    Returns:
+        The path written, as a ``pathlib.Path``.
+
+    Raises:
+        BackendError: nothing compiled yet, a pass whose ops are not exportable yet (padding
+            removal, token merging or pruning), or onnxscript missing.
+    """
+    from pathlib import Path
+
+    from attnopt.errors import BackendError
+    from attnopt.runtime.export import export_program
+
+    if not isinstance(cm, CompiledModule):
+        raise TypeError(f"export_onnx takes an attnopt.CompiledModule, not {type(cm).__name__}")
+    entry = cm.symbolic_entry() if dynamic else None
+    if entry is None:
+        try:
+            entry = cm._latest()
+        except RuntimeError as err:
+            raise BackendError(f"export_onnx: {err}") from None
+    graph = entry.graph
+    try:
+        import onnxscript  # noqa: F401 - the dynamo exporter needs it
+    except ImportError:
+        raise BackendError(
+            "export_onnx needs onnxscript (torch's ONNX exporter): pip install onnxscript"
+        ) from None
+    fn = export_program(graph)
+    hints = graph.meta.get("symbol_hints", {})
+
+    class _Program(torch.nn.Module):
+        def forward(self, *inputs: torch.Tensor) -> Any:
+            return tuple(fn(*inputs))
+
+    examples, shapes = [], []
+    for value in graph.inputs:
+        dims = []
+        spec = {}
+        for axis, dim in enumerate(value.type.shape):
+            if isinstance(dim, str):
+                dims.append(max(int(hints.get(dim, 2)), 2))  # size 1 would be specialised
+                spec[axis] = torch.export.Dim.DYNAMIC
+            else:
+                dims.append(int(dim))
+        dtype = value.type.dtype
+        example = torch.ones(dims, dtype=dtype) if not dtype.is_floating_point else None
+        examples.append(example if example is not None else torch.randn(dims, dtype=dtype))
+        shapes.append(spec if dynamic else {})
+    path = Path(path)
+    variants = sorted({site.variant for site in entry.sites})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's own progress warnings
+        try:
+            program = _onnx_export(
+                _Program(), tuple(examples), graph, opset, tuple(shapes) if dynamic else None
+            )
+        except Exception as err:  # noqa: BLE001 - the exporter's failure, named for the user
+            first = " ".join(str(err).split())[:300]
+            raise BackendError(
+                f"torch's ONNX exporter could not export this program (its sites run as "
+                f"{', '.join(variants)}): {type(err).__name__}: {first}"
+            ) from err
+    program.save(str(path))
+    return path
+
+
+def _onnx_export(
+    module: torch.nn.Module, examples: tuple, graph: Any, opset: int, shapes: tuple | None
+) -> Any:
+    return torch.onnx.export(
+        module,
+        examples,
+        dynamo=True,
+        opset_version=opset,
+        dynamic_shapes=(shapes,) if shapes is not None else None,
+        input_names=[value.name for value in graph.inputs],
+        output_names=[value.name for value in graph.outputs],
+        # The exporter's own fusions (rotary embeddings) are not always valid for the
+        # program's layouts; attention is already one op.
+        optimize=False,
+    )
+
+
+__all__ = ["capture", "compile", "export_onnx"]

@@ -63,6 +63,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--search-out", default=None, help="save the search's report (JSON) and Pareto plot here"
     )
+    parser.add_argument(
+        "--onnx-out", default=None, help="export the compiled program to this ONNX file"
+    )
 
 
 def _load(ns: argparse.Namespace) -> Any:
@@ -200,6 +203,8 @@ def _compile(ns: argparse.Namespace, loaded: Any) -> Any:
     )
     if ns.plan_out:
         print(f"plan -> {cm.plan.save(ns.plan_out)}")
+    if getattr(ns, "onnx_out", None):
+        print(f"ONNX -> {attnopt.export_onnx(cm, ns.onnx_out)}")
     if cm.search_report is not None and getattr(ns, "search_out", None):
         out = Path(ns.search_out)
         out.mkdir(parents=True, exist_ok=True)

@@ -624,6 +624,10 @@ class CompiledModule(torch.nn.Module):
         return outputs, taps
 
     # --- introspection ----------------------------------------------------------------------
+    def symbolic_entry(self) -> CompiledEntry | None:
+        """The symbolic program's entry (serves every shape its signature binds), if any."""
+        return self._symbolic[0][1] if self._symbolic else None
+
     def _latest(self) -> CompiledEntry:
         if self._last is None:
             raise RuntimeError(
