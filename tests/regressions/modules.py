@@ -1,8 +1,8 @@
 """Minimal modules of the bugs the attention fuzzer found (tests/fuzz), one per bug.
 
 Entry point: :data:`CASES`, name -> :class:`Case` (the module and its inputs). Each compiled
-with ``passes`` must match eager (``attnopt.validate(tolerance="exact")``, and never NaN or inf
-where eager is finite).
+with ``passes`` must never be NaN or inf where eager is finite, and, unless the pipeline is lossy,
+match eager (``attnopt.validate(tolerance="exact")``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ class Case:
     build: Callable[[], torch.nn.Module]
     inputs: Callable[[], tuple[tuple, dict]]
     passes: str = "canonicalize,fuse-attention"
+    lossy: bool = False  # a lossy pipeline: finite wherever eager is, instead of eager's values
     known_bug: str | None = None  # not fixed yet: the test is an xfail naming it
 
 
@@ -46,6 +47,32 @@ def _inf_key_inputs() -> tuple[tuple, dict]:
     return (q, k, v, keep), {}
 
 
+class CausalNaNKey(torch.nn.Module):
+    """Causal attention whose last key is NaN: only the last query sees it. The sliding-window
+    CPU kernel added -inf for hidden keys in its flash calls, so every query of the chunk got
+    NaN (eager's ``masked_fill`` replaces the hidden score)."""
+
+    def forward(self, q, k, v):
+        q_len, kv_len = q.shape[-2], k.shape[-2]
+        hidden = torch.ones(q_len, kv_len, dtype=torch.bool).triu(1)
+        scores = (q @ k.transpose(-2, -1)) * 0.5
+        scores = scores.masked_fill(hidden, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
+
+
+def _nan_key_inputs() -> tuple[tuple, dict]:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 4, 2, generator=gen) for _ in range(3))
+    k[..., -1, -1] = float("nan")
+    return (q, k, v), {}
+
+
 CASES: dict[str, Case] = {
     "finite_fill_over_inf_score": Case(FiniteFillOverInfScore, _inf_key_inputs),
+    "sliding_window_causal_nan_key": Case(
+        CausalNaNKey,
+        _nan_key_inputs,
+        passes="canonicalize,fuse-attention,sliding-window{window=2}",
+        lossy=True,
+    ),
 }

@@ -60,8 +60,9 @@ def test_module_case(name: str) -> None:
         warnings.simplefilter("ignore")
         cm = attnopt.compile(model, args, kwargs, passes=case.passes, dynamic=False)
     assert cm.sites, "the case no longer fuses: it tests nothing"
-    report = attnopt.validate(model, cm, args, kwargs, tolerance="exact", sites=False)
-    assert report.ok, f"{report}\n{cm.graph}"
     with torch.no_grad():
         expected, actual = model(*args, **kwargs), cm(*args, **kwargs)
     assert torch.equal(torch.isfinite(expected), torch.isfinite(actual)), str(cm.graph)
+    if not case.lossy:
+        report = attnopt.validate(model, cm, args, kwargs, tolerance="exact", sites=False)
+        assert report.ok, f"{report}\n{cm.graph}"
