@@ -21,6 +21,7 @@ class Case:
     inputs: Callable[[], tuple[tuple, dict]]
     passes: str = "canonicalize,fuse-attention"
     lossy: bool = False  # a lossy pipeline: finite wherever eager is, instead of eager's values
+    known_bug: str | None = None  # not fixed yet: the test is a strict xfail naming it
     known_bug: str | None = None  # not fixed yet: the test is an xfail naming it
 
 
@@ -49,8 +50,9 @@ def _inf_key_inputs() -> tuple[tuple, dict]:
 
 class CausalNaNKey(torch.nn.Module):
     """Causal attention whose last key is NaN: only the last query sees it. The sliding-window
-    CPU kernel added -inf for hidden keys in its flash calls, so every query of the chunk got
-    NaN (eager's ``masked_fill`` replaces the hidden score)."""
+    and block-sparse CPU kernels (and neighborhood's, with a padding mask) added -inf for hidden
+    keys in their flash calls, so every query of the chunk got NaN (eager's ``masked_fill``
+    replaces the hidden score). Fixed: inputs holding NaN/inf run the exact reference."""
 
     def forward(self, q, k, v):
         q_len, kv_len = q.shape[-2], k.shape[-2]
@@ -67,6 +69,31 @@ def _nan_key_inputs() -> tuple[tuple, dict]:
     return (q, k, v), {}
 
 
+class PaddedAttention(torch.nn.Module):
+    """Key-padded attention (``masked_fill`` with -inf)."""
+
+    def forward(self, q, k, v, keep):
+        scores = (q @ k.transpose(-2, -1)) * 0.5
+        scores = scores.masked_fill(~keep, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
+
+
+def _padded_inf_key_inputs(length: int = 4, value: float = float("inf")) -> tuple[tuple, dict]:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, length, 2, generator=gen) for _ in range(3))
+    k[..., -1, :] = value
+    keep = torch.ones(1, 1, 1, length, dtype=torch.bool)
+    keep[..., -1] = False
+    return (q, k, v, keep), {}
+
+
+def _causal_nan_key_16() -> tuple[tuple, dict]:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 16, 2, generator=gen) for _ in range(3))
+    k[..., -1, -1] = float("nan")
+    return (q, k, v), {}
+
+
 CASES: dict[str, Case] = {
     "finite_fill_over_inf_score": Case(FiniteFillOverInfScore, _inf_key_inputs),
     "sliding_window_causal_nan_key": Case(
@@ -74,5 +101,28 @@ CASES: dict[str, Case] = {
         _nan_key_inputs,
         passes="canonicalize,fuse-attention,sliding-window{window=2}",
         lossy=True,
+    ),
+    "block_sparse_causal_nan_key": Case(
+        CausalNaNKey,
+        _causal_nan_key_16,
+        passes="canonicalize,fuse-attention,block-sparse{block=4,density=0.5}",
+        lossy=True,
+    ),
+    "neighborhood_padded_nan_key": Case(
+        PaddedAttention,
+        lambda: _padded_inf_key_inputs(16, float("nan")),
+        passes="canonicalize,fuse-attention,neighborhood{kernel=3}",
+        lossy=True,
+    ),
+    "linear_masked_inf_key": Case(
+        PaddedAttention,
+        _padded_inf_key_inputs,
+        passes="canonicalize,fuse-attention,linearize",
+        lossy=True,
+        known_bug=(
+            "attnopt/ir/linear_attention.py: a masked key's features are weighted by "
+            "exp(log_weight) = exp(-inf) = 0, and 0 * phi(inf) is NaN; masked keys need their "
+            "features zeroed with where/masked_fill (not owned by the fuzzing task)"
+        ),
     ),
 }

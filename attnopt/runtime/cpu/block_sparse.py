@@ -19,11 +19,13 @@ import contextlib
 import torch
 
 from attnopt.ir.attention_reference import mask_to_4d
-from attnopt.ir.block_sparse import BlockMeta
+from attnopt.ir.block_sparse import BlockMeta, block_meta_visible
 from attnopt.runtime.cpu.common import (
     additive_mask,
+    all_finite,
     bookkeeping_threads,
     check_qkv,
+    exact_visible,
     flash_attend,
     gather_pairs,
     mask_empty_rows,
@@ -83,6 +85,10 @@ def block_sparse_attention(
     if bool((meta.kv_counts >= num_kv_blocks).all()):
         record_computed(stats, q_len * kv_len, q_len * kv_len)
         return dense_attention_cpu(q, k, v, scale=scale, causal=causal, mask=mask, bias=bias)
+    if not all_finite(q, k, v):  # the flash calls would leak hidden NaN/inf keys
+        record_computed(stats, q_len * kv_len, q_len * kv_len)
+        visible = block_meta_visible(meta, q_len, kv_len)
+        return exact_visible(q, k, v, visible, scale=scale, causal=causal, mask=mask, bias=bias)
     run = _BlockSparseRun(q, k, v, meta, group, scale, causal, mask, bias)
     out, computed = run.run()
     record_computed(stats, computed, batch * q_heads * q_len * kv_len)

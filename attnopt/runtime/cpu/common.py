@@ -2,7 +2,7 @@
 
 Entry points: :func:`flash_attend`, :func:`chunked_flash`, :func:`merge_partials`,
 :func:`additive_mask`, :func:`gather_pairs`, :func:`bookkeeping_threads`, :func:`workspace`,
-:func:`record_computed`.
+:func:`record_computed`, :func:`all_finite` and :func:`exact_visible` (inputs holding NaN/inf).
 
 Every sparse kernel (:mod:`attnopt.runtime.cpu.sliding_window`, :mod:`attnopt.runtime.cpu.block_sparse`,
 :mod:`attnopt.runtime.cpu.neighborhood`) reduces to calls of :func:`flash_attend` on gathered or
@@ -23,14 +23,16 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from attnopt.ir.attention_reference import mask_to_4d
+from attnopt.ir.attention_reference import attention_reference, mask_to_4d
 
 __all__ = [
     "additive_mask",
+    "all_finite",
     "bookkeeping_threads",
     "check_qkv",
     "chunked_flash",
     "clear_workspace",
+    "exact_visible",
     "flash_attend",
     "gather_pairs",
     "mask_empty_rows",
@@ -341,3 +343,66 @@ def record_computed(stats: dict | None, computed_pairs: float, total_pairs: floa
         return
     stats["computed_pairs"] = int(computed_pairs)
     stats["computed_fraction"] = float(computed_pairs) / max(float(total_pairs), 1.0)
+
+
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every value is finite: one reduction per tensor (a sum is also non-finite when
+    finite values overflow, which then only takes the slower exact path)."""
+    return all(bool(torch.isfinite(t.sum())) for t in tensors)
+
+
+def exact_visible(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    visible: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """The exact reference with a sparse variant's visibility, over query chunks.
+
+    For inputs holding NaN or inf: the flash calls add -inf for hidden keys, so a NaN/inf key
+    would poison rows that never see it, where eager (and the reference) replace a hidden score.
+
+    Args:
+        q: ``[B, Hq, Sq, D]``.
+        k: ``[B, Hkv, Sk, D]``.
+        v: ``[B, Hkv, Sk, Dv]``.
+        visible: bool, ``Sq`` rows at dim -2, broadcastable to ``[B, Hq, Sq, Sk]``.
+        scale: score scale.
+        causal: bottom-right aligned causal rule (of the whole sequence).
+        mask: bool or additive mask broadcastable to ``[B, Hq, Sq, Sk]``.
+        bias: additive bias broadcastable to ``[B, Hq, Sq, Sk]``.
+        chunk: queries per reference call.
+
+    Returns:
+        ``[B, Hq, Sq, Dv]`` in q's dtype.
+    """
+    q_len, kv_len = q.shape[2], k.shape[2]
+    outs = []
+    for start in range(0, q_len, chunk):
+        stop = min(start + chunk, q_len)
+        mask_rows, bias_rows = (
+            t if t is None or t.dim() < 2 or t.shape[-2] == 1 else t[..., start:stop, :]
+            for t in (mask, bias)
+        )
+        rows = visible[..., start:stop, :]
+        if causal:
+            aligned = torch.arange(start, stop, device=q.device).unsqueeze(1) + (kv_len - q_len)
+            rows = rows & (torch.arange(kv_len, device=q.device).unsqueeze(0) <= aligned)
+        outs.append(
+            attention_reference(
+                q[:, :, start:stop],
+                k,
+                v,
+                mask=mask_rows,
+                bias=bias_rows,
+                scale=scale,
+                visible=rows,
+            )  # fmt: skip
+        )
+    return torch.cat(outs, dim=2)

@@ -18,10 +18,12 @@ from functools import lru_cache
 import torch
 
 from attnopt.ir.attention_reference import mask_to_4d
-from attnopt.ir.neighborhood import axis_starts, axis_visible, per_axis
+from attnopt.ir.neighborhood import axis_starts, axis_visible, neighborhood_visible, per_axis
 from attnopt.runtime.cpu.common import (
     additive_mask,
+    all_finite,
     chunked_flash,
+    exact_visible,
     flash_attend,
     gather_pairs,
     record_computed,
@@ -153,6 +155,10 @@ def neighborhood_attention(
     if all(kn >= g for kn, g in zip(kernels, grid)):  # every window is the whole grid
         record_computed(stats, seq * seq, seq * seq)
         return dense_attention_cpu(q, k, v, scale=scale, causal=False, mask=mask, bias=bias)
+    if not all_finite(q, k, v):  # the flash calls would leak hidden NaN/inf keys
+        record_computed(stats, seq * seq, seq * seq)
+        visible = neighborhood_visible(grid, kernels, dilations, num_global, q.device)
+        return exact_visible(q, k, v, visible, scale=scale, mask=mask, bias=bias)
     q_tok, k_tok, vis = _tile_plan(grid, kernels, dilations, tiles, num_global, q.device)
     num_tiles, tile_q = q_tok.shape
     k_full, v_full = (x.repeat_interleave(group, dim=1) if group > 1 else x for x in (k, v))

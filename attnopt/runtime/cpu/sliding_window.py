@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import torch
 
-from attnopt.ir.attention_reference import attention_reference, mask_to_4d, visible_keys_mask
+from attnopt.ir.attention_reference import mask_to_4d, visible_keys_mask
 from attnopt.runtime.cpu.common import (
     additive_mask,
+    all_finite,
     bookkeeping_threads,
     check_qkv,
     chunked_flash,
+    exact_visible,
     flash_attend,
     gather_pairs,
     mask_empty_rows,
@@ -114,11 +116,13 @@ def sliding_window_attention(
     if covers_all or q_len == 0 or kv_len == 0:
         record_computed(stats, q_len * kv_len, q_len * kv_len)
         return dense_attention_cpu(q, k, v, scale=scale, causal=causal, mask=mask, bias=bias)
-    if not all(bool(torch.isfinite(t.sum())) for t in (q, k, v)):
+    if not all_finite(q, k, v):  # the flash calls would leak hidden NaN/inf keys
         record_computed(stats, q_len * kv_len, q_len * kv_len)
-        return _exact_nonfinite(
-            q, k, v, window_left, window_right, sinks, scale, causal, mask, bias
-        )
+        visible = visible_keys_mask(
+            q_len, kv_len, window_left=window_left, window_right=window_right, sinks=sinks,
+            device=q.device,
+        )  # fmt: skip
+        return exact_visible(q, k, v, visible, scale=scale, causal=causal, mask=mask, bias=bias)
     offset, sinks = kv_len - q_len, min(sinks, kv_len)
     chunk = _pick_chunk(left + right, q_len, query_chunk)
     num_chunks = -(-q_len // chunk)
@@ -138,43 +142,6 @@ def sliding_window_attention(
         )
     record_computed(stats, computed * batch * q_heads, batch * q_heads * q_len * kv_len)
     return out
-
-
-def _exact_nonfinite(
-    q, k, v, window_left, window_right, sinks, scale, causal, mask, bias, chunk: int = 256
-) -> torch.Tensor:
-    """The exact reference over query chunks, for inputs holding NaN or inf: the flash calls add
-    -inf for hidden keys, so a NaN/inf key would poison rows that never see it, where eager (and
-    the reference) replace a hidden score."""
-    q_len, kv_len = q.shape[2], k.shape[2]
-    visible = visible_keys_mask(
-        q_len, kv_len, window_left=window_left, window_right=window_right, sinks=sinks,
-        device=q.device,
-    )  # fmt: skip
-    outs = []
-    for start in range(0, q_len, chunk):
-        stop = min(start + chunk, q_len)
-        rows = [
-            t if t is None or t.dim() < 2 or t.shape[-2] == 1 else t[..., start:stop, :]
-            for t in (mask, bias)
-        ]
-        causal_rows = None
-        if causal:  # the causal rule of the whole sequence, not of the chunk
-            aligned = torch.arange(start, stop, device=q.device).unsqueeze(1) + (kv_len - q_len)
-            causal_rows = torch.arange(kv_len, device=q.device).unsqueeze(0) <= aligned
-        window = visible[start:stop]
-        outs.append(
-            attention_reference(
-                q[:, :, start:stop],
-                k,
-                v,
-                mask=rows[0],
-                bias=rows[1],
-                scale=scale,
-                visible=window if causal_rows is None else window & causal_rows,
-            )  # fmt: skip
-        )
-    return torch.cat(outs, dim=2)
 
 
 class _WindowInterior:
