@@ -94,6 +94,19 @@ def _causal_nan_key_16() -> tuple[tuple, dict]:
     return (q, k, v), {}
 
 
+class BiasBesideMask(torch.nn.Module):
+    """A bias buffer added to the scores, then a bool mask applied with ``masked_fill``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("pos_bias", torch.linspace(-1.0, 1.0, 16).view(1, 1, 4, 4))
+
+    def forward(self, q, k, v, keep):
+        scores = (q @ k.transpose(-2, -1)) * 0.5 + self.pos_bias
+        scores = scores.masked_fill(~keep, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
+
+
 CASES: dict[str, Case] = {
     "finite_fill_over_inf_score": Case(FiniteFillOverInfScore, _inf_key_inputs),
     "sliding_window_causal_nan_key": Case(
@@ -113,6 +126,14 @@ CASES: dict[str, Case] = {
         lambda: _padded_inf_key_inputs(16, float("nan")),
         passes="canonicalize,fuse-attention,neighborhood{kernel=3}",
         lossy=True,
+    ),
+    "bias_beside_masked_nan_key": Case(
+        BiasBesideMask,
+        lambda: _padded_inf_key_inputs(4, float("nan")),
+        known_bug=(
+            "attention_build._combine_masks folds the bool mask into the additive term with "
+            "masked_fill(-inf) and the op adds that float mask: a hidden NaN score stays NaN"
+        ),
     ),
     "linear_masked_inf_key": Case(
         PaddedAttention,
