@@ -117,6 +117,15 @@ def _structure(batch: Batch) -> tuple:
     return (len(args), tuple(sorted(kwargs)))
 
 
+def _shapes(batch: Batch) -> tuple:
+    args, kwargs = batch
+    return tuple(
+        (name, tuple(value.shape))
+        for name, value in [*enumerate(args), *sorted(kwargs.items())]
+        if isinstance(value, torch.Tensor)
+    )
+
+
 def _run(model: Callable, batches: list[Batch]) -> list[Any]:
     with torch.no_grad():
         return [model(*args, **kwargs) for args, kwargs in batches]
@@ -192,6 +201,11 @@ class _Searcher:
         self.progress = progress
         self.captures: dict[tuple, Any] = {}
         self.padding = _padding_input(batches)
+        # Batches of one shape (padded to a fixed length): candidates compile for that shape,
+        # which is several times faster than symbolic shape inference; the returned module is
+        # compiled with symbolic shapes again.
+        shapes = {_shapes(batch) for batch in batches}
+        self.dynamic: bool | None = False if len(shapes) == 1 else None
         # The reference run is the original model's first timed pass (the caller warmed it up).
         first, self.reference = _timed(model, batches, 1, warm_up=False)
         again, _ = _timed(model, batches, max(1, repeats - 1), warm_up=False)
@@ -220,6 +234,7 @@ class _Searcher:
             calibration=self.batches,
             captures=self.captures,
             check_static=False,
+            dynamic=self.dynamic,
         )
         declined: list[str] = []
         try:
@@ -518,13 +533,25 @@ def _final(
 ) -> CompiledModule:
     """The chosen plan as a fresh compiled module that replays it (no calibration)."""
     plan = chosen.plan
-    module = CompiledModule(
-        model, as_pipeline(chosen.point.pipeline), backend=backend, plan=plan, strict=strict
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the search already recorded what each step declined
-        module.compile_for(*example)
-    return module
+    for dynamic in (None, False):
+        module = CompiledModule(
+            model,
+            as_pipeline(chosen.point.pipeline),
+            backend=backend,
+            plan=plan,
+            strict=strict,
+            dynamic=dynamic,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the search recorded what each step declined
+            try:
+                module.compile_for(*example)
+            except PlanError:
+                if dynamic is False:
+                    raise
+                continue  # the symbolic graph's sites differ from the plan's: per shape
+        return module
+    raise AssertionError("unreachable")
 
 
 def _validated(
