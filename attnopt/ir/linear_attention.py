@@ -45,6 +45,7 @@ __all__ = [
     "hybrid_attention_reference",
     "hybrid_scale",
     "key_log_weight",
+    "zero_masked_keys",
     "linear_attention_reference",
     "make_feature_map",
     "mix_parts",
@@ -313,6 +314,15 @@ def key_log_weight(mask: torch.Tensor | None, q_heads: int, kv_heads: int, dtype
     return mask.to(dtype)
 
 
+def zero_masked_keys(k: torch.Tensor, v: torch.Tensor, log_weight: torch.Tensor | None):
+    """``k`` and ``v`` with the keys a mask hides (log weight -inf) zeroed: they contribute
+    nothing, and an inf or NaN there would turn their zero weight into NaN (0 * inf)."""
+    if log_weight is None:
+        return k, v
+    hidden = torch.isneginf(log_weight).transpose(-1, -2)  # [B|1, Hkv|1, Sk, 1]
+    return k.masked_fill(hidden, 0.0), v.masked_fill(hidden, 0.0)
+
+
 def prepare_features(q, k, v, feature_map: FeatureMap, mask) -> PreparedFeatures:  # noqa: ANN001
     """Feature-map q and k (masked keys weighted by their log weights), grouped per kv head."""
     batch, q_heads, q_len, head_dim = q.shape
@@ -321,6 +331,7 @@ def prepare_features(q, k, v, feature_map: FeatureMap, mask) -> PreparedFeatures
         raise ValueError(f"query heads {q_heads} are not a multiple of key/value heads {kv_heads}")
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     log_weight = key_log_weight(mask, q_heads, kv_heads, compute)
+    k, v = zero_masked_keys(k, v, log_weight)
     max_len = max(q_len, kv_len)
     q_pos = torch.arange(q_len, device=q.device) + (kv_len - q_len)
     k_pos = torch.arange(kv_len, device=q.device)

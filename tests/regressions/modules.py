@@ -140,10 +140,5 @@ CASES: dict[str, Case] = {
         _padded_inf_key_inputs,
         passes="canonicalize,fuse-attention,linearize",
         lossy=True,
-        known_bug=(
-            "attnopt/ir/linear_attention.py: a masked key's features are weighted by "
-            "exp(log_weight) = exp(-inf) = 0, and 0 * phi(inf) is NaN; masked keys need their "
-            "features zeroed with where/masked_fill (not owned by the fuzzing task)"
-        ),
     ),
 }

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnopt.ir.linear_attention import FeatureMap, key_log_weight
+from attnopt.ir.linear_attention import FeatureMap, key_log_weight, zero_masked_keys
 from attnopt.runtime.cpu.linear_features import KeyRows, block_rows, query_rows, row_eps
 
 __all__ = ["linear_attention"]
@@ -152,6 +152,7 @@ def linear_attention(
         raise ValueError(f"query heads {q_heads} are not a multiple of key/value heads {kv_heads}")
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     log_weight = key_log_weight(mask, q_heads, kv_heads, compute)
+    k, v = zero_masked_keys(k, v, log_weight)
     if causal:
         out = _causal(q, k, v, feature_map, log_weight, chunk, eps)
     else:
