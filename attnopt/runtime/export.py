@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from attnopt.errors import BackendError
 from attnopt.ir import Graph, get_op
 from attnopt.ir.attention import AttentionAttrs, AttentionOperands
-from attnopt.ir.attention_reference import causal_mask
+from attnopt.runtime.cpu.dense import sdpa_mask
 from attnopt.runtime.execute import load_program
 
 __all__ = ["EXPORT_REFUSED_OPS", "ExportKernels", "export_program"]
@@ -40,29 +40,7 @@ EXPORT_REFUSED_OPS = {
 def _dense_sdpa(ops: AttentionOperands, attrs: AttentionAttrs) -> torch.Tensor:
     """Dense attention as one SDPA call (the ONNX ``Attention`` op)."""
     q, k, v = ops.q, ops.k, ops.v
-    mask, bias = ops.mask, ops.bias
-    if bias is not None:
-        bias = bias.to(q.dtype)
-        if mask is None:
-            mask = bias
-        elif mask.dtype == torch.bool:
-            mask = bias.masked_fill(~mask, float("-inf"))
-        else:
-            mask = bias + mask.to(q.dtype)
-    elif mask is not None and mask.dtype != torch.bool:
-        mask = mask.to(q.dtype)
-    is_causal = False
-    if attrs.causal:
-        if mask is None and q.shape[2] == k.shape[2]:
-            is_causal = True
-        else:
-            tri = causal_mask(q.shape[2], k.shape[2], q.device)
-            if mask is None:
-                mask = tri
-            elif mask.dtype == torch.bool:
-                mask = mask & tri
-            else:
-                mask = mask.masked_fill(~tri, float("-inf"))
+    mask, is_causal = sdpa_mask(q, k, ops.mask, ops.bias, attrs.causal)
     if mask is not None:
         # ONNX Runtime's Attention broadcasts a mask over batch and heads, not over queries.
         while mask.dim() < 4:

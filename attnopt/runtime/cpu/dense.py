@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from attnopt.ir.attention_reference import attention_reference, causal_mask, mask_is_inert
 
-__all__ = ["dense_attention_cpu"]
+__all__ = ["dense_attention_cpu", "sdpa_mask"]
 
 
 def _combine_additive(mask: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype):
@@ -78,6 +78,22 @@ def dense_attention_cpu(
         return _chunked_exact(
             q, k, v, mask=mask, bias=bias, scale=scale, causal=causal, cap=softcap
         )
+    attn_mask, is_causal = sdpa_mask(q, k, mask, bias, causal)
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
+    )
+
+
+def sdpa_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    causal: bool,
+) -> tuple[torch.Tensor | None, bool]:
+    """SDPA's ``(attn_mask, is_causal)`` for a mask, a bias and the bottom-right causal rule:
+    one bool or additive mask in q's dtype (None when nothing is masked)."""
     q_len, kv_len = q.shape[2], k.shape[2]
     attn_mask = _combine_additive(mask, bias, q.dtype)
     is_causal = False
@@ -94,10 +110,7 @@ def dense_attention_cpu(
                 attn_mask = attn_mask.masked_fill(~tri, float("-inf"))
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
         attn_mask = attn_mask.to(q.dtype)
-    gqa = q.shape[1] != k.shape[1]
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
-    )
+    return attn_mask, is_causal
 
 
 def _chunked_exact(q, k, v, *, mask, bias, scale, causal, cap, chunk: int = 256):  # noqa: ANN001, ANN202
