@@ -164,7 +164,7 @@ class PassContext:
     def calibration_batches(self) -> list[tuple[tuple, dict]]:
         """Calibration ``(args, kwargs)`` batches, or the example being compiled when none."""
         if self.calibration is not None:
-            batches = [_calibration_batch(item, i) for i, item in enumerate(self.calibration)]
+            batches = [calibration_batch(item, i) for i, item in enumerate(self.calibration)]
             if batches:
                 return batches
         if self.example is not None:
@@ -172,9 +172,21 @@ class PassContext:
         return []
 
 
-def _calibration_batch(item: Any, position: int) -> tuple[tuple, dict]:
+def calibration_batch(item: Any, position: int, what: str = "calibration") -> tuple[tuple, dict]:
     """One calibration item as ``(args, kwargs)``: a pair, a dict of keyword inputs (a
-    tokenizer's output) or a single tensor."""
+    tokenizer's output) or a single tensor.
+
+    Args:
+        item: the item.
+        position: its index, for the error.
+        what: the data's name, for the error (``"calibration"``, ``"validation"``).
+
+    Returns:
+        ``(args, kwargs)``.
+
+    Raises:
+        CalibrationError: anything else, naming its index.
+    """
     import torch
 
     if isinstance(item, dict) or hasattr(item, "keys") and hasattr(item, "__getitem__"):
@@ -188,7 +200,7 @@ def _calibration_batch(item: Any, position: int) -> tuple[tuple, dict]:
         if isinstance(args, (tuple, list)) and (kwargs is None or isinstance(kwargs, dict)):
             return tuple(args), dict(kwargs or {})
     raise CalibrationError(
-        f"calibration batch {position} is a {type(item).__name__}, which does not fit: give "
+        f"{what} batch {position} is a {type(item).__name__}, which does not fit: give "
         "(args, kwargs) pairs, dicts of keyword inputs (a tokenizer's output) or single tensors"
     )
 

@@ -42,11 +42,11 @@ import torch
 
 from attnopt.compiled import CompiledModule
 from attnopt.errors import CalibrationError, PlanError
-from attnopt.passes.base import as_pipeline
+from attnopt.passes.base import as_pipeline, calibration_batch
 from attnopt.passes.plan import Plan
 from attnopt.search.report import SearchPoint, SearchReport
 from attnopt.search.space import Family, search_space
-from attnopt.validate.api import compare_runs, input_batches
+from attnopt.validate.api import compare_runs
 from attnopt.validate.budget import Budget
 from attnopt.validate.errors import ValidationError
 
@@ -79,7 +79,7 @@ def _batches(data: Any, what: str) -> list[Batch]:
             f"the budgeted search needs {what}: an iterable of (args, kwargs) batches (or dicts "
             "of keyword inputs, such as a tokenizer's output) from your own data"
         )
-    if isinstance(data, (dict, torch.Tensor)):
+    if isinstance(data, torch.Tensor) or hasattr(data, "keys"):
         raise CalibrationError(
             f"{what} must be an iterable of batches, not one {type(data).__name__}: wrap it in "
             "a list"
@@ -90,16 +90,7 @@ def _batches(data: Any, what: str) -> list[Batch]:
         raise CalibrationError(
             f"{what} must be an iterable of (args, kwargs) batches, not {type(data).__name__}"
         ) from None
-    normalised = []
-    for position, item in enumerate(items):
-        if isinstance(item, dict):
-            item = ((), item)
-        elif isinstance(item, torch.Tensor):
-            item = ((item,), {})
-        try:
-            normalised += input_batches((), None, [item])
-        except ValidationError as error:
-            raise CalibrationError(f"{what} batch {position}: {error}") from None
+    normalised = [calibration_batch(item, position, what) for position, item in enumerate(items)]
     if not normalised:
         raise CalibrationError(f"{what} is empty: give at least one batch of your own data")
     first = _structure(normalised[0])
@@ -131,15 +122,10 @@ def _run(model: Callable, batches: list[Batch]) -> list[Any]:
         return [model(*args, **kwargs) for args, kwargs in batches]
 
 
-def _timed(
-    model: Callable, batches: list[Batch], repeats: int, warm_up: bool = True
-) -> tuple[float, list[Any]]:
-    """Seconds for one pass over ``batches`` (best of ``repeats``, after a warm-up call unless
-    the model just ran) and the outputs of the first pass."""
+def _timed(model: Callable, batches: list[Batch], repeats: int) -> tuple[float, list[Any]]:
+    """Seconds for one pass over ``batches`` (best of ``repeats``; the caller warms the model
+    up) and the outputs of the first pass."""
     with torch.no_grad():
-        if warm_up:
-            args, kwargs = batches[0]
-            model(*args, **kwargs)
         best, outputs = math.inf, None
         for _ in range(max(1, repeats)):
             start = time.perf_counter()
@@ -206,10 +192,9 @@ class _Searcher:
         # compiled with symbolic shapes again.
         shapes = {_shapes(batch) for batch in batches}
         self.dynamic: bool | None = False if len(shapes) == 1 else None
-        # The reference run is the original model's first timed pass (the caller warmed it up).
-        first, self.reference = _timed(model, batches, 1, warm_up=False)
-        again, _ = _timed(model, batches, max(1, repeats - 1), warm_up=False)
-        self.eager_seconds = min(first, again)
+        # The reference outputs come from the original model's first timed pass (the caller
+        # warmed it up).
+        self.eager_seconds, self.reference = _timed(model, batches, max(2, repeats))
         self.base: _Candidate | None = None
         self.cache: dict[str, _Candidate] = {}
 
@@ -221,7 +206,7 @@ class _Searcher:
 
     def evaluate(self, steps: list[str], stage: str) -> _Candidate:
         """Compile ``exact + steps``, time it on the calibration batches, measure its error."""
-        pipeline = ",".join([EXACT_PIPELINE, *steps])
+        pipeline = _pipeline(steps)
         if pipeline in self.cache:
             return self.cache[pipeline]
         label = " + ".join(steps) or "exact"
@@ -244,10 +229,10 @@ class _Searcher:
             declined = [str(w.message) for w in caught if "left attention sites" in str(w.message)]
             compile_seconds = time.perf_counter() - start
             # Error first (this pass also warms up); only a plan within budget is timed.
-            seconds, outputs = _timed(module, self.batches, 1, warm_up=False)
+            seconds, outputs = _timed(module, self.batches, 1)
             report = self.compare(self.reference, outputs, self.batches, module)
             if report.ok:
-                seconds, _ = _timed(module, self.batches, self.repeats, warm_up=False)
+                seconds, _ = _timed(module, self.batches, self.repeats)
         except ValidationError:
             raise  # the user's metric failed: theirs to fix, not a candidate to skip
         except Exception as error:  # noqa: BLE001 - a candidate that fails is recorded, not fatal
@@ -279,11 +264,6 @@ class _Searcher:
             candidate = _Candidate(point, module, module.plan)
         self.state.points.append(candidate.point)
         self.cache[pipeline] = candidate
-        base = self.base.point.seconds if self.base else candidate.point.seconds
-        candidate.point.speedup = base / candidate.point.seconds if candidate.point.seconds else 0
-        candidate.point.eager_speedup = (
-            self.eager_seconds / candidate.point.seconds if candidate.point.seconds else 0
-        )
         if not candidate.point.ok:
             candidate.module = None  # keep the memory of failures small
         return candidate
@@ -317,12 +297,8 @@ class _Searcher:
             return beats()
         for _ in range(self.repeats):
             for contender in (than, candidate):
-                seconds, _ = _timed(contender.module, self.batches, 1, warm_up=False)
+                seconds, _ = _timed(contender.module, self.batches, 1)
                 contender.point.seconds = min(contender.point.seconds, seconds)
-        for contender in (than, candidate):
-            base = self.base.point.seconds if self.base else contender.point.seconds
-            contender.point.speedup = base / contender.point.seconds
-            contender.point.eager_speedup = self.eager_seconds / contender.point.seconds
         return beats()
 
     def best_level(self, family: Family, steps: list[str], current: _Candidate) -> int | None:
@@ -404,7 +380,6 @@ def search(
     held_out = _batches(validation, "validation") if validation is not None else None
     if example is None or example == ((), {}):
         example = batches[0]
-    was_training = model.training
     start = time.perf_counter()
     try:
         _run(model, batches[:1])
@@ -429,7 +404,6 @@ def search(
         )
         base = searcher.evaluate([], stage="exact")
         searcher.base = base
-        base.point.speedup = 1.0
         notes: list[str] = []
         if not base.point.ok or base.module is None:
             chosen, steps = base, []
@@ -445,7 +419,8 @@ def search(
             )
             notes += [f"{kind}: not tried ({reason})" for kind, reason in space.skipped.items()]
             chosen, steps = _greedy(searcher, base, space.families, notes)
-    for point in searcher.state.points:  # against the final (best) timings of exact and eager
+    # Speed-ups against the final (best) timings of exact and eager, once all are measured.
+    for point in searcher.state.points:
         if point.seconds > 0:
             point.speedup = base.point.seconds / point.seconds
             point.eager_speedup = searcher.eager_seconds / point.seconds
@@ -458,7 +433,7 @@ def search(
         cut_short=searcher.state.cut_short,
         notes=notes,
     )
-    module = _final(model, example, chosen, backend, strict=False)
+    module = _final(model, example, chosen, backend)
     if held_out is not None:
         module, chosen = _validated(searcher, report, module, chosen, held_out, example, backend)
     report.chosen = chosen.point
@@ -479,7 +454,6 @@ def search(
             UserWarning,
             stacklevel=3,
         )
-    model.train(was_training)
     module.search_report = report
     if progress:
         report.print()
@@ -529,7 +503,7 @@ def _pipeline(steps: list[str]) -> str:
 
 
 def _final(
-    model: torch.nn.Module, example: Batch, chosen: _Candidate, backend: str, strict: bool
+    model: torch.nn.Module, example: Batch, chosen: _Candidate, backend: str
 ) -> CompiledModule:
     """The chosen plan as a fresh compiled module that replays it (no calibration)."""
     plan = chosen.plan
@@ -539,7 +513,6 @@ def _final(
             as_pipeline(chosen.point.pipeline),
             backend=backend,
             plan=plan,
-            strict=strict,
             dynamic=dynamic,
         )
         with warnings.catch_warnings():
@@ -570,21 +543,19 @@ def _validated(
         (c for c in searcher.cache.values() if c.point.ok and c.plan is not None),
         key=lambda c: c.point.seconds,
     )
-    order = [chosen] + [c for c in ranked if c is not chosen]
-    tries: list[_Candidate] = []
-    for candidate in [*order[:4], searcher.base]:
-        if candidate is not None and all(candidate is not seen for seen in tries):
-            tries.append(candidate)
+    tries = [chosen, *[c for c in ranked if c is not chosen][:3]]
+    if searcher.base is not None and all(c is not searcher.base for c in tries):
+        tries.append(searcher.base)
     for attempt, candidate in enumerate(tries):
         if attempt:
-            module = _final(searcher.model, example, candidate, backend, strict=False)
+            module = _final(searcher.model, example, candidate, backend)
         result = searcher.compare(reference, _run(module, held_out), held_out, module)
         candidate.point.validation = _worst(result)
         report.validation = {
             "plan": candidate.point.label,
             "batches": len(held_out),
             "ok": result.ok,
-            "metrics": _worst(result),
+            "metrics": candidate.point.validation,
             "failures": list(result.failures),
         }
         if result.ok:

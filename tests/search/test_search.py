@@ -283,3 +283,18 @@ def test_the_space_follows_what_the_model_is():
     merge = next(f for f in space.families if f.kind == "token-merge")
     ratios = [float(level.split("ratio=")[1].split(",")[0]) for level in merge.levels]
     assert ratios == sorted(ratios, reverse=True)
+
+
+def test_tokenizer_outputs_are_batches_as_they_come():
+    """A tokenizer returns a BatchEncoding (a mapping, not a dict): each one is a batch of
+    keyword inputs."""
+    from transformers import BatchEncoding
+
+    batch = BatchEncoding(_padded_batches(1)[0])
+    with pytest.warns(UserWarning, match="no plan meets the budget"):
+        cm, report = search(
+            _bert(), None, [batch], attnopt.Budget(metric=_never, metric_min=1.0), progress=False
+        )
+    assert report.calibration_batches == 1 and cm.plan.pipeline == EXACT_PIPELINE
+    with pytest.raises(CalibrationError, match="not one BatchEncoding"):
+        search(_bert(), None, batch, attnopt.Budget(cosine=0.9), progress=False)
