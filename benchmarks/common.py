@@ -2,7 +2,7 @@
 subprocess so that its time, setup time and peak memory are its own.
 
 Entry points: :func:`run_matrix` (parent side), :func:`worker_main` (child side),
-:func:`bert_base`, :func:`render`.
+:func:`bert_base`, :func:`render`, :func:`openvino_default` (the OpenVINO peer).
 """
 
 from __future__ import annotations
@@ -206,3 +206,20 @@ def write_results(out_name: str, rows: list[dict]) -> None:
         "command": " ".join(sys.argv),
     }
     (RESULTS / out_name).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+def openvino_default(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> Any:
+    """OpenVINO's CPU plugin on ``model`` at its default precision, or None when not installed."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    converted = openvino.convert_model(model, example_input=example)
+    compiled = openvino.Core().compile_model(converted, "CPU")
+    names = [port.get_any_name() for port in compiled.inputs]
+
+    def call(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        result = compiled({name: batch[name].numpy() for name in names})
+        return torch.from_numpy(result[compiled.outputs[0]])
+
+    return call

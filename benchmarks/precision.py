@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import write_results  # noqa: E402
+from benchmarks.common import openvino_default, write_results  # noqa: E402
 
 BATCH = 32
 MAX_LEN = 256
@@ -72,23 +72,6 @@ def _hidden(out: Any) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
-def _openvino(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> Any:
-    """OpenVINO's CPU plugin on ``model`` at its default precision, or None when not installed."""
-    try:
-        import openvino
-    except ImportError:
-        return None
-    converted = openvino.convert_model(model, example_input=example)
-    compiled = openvino.Core().compile_model(converted, "CPU")
-    names = [port.get_any_name() for port in compiled.inputs]
-
-    def call(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        result = compiled({name: batch[name].numpy() for name in names})
-        return torch.from_numpy(result[compiled.outputs[0]])
-
-    return call
-
-
 def _variants(example: dict[str, torch.Tensor], native: bool) -> tuple[dict[str, Any], dict]:
     """The call of every variant (built and compiled now) and their set-up seconds."""
     import attnopt
@@ -112,7 +95,7 @@ def _variants(example: dict[str, torch.Tensor], native: bool) -> tuple[dict[str,
         setup[variant] = time.perf_counter() - start
         calls[variant] = lambda batch, cm=cm: cm(**batch)
     start = time.perf_counter()
-    openvino_call = _openvino(model, example)
+    openvino_call = openvino_default(model, example)
     if openvino_call is not None:
         setup["openvino-default"] = time.perf_counter() - start
         calls["openvino-default"] = openvino_call

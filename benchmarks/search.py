@@ -38,7 +38,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, bert_base, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    bert_base,
+    openvino_default,
+    write_results,
+)
 
 
 def _minilm_case() -> dict[str, Any]:
@@ -117,23 +122,6 @@ def _pooled(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tenso
     return (hidden.float() * weight).sum(1) / weight.sum(1).clamp(min=1)
 
 
-def _openvino(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> Any:
-    """OpenVINO's CPU plugin at its default precision, or None when not installed."""
-    try:
-        import openvino
-    except ImportError:
-        return None
-    converted = openvino.convert_model(model, example_input=example)
-    compiled = openvino.Core().compile_model(converted, "CPU")
-    names = [port.get_any_name() for port in compiled.inputs]
-
-    def call(**batch: torch.Tensor) -> torch.Tensor:
-        result = compiled({name: batch[name].numpy() for name in names})
-        return torch.from_numpy(result[compiled.outputs[0]])
-
-    return call
-
-
 def run_case(name: str, repeats: int, max_seconds: float) -> dict[str, Any]:
     import attnopt
 
@@ -155,9 +143,9 @@ def run_case(name: str, repeats: int, max_seconds: float) -> dict[str, Any]:
     report = searched.search_report
     report.plot(RESULTS / f"search-{name}.png")
     calls: dict[str, Any] = {"hf-sdpa": model}
-    openvino_call = _openvino(model, validation[0])
+    openvino_call = openvino_default(model, validation[0])
     if openvino_call is not None:
-        calls["openvino-default"] = openvino_call
+        calls["openvino-default"] = lambda **batch: openvino_call(batch)
     calls["attnopt-exact"] = exact
     calls["attnopt-searched"] = searched
     samples: dict[str, list[float]] = {variant: [] for variant in calls}
