@@ -22,7 +22,7 @@ import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -171,9 +171,25 @@ def _fewer_fused(symbolic: list[AttentionSite], static: list[AttentionSite]) -> 
     return None
 
 
-def _describe_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, str]:
-    """Each tensor input by parameter name (``x``, ``input_ids``) as ``float32[2, 6, 32] (3-D,
-    cpu)``; positional inputs take the names of the forward's parameters."""
+class _InputFacts(NamedTuple):
+    """What a compiled call knew of one tensor input."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    device: str
+
+    @property
+    def kind(self) -> tuple[str, int, str]:
+        """Dtype, rank and device: what must match (sizes may vary)."""
+        return self.dtype, len(self.shape), self.device
+
+    def __str__(self) -> str:
+        return f"{self.dtype}{list(self.shape)} ({len(self.shape)}-D, {self.device})"
+
+
+def _describe_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, _InputFacts]:
+    """Each tensor input by parameter name (``x``, ``input_ids``); positional inputs take the
+    names of the forward's parameters."""
     import inspect
 
     try:
@@ -184,19 +200,14 @@ def _describe_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[
         ]
     except (TypeError, ValueError):
         names = []
-    described = {}
     items = [(names[i] if i < len(names) else f"args[{i}]", a) for i, a in enumerate(args)]
-    for name, value in [*items, *kwargs.items()]:
-        if isinstance(value, torch.Tensor):
-            dtype = str(value.dtype).removeprefix("torch.")
-            described[name] = f"{dtype}{list(value.shape)} ({value.dim()}-D, {value.device.type})"
-    return described
-
-
-def _kind(description: str) -> str:
-    """A described input without its sizes: dtype, rank and device (sizes may vary)."""
-    dtype, _, rest = description.partition("[")
-    return dtype + rest.partition("]")[2]
+    return {
+        name: _InputFacts(
+            str(value.dtype).removeprefix("torch."), tuple(value.shape), value.device.type
+        )
+        for name, value in [*items, *kwargs.items()]
+        if isinstance(value, torch.Tensor)
+    }
 
 
 class CompiledModule(torch.nn.Module):
@@ -279,7 +290,7 @@ class CompiledModule(torch.nn.Module):
         self._entries: OrderedDict[tuple, CompiledEntry] = OrderedDict()
         self._last: CompiledEntry | None = None
         self._structure: Any = None
-        self._example: dict[str, str] = {}  # the first compiled call's inputs, described
+        self._example: dict[str, _InputFacts] = {}  # the first compiled call's inputs
         self.stats: dict[str, Any] = {
             "mode": "not compiled",
             "captures": 0,
@@ -598,7 +609,7 @@ class CompiledModule(torch.nn.Module):
                 lines.append(f"{name!r} is missing (compiled with {before})")
             elif before is None:
                 lines.append(f"{name!r} is new: {after}")
-            elif sizes or _kind(before) != _kind(after):
+            elif sizes or before.kind != after.kind:
                 lines.append(f"{name!r} is {after}, compiled for {before}")
         if not lines:
             return ""
