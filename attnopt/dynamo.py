@@ -154,12 +154,11 @@ def _symbolic_runner(
         )
         return gm.forward
     wrapper = _SizesFromShapes(gm, example_inputs, sources, _constants(gm, example_inputs))
-    state: dict[str, Any] = {}
 
     @torch._dynamo.disable
     def run(*args: Any) -> Any:
         tensors = tuple(args[i] for i in wrapper.activations)
-        compiled = state.get("module")
+        compiled = getattr(run, "attnopt_module", None)
         if compiled is None:
             from attnopt.api import compile as attnopt_compile
             from attnopt.errors import AttnoptError
@@ -173,7 +172,6 @@ def _symbolic_runner(
                     stacklevel=2,
                 )
                 compiled = wrapper
-            state["module"] = compiled
             run.attnopt_module = compiled  # type: ignore[attr-defined]
         return compiled(*tensors)
 
