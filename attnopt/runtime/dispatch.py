@@ -34,6 +34,7 @@ from attnopt.ir.attention import (
 from attnopt.ir.block_routing import apply_permutation, permute_for_sparsity
 from attnopt.runtime.cpu.block_sparse import block_sparse_attention
 from attnopt.runtime.cpu.common import bookkeeping_threads
+from attnopt.runtime.cpu.decode import decode_applies, decode_attention_cpu
 from attnopt.runtime.cpu.dense import dense_attention_cpu
 from attnopt.runtime.cpu.hybrid import hybrid_attention
 from attnopt.runtime.cpu.linear import linear_attention
@@ -46,7 +47,9 @@ VariantKernel = Callable[[AttentionOperands, AttentionAttrs], torch.Tensor]
 
 
 def _dense(ops: AttentionOperands, attrs: AttentionAttrs) -> torch.Tensor:
-    return dense_attention_cpu(
+    # Decode shapes (a few queries, a long cache) take the GQA-grouped split-K decode kernel.
+    kernel = decode_attention_cpu if decode_applies(ops.q, ops.k, ops.v) else dense_attention_cpu
+    return kernel(
         ops.q, ops.k, ops.v, mask=ops.mask, bias=ops.bias, scale=attrs.scale,
         causal=attrs.causal, softcap=attrs.softcap,
     )  # fmt: skip
