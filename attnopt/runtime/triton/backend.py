@@ -4,8 +4,9 @@ Entry points: :func:`triton_kernel_for` (the one decision), :func:`run_attention
 the ``K`` namespace of generated programs), :func:`kernel_sources_for` (``CompiledModule.kernels``).
 
 :func:`triton_kernel_for` maps a node's operands and attributes to the kernel that serves them, or
-to the reason none can. It works on real tensors (running) and on ``meta`` tensors built from the
-graph's static types (listing), so ``cm.kernels`` names exactly the kernels that run. Which
+to the reason none can; decode-shaped dense calls take the split-K decode kernels
+(:mod:`attnopt.runtime.triton.decode`). It works on real tensors (running) and on ``meta``
+tensors built from the graph's static types (listing), so ``cm.kernels`` names exactly the kernels that run. Which
 variant a call runs as (``min_len``, per-head subsets) is decided by
 :func:`attnopt.ir.attention.effective_variant` and :func:`~attnopt.ir.attention.variant_heads`,
 as for the torch kernels. Whether the process can run a kernel at all (CUDA, the interpreter) is
@@ -30,6 +31,7 @@ from attnopt.ir.linear_attention import prepare_features
 from attnopt.ir.symbolic import evaluate_dim
 from attnopt.runtime.cpu.linear_features import row_eps
 from attnopt.runtime.triton.blocks import neighborhood_block_meta
+from attnopt.runtime.triton.decode import DecodeKernel, decode_kernel_for
 from attnopt.runtime.triton.launch import AttentionCall, triton_attention
 from attnopt.runtime.triton.linear import linear_call_reason, triton_linear_attention
 from attnopt.runtime.triton.loader import environment_reason
@@ -111,7 +113,7 @@ class LinearKernel:
         return out.to(q.dtype)
 
 
-TritonKernel = AttentionKernel | LinearKernel
+TritonKernel = AttentionKernel | LinearKernel | DecodeKernel
 
 
 def triton_kernel_for(
@@ -146,6 +148,10 @@ def triton_kernel_for(
         return _linear_kernel(operands, attrs)
     if variant == "block_sparse" and attrs.permute_keys:
         return "key permutation runs on the torch path"
+    if variant == "dense":  # decode shapes: the split-K decode kernels (flash-decoding)
+        decode = decode_kernel_for(operands, attrs, interpret=interpret)
+        if not isinstance(decode, str):
+            return decode
     call = AttentionCall(
         q, k, operands.v, mask=operands.mask, bias=operands.bias, scale=attrs.scale,
         causal=attrs.causal, softcap=attrs.softcap,
