@@ -14,14 +14,57 @@ from typing import Any
 import torch
 
 from attnopt.compiled import CompiledModule
-from attnopt.errors import PipelineError
-from attnopt.frontend.capture import capture
+from attnopt.errors import CaptureError, PipelineError
+from attnopt.frontend import capture as _torch_capture
+from attnopt.frontend.onnx_import import OnnxModule, import_onnx, is_onnx_source
 from attnopt.passes.base import Pass, PassManager, as_pipeline, parse_pass
 from attnopt.passes.plan import Plan
 
 
+def capture(
+    model: Any,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    *,
+    dynamic: bool | None = None,
+    method: str = "auto",
+) -> Any:
+    """Capture a model into an IR graph.
+
+    Args:
+        model: an ``nn.Module`` (captured with torch.export), or an ONNX model: a path to a
+            ``.onnx`` file, an ``onnx.ModelProto`` or an :class:`~attnopt.frontend.onnx_import.OnnxModule`
+            (imported for the example inputs' shapes; see docs/onnx.md).
+        args: example positional inputs (for ONNX: the graph's inputs in order).
+        kwargs: example keyword inputs (for ONNX: by input name; optional when every input dim
+            is fixed in the file).
+        dynamic: symbolic batch and sequence dims (torch models; ONNX graphs are imported for
+            the example's shapes).
+        method: torch capture method: "auto", "export", "export-strict" or "fx".
+
+    Returns:
+        The IR graph (:class:`attnopt.ir.Graph`).
+
+    Raises:
+        CaptureError: the model cannot be captured; for ONNX, a file that is not ONNX, an opset
+            outside 13..onnx's newest, missing external data or control flow.
+    """
+    if isinstance(model, OnnxModule):
+        model = model.proto
+    if not isinstance(model, torch.nn.Module) and is_onnx_source(model):
+        if dynamic:
+            raise CaptureError(
+                "ONNX graphs are imported for the example inputs' shapes (dynamic=True is for "
+                "torch models); compile them with attnopt.compile, which imports once per shape"
+            )
+        if not isinstance(args, builtins.tuple):
+            args = (args,)
+        return import_onnx(model, args, kwargs)
+    return _torch_capture.capture(model, args, kwargs, dynamic=dynamic, method=method)
+
+
 def compile(  # noqa: A001 - the public name is fixed by the design
-    model: torch.nn.Module,
+    model: torch.nn.Module | str | os.PathLike[str] | Any,
     args: tuple = (),
     kwargs: dict | None = None,
     *,
@@ -43,7 +86,9 @@ def compile(  # noqa: A001 - the public name is fixed by the design
     """Compile ``model`` for the attention in it.
 
     Args:
-        model: the module to compile (use ``model.eval()`` for inference graphs).
+        model: the module to compile (use ``model.eval()`` for inference graphs), or an ONNX
+            model (a ``.onnx`` path or ``onnx.ModelProto``): its graph is imported and compiled
+            once per input shape, and the module runs in torch (see docs/onnx.md).
         args: example positional inputs; when given (or ``kwargs``), compilation happens now.
         kwargs: example keyword inputs.
         passes: "exact" (canonicalize + fuse attention), "none", "auto" (the budgeted search:
@@ -103,8 +148,15 @@ def compile(  # noqa: A001 - the public name is fixed by the design
     Returns:
         A :class:`CompiledModule` with the model's call signature.
     """
+    if not isinstance(model, torch.nn.Module) and is_onnx_source(model):
+        model = OnnxModule(model)
+    if isinstance(model, OnnxModule):
+        dynamic = False  # imported for each input shape (see docs/onnx.md)
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"attnopt.compile takes a torch.nn.Module, not {type(model).__name__}")
+        raise TypeError(
+            f"attnopt.compile takes a torch.nn.Module or an ONNX model (path or ModelProto), "
+            f"not {type(model).__name__}"
+        )
     if model.training and any(
         isinstance(m, (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._BatchNorm))
         for m in model.modules()

@@ -1,6 +1,7 @@
 """Command line: ``attnopt inspect | compile | validate | bench | demo``.
 
-Entry point: :func:`main`. MODEL is a zoo name (``attnopt inspect bert``) or ``module:factory``.
+Entry point: :func:`main`. MODEL is a zoo name (``attnopt inspect bert``), ``module:factory``, or
+an ONNX file (``attnopt compile model.onnx --passes exact --onnx-out optimised.onnx``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
         help="zoo name (bert, gpt2, llama, t5, vit, swin, mha, "
-        "encoder_layer, minilm) or module.path:factory",
+        "encoder_layer, minilm), module.path:factory, or an ONNX file (model.onnx: dynamic "
+        "dims get --batch and --seq)",
     )
     parser.add_argument(
         "--impl",
@@ -71,7 +73,20 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def _load(ns: argparse.Namespace) -> Any:
     from attnopt.models import load_model
 
+    if ns.model.endswith(".onnx"):
+        return _load_onnx(ns)
     return load_model(ns.model, impl=ns.impl, batch=ns.batch, seq=ns.seq)
+
+
+def _load_onnx(ns: argparse.Namespace) -> Any:
+    """An ONNX file as a model (run in torch once compiled) with example inputs of --batch and
+    --seq for its dynamic dims (see :func:`attnopt.frontend.onnx_import.example_inputs`)."""
+    from attnopt.frontend.onnx_import import OnnxModule, example_inputs
+    from attnopt.models import LoadedModel
+
+    model = OnnxModule(ns.model)
+    kwargs = example_inputs(model, batch=ns.batch, seq=ns.seq)
+    return LoadedModel(Path(ns.model).stem, model, (), kwargs)
 
 
 def parse_budget(text: str) -> Any:

@@ -1,0 +1,574 @@
+"""Import an ONNX model into the IR.
+
+Entry points: :func:`load_onnx` (a path or ``onnx.ModelProto``, checked), :func:`import_onnx`
+(-> :class:`~attnopt.ir.Graph`), :func:`capture_onnx_program` (what the compile driver needs),
+:class:`OnnxModule` (an ONNX model as an ``nn.Module``: ``attnopt.compile("model.onnx")`` wraps
+the file in one; calling it runs the file in onnxruntime, the reference a compiled module is
+compared with), :func:`example_inputs`.
+
+The graph is imported for the example inputs' shapes: every ONNX dim is bound to a number, so
+shape computations (``Shape``, ``Gather``, ``Concat``, ``ConstantOfShape``...) fold into
+constants and ``Reshape``/``Expand`` targets become static ``reshape``/``expand`` attributes.
+Any node whose inputs are all constants is evaluated at import (with the same torch reference
+the op runs with), so masks built from shapes arrive as constant tensors, as torch.export's do.
+Standard ops become core IR ops or ``aten`` calls (:mod:`attnopt.frontend.onnx_ops`); ONNX's
+``Attention`` and onnxruntime's ``com.microsoft.Attention``/``MultiHeadAttention`` become
+``scaled_dot_product_attention`` calls that ``fuse-attention`` takes over; an op without a
+lowering becomes an ``onnx_node`` (:mod:`attnopt.ir.onnx_node`) that runs in onnxruntime.
+Control flow (``If``/``Loop``/``Scan``) is refused with :class:`~attnopt.errors.CaptureError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from attnopt.errors import CaptureError
+from attnopt.ir import Graph, TensorType, Value, dtype_name
+from attnopt.ir import onnx_node as _onnx_node  # noqa: F401 - registers the onnx_node op
+from attnopt.ir.core_ops import AtenAttrs
+from attnopt.ir.onnx_node import OnnxNodeAttrs
+from attnopt.ir.ops import get_op
+
+#: Opsets of the default ONNX domain attnopt imports (13: Softmax over one axis, axes inputs).
+MIN_OPSET = 13
+
+ONNX_DTYPES: dict[int, torch.dtype] = {
+    1: torch.float32,
+    2: torch.uint8,
+    3: torch.int8,
+    5: torch.int16,
+    6: torch.int32,
+    7: torch.int64,
+    9: torch.bool,
+    10: torch.float16,
+    11: torch.float64,
+    16: torch.bfloat16,
+}
+CONTROL_FLOW = {"If", "Loop", "Scan", "SequenceMap"}
+# Ops whose results are not a function of their inputs: never evaluated at import.
+_UNFOLDABLE = {
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Bernoulli",
+    "Multinomial",
+}
+# Constants folded at import up to this many elements (larger ones stay ops of the graph).
+_FOLD_LIMIT = 1 << 24
+
+Operand = Value | torch.Tensor | None
+
+
+def load_onnx(model: Any) -> Any:
+    """An ``onnx.ModelProto`` from a path or a ModelProto, checked for what the importer needs.
+
+    Args:
+        model: a path to a ``.onnx`` file, or a ``ModelProto``.
+
+    Returns:
+        The ModelProto, external data loaded.
+
+    Raises:
+        CaptureError: not an ONNX model, an opset outside ``13..onnx.defs.onnx_opset_version()``,
+            or external data that cannot be found.
+    """
+    import onnx
+
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.is_file():
+            raise CaptureError(f"{path}: no such ONNX file")
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as err:  # noqa: BLE001 - protobuf's decode errors vary by version
+            raise CaptureError(
+                f"{path} is not an ONNX model ({type(err).__name__}: {err}); give a .onnx file "
+                "saved by onnx.save or torch.onnx.export"
+            ) from None
+        _check_proto(proto, str(path))
+        _load_external(proto, path.parent, str(path))
+        return proto
+    if isinstance(model, onnx.ModelProto):
+        _check_proto(model, "the ONNX model")
+        _load_external(model, None, "the ONNX model")
+        return model
+    raise CaptureError(f"expected an ONNX file path or onnx.ModelProto, not {type(model).__name__}")
+
+
+def _check_proto(proto: Any, where: str) -> None:
+    import onnx
+
+    if proto.ir_version == 0 or not proto.HasField("graph") or not proto.opset_import:
+        raise CaptureError(
+            f"{where} is not an ONNX model (no IR version, graph or opset); give a .onnx file "
+            "saved by onnx.save or torch.onnx.export"
+        )
+    opset = default_opset(proto)
+    newest = onnx.defs.onnx_opset_version()
+    if opset < MIN_OPSET:
+        raise CaptureError(
+            f"{where} uses ONNX opset {opset}; attnopt imports opsets {MIN_OPSET}..{newest}. "
+            f"Convert it first: onnx.version_converter.convert_version(model, {MIN_OPSET + 4})"
+        )
+    if opset > newest:
+        raise CaptureError(
+            f"{where} uses ONNX opset {opset}, newer than the installed onnx {onnx.__version__} "
+            f"knows ({newest}): upgrade onnx, or export the model with opset <= {newest}"
+        )
+
+
+def default_opset(proto: Any) -> int:
+    """The version of the default (``ai.onnx``) domain a model imports."""
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    return 0
+
+
+def _load_external(proto: Any, base: Path | None, where: str) -> None:
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    external = [t for t in proto.graph.initializer if uses_external_data(t)]
+    if not external:
+        return
+    for tensor in external:
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if base is None or not (base / location).is_file():
+            raise CaptureError(
+                f"{where}: initializer {tensor.name!r} keeps its data in the external file "
+                f"{location!r}, which is missing"
+                + (f" (looked in {base})" if base else " (a ModelProto has no directory)")
+                + ": put the data file next to the .onnx file, or load the model with "
+                "onnx.load(path, load_external_data=True)"
+            )
+    load_external_data_for_model(proto, str(base))
+
+
+def torch_dtype(elem_type: int, where: str = "") -> torch.dtype:
+    """The torch dtype of an ONNX ``TensorProto`` element type."""
+    try:
+        return ONNX_DTYPES[elem_type]
+    except KeyError:
+        raise CaptureError(f"{where}: ONNX element type {elem_type} has no torch dtype") from None
+
+
+def tensor_from_proto(tensor: Any) -> torch.Tensor:
+    """A torch tensor holding an ONNX ``TensorProto``'s data."""
+    from onnx import numpy_helper
+
+    array = numpy_helper.to_array(tensor)
+    return torch.from_numpy(array.copy())
+
+
+def graph_inputs(proto: Any) -> list[Any]:
+    """The graph's real inputs (ValueInfos), without initializers listed as inputs."""
+    initializers = {t.name for t in proto.graph.initializer}
+    return [value for value in proto.graph.input if value.name not in initializers]
+
+
+def _dims(value_info: Any) -> list[int | str]:
+    shape = value_info.type.tensor_type.shape
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in shape.dim]
+
+
+class Importer:
+    """One import: ONNX values -> IR values or constants, node by node (see the module doc)."""
+
+    def __init__(self, proto: Any, opsets: dict[str, int]):
+        self.proto = proto
+        self.opsets = opsets
+        self.opset = opsets.get("", 0)
+        self.graph = Graph()
+        self.env: dict[str, Operand] = {"": None}
+        self.params: dict[int, Value] = {}
+        self.names: dict[int, str] = {}  # initializer names, by tensor id
+        self.weights: set[int] = set()  # tensors that are learned weights (see mark_weight)
+        self.node: Any = None  # the ONNX node being lowered
+        self.used: set[str] = set()
+
+    # --- operands ---------------------------------------------------------------------------
+    def operand(self, name: str) -> Operand:
+        """The IR value or constant tensor of ONNX value ``name`` ('' is an absent input)."""
+        try:
+            return self.env[name]
+        except KeyError:
+            raise CaptureError(f"{self.where()}: input {name!r} is not defined") from None
+
+    def value(self, item: Operand, hint: str = "const") -> Value | None:
+        """``item`` as an IR value (constants become ``param`` nodes, shared per tensor)."""
+        if item is None or isinstance(item, Value):
+            return item
+        known = self.params.get(id(item))
+        if known is None:
+            known = self.graph.add_tensor(self.names.get(id(item), hint), item)
+            self.params[id(item)] = known
+            if id(item) in self.weights:
+                self.graph.meta["parameters"].append(known.producer.attrs.name)
+        return known
+
+    def mark_weight(self, tensor: torch.Tensor, name: str | None = None) -> torch.Tensor:
+        """Record ``tensor`` as a learned weight (``graph.meta["parameters"]``: passes treat it
+        as a parameter, not as a constant mask they may analyse)."""
+        self.weights.add(id(tensor))
+        if name is not None:
+            self.names[id(tensor)] = name
+        return tensor
+
+    def where(self) -> str:
+        """The node being imported, for messages."""
+        if self.node is None:
+            return "ONNX graph"
+        return f"ONNX node {self.node.name or '?'!r} ({self.node.op_type})"
+
+    # --- emission ---------------------------------------------------------------------------
+    def op(self, op: str, inputs: list[Operand], attrs: Any = None, hint: str = "") -> Any:
+        """Emit (or, when every input is a constant, evaluate) one IR op.
+
+        Returns:
+            The output (a Value or a constant tensor), or a list of them for multi-output ops.
+        """
+        opdef = get_op(op)
+        attrs = opdef.attrs() if attrs is None else attrs
+        present = [x for x in inputs if x is not None]
+        if present and all(isinstance(x, torch.Tensor) for x in present) and self._foldable():
+            with torch.no_grad():
+                result = opdef.impl(list(inputs), attrs)
+            results = result if isinstance(result, (tuple, list)) else [result]
+            if all(isinstance(r, torch.Tensor) and r.numel() <= _FOLD_LIMIT for r in results):
+                return list(results) if isinstance(result, (tuple, list)) else result
+        values = [self.value(x) for x in inputs]
+        hint = hint or (self.node.output[0] if self.node is not None and self.node.output else op)
+        count = opdef.output_count(attrs)
+        node = self.graph.make_node(op, values, attrs, names=[hint] * count)
+        if self.node is not None and self.node.name:
+            node.meta["source"] = self.node.name
+            module = _module_of(self.node.name)
+            if module:
+                node.meta["module"] = module
+        if count > 1:
+            node.meta["multi"] = True
+        self.graph.append(node)
+        return list(node.outputs) if count != 1 else node.output
+
+    def aten(
+        self, target: str, args: list[Any], kwargs: dict | None = None, outputs: int = 1
+    ) -> Any:
+        """Emit an ``aten`` call; Values and constant tensors in ``args`` become its inputs."""
+        from attnopt.ir.aten_args import encode_template
+
+        inputs: list[Operand] = []
+        positions: dict[int, int] = {}
+
+        def index(obj: Any) -> int | None:
+            if not isinstance(obj, (Value, torch.Tensor)):
+                return None
+            if id(obj) not in positions:
+                positions[id(obj)] = len(inputs)
+                inputs.append(obj)
+            return positions[id(obj)]
+
+        template = json.dumps(encode_template([list(args), dict(kwargs or {})], index))
+        return self.op("aten", inputs, AtenAttrs(target=target, args=template, outputs=outputs))
+
+    def _foldable(self) -> bool:
+        return self.node is None or self.node.op_type not in _UNFOLDABLE
+
+    def opaque(self, inputs: list[Operand]) -> list[Operand]:
+        """The current node as an ``onnx_node`` (run in onnxruntime), typed by one run."""
+        from google.protobuf import json_format
+
+        from attnopt.ir.onnx_node import run_onnx_node
+
+        node = self.node
+        probe = [
+            None if x is None else (x if isinstance(x, torch.Tensor) else _zeros(x)) for x in inputs
+        ]
+        attrs = OnnxNodeAttrs(
+            node=json_format.MessageToJson(node, indent=None, sort_keys=True),
+            opsets=json.dumps(self.opsets, sort_keys=True),
+        )
+        try:
+            results = run_onnx_node(probe, attrs)
+        except Exception as err:  # noqa: BLE001 - onnxruntime's own message, named
+            raise CaptureError(
+                f"{self.where()} has no attnopt lowering and onnxruntime could not run it "
+                f"alone ({type(err).__name__}: {' '.join(str(err).split())[:300]}); export the "
+                "model without it, or file an issue naming the op"
+            ) from None
+        results = results if isinstance(results, tuple) else (results,)
+        described = [[dtype_name(r.dtype), list(r.shape)] for r in results]
+        attrs = OnnxNodeAttrs(node=attrs.node, opsets=attrs.opsets, outputs=json.dumps(described))
+        if all(isinstance(x, torch.Tensor) for x in inputs if x is not None) and self._foldable():
+            return list(results)
+        out = self.op("onnx_node", inputs, attrs)
+        return out if isinstance(out, list) else [out]
+
+
+def _zeros(value: Value) -> torch.Tensor:
+    return torch.zeros(value.shape, dtype=value.dtype)
+
+
+def _module_of(name: str) -> str | None:
+    """``/encoder/layer.0/attention/self/MatMul`` -> ``encoder.layer.0.attention.self``."""
+    if not name.startswith("/"):
+        return None
+    parts = [p for p in name.split("/")[:-1] if p]
+    if parts and parts[0] in ("m", "model"):
+        parts = parts[1:]
+    return ".".join(parts) or None
+
+
+def bind_inputs(proto: Any, args: tuple, kwargs: dict) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """The example tensor of each graph input and its index among ``(args, kwargs)``'s leaves.
+
+    Positional inputs are the graph's inputs in order; keyword inputs name them.
+
+    Raises:
+        CaptureError: an input missing, unknown, of another dtype or rank, or a fixed dim that
+            the example does not have.
+    """
+    inputs = graph_inputs(proto)
+    names = [v.name for v in inputs]
+    flat, _ = pytree.tree_flatten((args, kwargs))
+    if len(flat) != len(args) + len(kwargs):
+        raise CaptureError("ONNX inputs are tensors: pass a flat tuple or dict of tensors")
+    bound: dict[str, torch.Tensor] = {}
+    positions: dict[str, int] = {}
+    for index, tensor in enumerate(args):
+        if index >= len(names):
+            raise CaptureError(f"{len(args)} positional inputs for an ONNX graph of inputs {names}")
+        bound[names[index]], positions[names[index]] = tensor, index
+    for offset, (name, tensor) in enumerate(kwargs.items()):
+        if name not in names:
+            raise CaptureError(f"input {name!r} is not an input of the ONNX graph ({names})")
+        bound[name], positions[name] = tensor, len(args) + offset
+    for value in inputs:
+        if value.name not in bound:
+            raise CaptureError(f"ONNX input {value.name!r} is missing; the graph takes {names}")
+        tensor = bound[value.name]
+        if not isinstance(tensor, torch.Tensor):
+            raise CaptureError(
+                f"ONNX input {value.name!r} must be a tensor, not {type(tensor).__name__}"
+            )
+        expected = torch_dtype(value.type.tensor_type.elem_type, f"input {value.name!r}")
+        dims = _dims(value)
+        if (
+            tensor.dtype != expected
+            or tensor.dim() != len(dims)
+            or any(isinstance(d, int) and d != s for d, s in zip(dims, tensor.shape))
+        ):
+            raise CaptureError(
+                f"ONNX input {value.name!r} is {dtype_name(expected)}{dims}; got "
+                f"{dtype_name(tensor.dtype)}{list(tensor.shape)}"
+            )
+    return bound, [positions[v.name] for v in inputs]
+
+
+def import_onnx(
+    model: Any, args: tuple = (), kwargs: dict | None = None, *, name: str | None = None
+) -> Graph:
+    """Lower an ONNX model into an IR graph for the example inputs' shapes.
+
+    Args:
+        model: a path or ``onnx.ModelProto``.
+        args: example inputs in the graph's input order.
+        kwargs: example inputs by ONNX input name. Without any example, every input dim must be
+            a fixed number in the file.
+        name: the graph's model name (default: the graph's name).
+
+    Returns:
+        The graph: inputs are the ONNX graph's inputs, outputs its outputs.
+
+    Raises:
+        CaptureError: see :func:`load_onnx`; control flow; dynamic dims without an example; a
+            node onnxruntime cannot run alone.
+    """
+    proto = load_onnx(model)
+    kwargs = dict(kwargs or {})
+    if not args and not kwargs:
+        kwargs = _static_example(proto)
+    bound, _ = bind_inputs(proto, tuple(args), kwargs)
+    return _import_bound(proto, bound, name)
+
+
+def _static_example(proto: Any) -> dict[str, torch.Tensor]:
+    example = {}
+    for value in graph_inputs(proto):
+        dims = _dims(value)
+        if not all(isinstance(d, int) for d in dims):
+            raise CaptureError(
+                f"ONNX input {value.name!r} has dynamic dims {dims}: attnopt imports an ONNX graph "
+                f"for given shapes; pass example inputs, e.g. "
+                f"attnopt.capture(path, kwargs={{{value.name!r}: tensor}})"
+            )
+        dtype = torch_dtype(value.type.tensor_type.elem_type, f"input {value.name!r}")
+        example[value.name] = torch.zeros(dims, dtype=dtype)
+    return example
+
+
+def _import_bound(proto: Any, bound: dict[str, torch.Tensor], name: str | None) -> Graph:
+    from attnopt.frontend.onnx_ops import lower_node
+
+    opsets = {
+        ("" if e.domain == "ai.onnx" else e.domain): int(e.version) for e in proto.opset_import
+    }
+    im = Importer(proto, opsets)
+    graph = im.graph
+    graph.meta["model"] = name or proto.graph.name or "onnx"
+    graph.meta["user_inputs"] = []
+    for value in graph_inputs(proto):
+        tensor = bound[value.name]
+        ident = "".join(c if c.isalnum() or c == "_" else "_" for c in value.name) or "input"
+        im.env[value.name] = graph.add_input(ident, TensorType.of(tensor))
+        graph.meta["user_inputs"].append(value.name)
+    graph.meta["parameters"] = []
+    for tensor in proto.graph.initializer:
+        value = tensor_from_proto(tensor)
+        im.env[tensor.name] = value
+        im.names[id(value)] = tensor.name
+        # ONNX does not say which initializers are weights: floating vectors and matrices are
+        # (projections, norms, embeddings); constant masks and shapes are not.
+        if value.is_floating_point() and value.dim() in (1, 2):
+            im.mark_weight(value)
+    for node in proto.graph.node:
+        im.node = node
+        if node.op_type in CONTROL_FLOW:
+            raise CaptureError(
+                f"{im.where()}: control flow ({node.op_type}) in the graph; attnopt imports "
+                "dataflow graphs, where attention can be proven. Export with the shapes fixed "
+                "(so the exporter folds the branch) or move the control flow out of the model "
+                "(e.g. onnxsim / onnx's constant folding, or torch.onnx.export(dynamo=True))"
+            )
+        inputs = [im.operand(name) for name in node.input]
+        outputs = lower_node(im, node, inputs)
+        for out_name, out in zip(node.output, outputs):
+            if out_name:
+                im.env[out_name] = out
+    im.node = None
+    for value in proto.graph.output:
+        out = im.operand(value.name)
+        graph.outputs.append(im.value(out, value.name))
+    graph.dead_code_elimination()
+    return graph
+
+
+class OnnxModule(torch.nn.Module):
+    """An ONNX model as a module: ``forward`` runs the file in onnxruntime (CPU).
+
+    ``attnopt.compile(path)`` compiles it (see :func:`capture_onnx_program`); calling this module
+    is the reference the compiled one is checked against. Positional inputs are the graph's
+    inputs in order; keyword inputs name them. Returns the one output, or a tuple of them.
+    """
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.proto = load_onnx(model)
+        self.path = None if not isinstance(model, (str, os.PathLike)) else Path(model)
+        self.input_names = [v.name for v in graph_inputs(self.proto)]
+        self.output_names = [v.name for v in self.proto.graph.output]
+        self._session: Any = None
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
+        """Run the ONNX model in onnxruntime on these inputs."""
+        import onnxruntime
+
+        bound, _ = bind_inputs(self.proto, args, kwargs)
+        if self._session is None:
+            data = self.proto.SerializeToString()
+            self._session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+        feeds = {n: t.detach().cpu().numpy() for n, t in bound.items()}
+        outputs = [torch.from_numpy(o) for o in self._session.run(None, feeds)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def __repr__(self) -> str:
+        where = self.path or self.proto.graph.name
+        return f"OnnxModule({where}, inputs={self.input_names}, outputs={self.output_names})"
+
+
+def capture_onnx_program(module: OnnxModule, args: tuple, kwargs: dict) -> Any:
+    """Import ``module``'s ONNX graph for these inputs, as the compile driver's capture.
+
+    Args:
+        module: the ONNX model.
+        args: positional inputs (the graph's inputs in order).
+        kwargs: keyword inputs by ONNX input name.
+
+    Returns:
+        A :class:`~attnopt.frontend.capture.CapturedProgram` (method ``"onnx"``, static shapes).
+    """
+    from attnopt.frontend.capture import CapturedProgram
+
+    start = time.perf_counter()
+    bound, positions = bind_inputs(module.proto, tuple(args), dict(kwargs))
+    name = module.path.stem if module.path is not None else None
+    graph = _import_bound(module.proto, bound, name)
+    _, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    outputs = len(graph.outputs)
+    _, out_spec = pytree.tree_flatten(0 if outputs == 1 else tuple(range(outputs)))
+    return CapturedProgram(
+        graph=graph,
+        in_spec=in_spec,
+        input_positions=positions,
+        out_spec=out_spec,
+        method="onnx",
+        seconds=time.perf_counter() - start,
+    )
+
+
+def example_inputs(model: Any, batch: int = 2, seq: int = 16) -> dict[str, torch.Tensor]:
+    """Example inputs for an ONNX model: dims named like ``batch`` get ``batch``, other dynamic
+    dims ``seq``; integer inputs are ones (a valid token id, mask value and segment id), float
+    inputs standard normal.
+
+    Args:
+        model: a path, ``ModelProto`` or :class:`OnnxModule`.
+        batch: size of batch dims.
+        seq: size of the other dynamic dims.
+
+    Returns:
+        Keyword inputs by ONNX input name.
+    """
+    proto = model.proto if isinstance(model, OnnxModule) else load_onnx(model)
+    generator = torch.Generator().manual_seed(0)
+    example: dict[str, torch.Tensor] = {}
+    for value in graph_inputs(proto):
+        dims = [
+            d if isinstance(d, int) else (batch if "batch" in d.lower() or i == 0 else seq)
+            for i, d in enumerate(_dims(value))
+        ]
+        dtype = torch_dtype(value.type.tensor_type.elem_type, f"input {value.name!r}")
+        if dtype.is_floating_point:
+            example[value.name] = torch.randn(dims, generator=generator).to(dtype)
+        else:
+            example[value.name] = torch.ones(dims, dtype=dtype)
+    return example
+
+
+def is_onnx_source(model: Any) -> bool:
+    """Whether ``model`` is something :func:`load_onnx` takes (a path or a ModelProto)."""
+    if isinstance(model, (str, os.PathLike)):
+        return True
+    try:
+        import onnx
+    except ImportError:
+        return False
+    return isinstance(model, onnx.ModelProto)
+
+
+__all__ = [
+    "Importer",
+    "OnnxModule",
+    "capture_onnx_program",
+    "example_inputs",
+    "import_onnx",
+    "is_onnx_source",
+    "load_onnx",
+]
