@@ -6,8 +6,8 @@ the ``K`` namespace of generated programs), :func:`kernel_sources_for` (``Compil
 :func:`triton_kernel_for` maps a node's operands and attributes to the kernel that serves them, or
 to the reason none can; decode-shaped dense calls take the split-K decode kernels
 (:mod:`attnopt.runtime.triton.decode`). It works on real tensors (running) and on ``meta``
-tensors built from the graph's static types (listing), so ``cm.kernels`` names exactly the kernels that run. Which
-variant a call runs as (``min_len``, per-head subsets) is decided by
+tensors built from the graph's static types (listing), so ``cm.kernels`` names exactly the
+kernels that run. Which variant a call runs as (``min_len``, per-head subsets) is decided by
 :func:`attnopt.ir.attention.effective_variant` and :func:`~attnopt.ir.attention.variant_heads`,
 as for the torch kernels. Whether the process can run a kernel at all (CUDA, the interpreter) is
 :func:`~attnopt.runtime.triton.loader.environment_reason`, checked before a launch.
