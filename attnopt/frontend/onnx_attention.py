@@ -70,6 +70,8 @@ def _onnx_attention(im: Importer, node: Any, ins: list[Operand]) -> list[Operand
     if attrs.get("qk_matmul_output_mode", 0) and any(node.output[3:]):
         raise Unsupported("qk_matmul_output_mode")
     q_len, kv_len = shape_of(q)[2], shape_of(k)[2]
+    if mask is not None and shape_of(mask)[-1] != kv_len:
+        raise Unsupported("a mask shorter than the keys")
     causal = bool(attrs.get("is_causal", 0))
     scale = attrs.get("scale") or 1.0 / math.sqrt(shape_of(q)[-1])
     softcap = float(attrs.get("softcap", 0.0))

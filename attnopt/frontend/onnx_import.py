@@ -488,6 +488,11 @@ class OnnxModule(torch.nn.Module):
         outputs = [torch.from_numpy(o) for o in self._session.run(None, feeds)]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the onnxruntime session (made again on the first call)."""
+        state = super().__getstate__()
+        return {**state, "_session": None}
+
     def __repr__(self) -> str:
         where = self.path or self.proto.graph.name
         return f"OnnxModule({where}, inputs={self.input_names}, outputs={self.output_names})"

@@ -122,6 +122,8 @@ def _binary_aten(target: str) -> Callable:
 
 def _pow(im: Importer, node: Any, ins: list[Operand]) -> list[Operand]:
     x, e = ins
+    if not dtype_of(x).is_floating_point:
+        raise Unsupported("Pow of an integer base (its result keeps the base's type)")
     if isinstance(e, torch.Tensor) and e.numel() == 1 and e.dim() <= len(shape_of(x)):
         exponent = e.reshape(-1)[0].item()
         return [im.aten("aten.pow.Tensor_Scalar", [x, exponent])]
@@ -158,6 +160,8 @@ def _variadic(target: str) -> Callable:
 
 def _clip(im: Importer, node: Any, ins: list[Operand]) -> list[Operand]:
     x, low, high = (list(ins) + [None, None])[:3]
+    if not dtype_of(x).is_floating_point:
+        raise Unsupported("Clip of integers")
     args = [
         x,
         None if low is None else float(const(low, "min")),
@@ -263,7 +267,8 @@ def _reshape(im: Importer, node: Any, ins: list[Operand]) -> list[Operand]:
 
 def _flatten(im: Importer, node: Any, ins: list[Operand]) -> list[Operand]:
     shape = shape_of(ins[0])
-    axis = int(attributes(node).get("axis", 1)) % (len(shape) + 1)
+    axis = int(attributes(node).get("axis", 1))
+    axis = axis + len(shape) if axis < 0 else axis
     outer = math.prod(shape[:axis])
     return [im.op("reshape", [ins[0]], ShapeAttrs(shape=(outer, math.prod(shape[axis:]))))]
 
@@ -318,6 +323,8 @@ def _split(im: Importer, node: Any, ins: list[Operand]) -> list[Operand]:
         count = int(attrs.get("num_outputs", len(node.output)))
         chunk = -(-length // count)
         sizes = [min(chunk, length - i * chunk) for i in range(count)]
+        if min(sizes) <= 0:
+            raise Unsupported("uneven Split into more outputs than chunks")
     out = im.aten(
         "aten.split_with_sizes.default", [x, [int(s) for s in sizes], axis], outputs=len(sizes)
     )
@@ -463,9 +470,9 @@ def _embed_layer_norm(im: Importer, node: Any, ins: list[Operand]) -> list[Opera
     ids, segments, words, positions, segment_table, gamma, beta, mask, position_ids = (
         list(ins) + [None] * 9
     )[:9]
-    if attributes(node).get("mask_index_type", 1) != 1 or len(node.output) > 1 and mask is None:
-        if len(node.output) > 1 and node.output[1]:
-            raise Unsupported("a mask index without a mask, or another mask index type")
+    wants_index = len(node.output) > 1 and bool(node.output[1])
+    if wants_index and (mask is None or attributes(node).get("mask_index_type", 1) != 1):
+        raise Unsupported("a mask index without a mask, or another mask index type")
 
     def lookup(table: Operand, index: Operand) -> Operand:
         index = im.op("cast", [index], CastAttrs(dtype=torch.int64))
@@ -482,11 +489,10 @@ def _embed_layer_norm(im: Importer, node: Any, ins: list[Operand]) -> list[Opera
     hidden = [shape_of(words)[-1]]
     out = im.aten("aten.layer_norm.default", [total, hidden, gamma, beta, eps])
     mask_index = None
-    if mask is not None:  # the count of unmasked tokens per row (onnxruntime's mask index)
-        nonzero = im.op(
-            "cast", [im.aten("aten.ne.Scalar", [mask, 0])], CastAttrs(dtype=torch.int32)
-        )
-        mask_index = im.aten("aten.sum.dim_IntList", [nonzero, [1], False], {"dtype": torch.int32})
+    if mask is not None and wants_index:
+        # onnxruntime's mask index: per row, how many mask entries are 1.
+        ones = im.op("cast", [im.aten("aten.eq.Scalar", [mask, 1])], CastAttrs(dtype=torch.int32))
+        mask_index = im.aten("aten.sum.dim_IntList", [ones, [1], False], {"dtype": torch.int32})
     return [out, mask_index, total]
 
 
