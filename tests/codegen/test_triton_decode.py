@@ -151,6 +151,13 @@ def test_dense_decode_site_runs_the_decode_kernels() -> None:
     assert_close(run.output, expected)
 
 
+@needs_interpreter
+def test_empty_cache_gives_zeros() -> None:
+    q, k = torch.randn(1, 4, 1, 32), torch.randn(1, 2, 0, 32)
+    out = triton_decode_attention(DecodeCall(q, k, k), interpret=True)
+    assert out.shape == q.shape and not out.any()
+
+
 def test_kernel_choice_by_shape() -> None:
     def operands(q_len: int, kv_len: int, q_heads: int = 16) -> AttentionOperands:
         q = torch.empty(1, q_heads, q_len, 64, device="meta")

@@ -180,6 +180,17 @@ def test_dtypes(dtype):
     assert_close(out, attention_reference(q, k, v, mask=keep, scale=SCALE))
 
 
+@pytest.mark.parametrize("shape", [(0, 4, 1, 300), (2, 4, 0, 300), (2, 4, 2, 0)])
+def test_empty_calls(shape):
+    batch, q_heads, q_len, kv_len = shape
+    q = torch.randn(batch, q_heads, q_len, HEAD_DIM)
+    k = torch.randn(batch, 2, kv_len, HEAD_DIM)
+    for splits in (1, 2):
+        out = decode_attention_cpu(q, k, k, scale=SCALE, splits=splits)
+        assert out.shape == (batch, q_heads, q_len, HEAD_DIM)
+        assert not out.any()
+
+
 def test_decode_applies():
     q = torch.empty(1, 16, 1, 64)
     k = torch.empty(1, 4, 4096, 64)

@@ -155,6 +155,8 @@ def decode_attention_cpu(
     if q_heads % kv_heads != 0:
         raise ValueError(f"query heads {q_heads} are not a multiple of key/value heads {kv_heads}")
     group = q_heads // kv_heads
+    if q.numel() == 0 or kv_len == 0:  # nothing to compute (the fused kernel faults on 0 rows)
+        return q.new_zeros(batch, q_heads, q_len, v.shape[-1])
     grouped_q = q.reshape(batch, kv_heads, group * q_len, head_dim)
     out = None
     if softcap is None and _fast_path_fits(q, k, v):
@@ -176,7 +178,6 @@ def _fast_path_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         and q.dtype in _FLASH_DTYPES
         and q.dtype == k.dtype == v.dtype
         and k.shape[-1] == v.shape[-1]
-        and k.shape[2] > 0
     )
 
 

@@ -188,8 +188,8 @@ def triton_decode_attention(
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
     out = torch.empty(batch, q_heads, q_len, head_dim_v, dtype=q.dtype, device=q.device)
-    if out.numel() == 0:
-        return out
+    if out.numel() == 0 or kv_len == 0:  # no key: rows with no visible key are zeros
+        return out.zero_()
     config = call.kernel_config()
     module = load_kernel_module(
         config,
