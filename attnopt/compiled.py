@@ -29,9 +29,11 @@ import torch.utils._pytree as pytree
 
 from attnopt.errors import BackendError, CaptureError, PassError, PlanError, SignatureError
 from attnopt.frontend.capture import CapturedProgram, capture_program
+from attnopt.frontend.onnx_import import OnnxModule, capture_onnx_program
+from attnopt.generation import GenerationStats, Generator
 from attnopt.ir import Graph, verify
 from attnopt.ir.symbolic import bind_symbols
-from attnopt.passes.base import PassContext, PassManager
+from attnopt.passes.base import PassContext, PassManager, as_pipeline
 from attnopt.passes.plan import Plan
 from attnopt.runtime.dispatch import KernelNamespace
 from attnopt.runtime.execute import Program, load_program
@@ -281,6 +283,7 @@ class CompiledModule(torch.nn.Module):
         self._check_static = check_static
         #: What the budgeted search found (:class:`attnopt.search.SearchReport`), when it ran.
         self.search_report: Any = None
+        self._generator: Generator | None = None  # made by the first generate()
         self._told: set[str] = set()  # declines already reported (once per compiled module)
         # One symbolic program per call structure (which inputs, dtypes, non-tensor values).
         self._symbolic: list[tuple[SymbolicSignature, CompiledEntry]] = []
@@ -558,15 +561,21 @@ class CompiledModule(torch.nn.Module):
     def _capture(self, args: tuple, kwargs: dict, flat: list[Any], dynamic: bool) -> Any:
         """Capture the model, or copy the capture a shared store holds for this signature."""
         if self._captures is None:
-            return capture_program(self.model, args, kwargs, method=self.method, dynamic=dynamic)
+            return self._capture_model(args, kwargs, dynamic)
         _, spec = pytree.tree_flatten((args, kwargs))
         key = (self.method, dynamic, signature_key(flat, spec))
         stored = self._captures.get(key)
         if stored is None:
-            stored = capture_program(self.model, args, kwargs, method=self.method, dynamic=dynamic)
+            stored = self._capture_model(args, kwargs, dynamic)
             self._captures[key] = stored
         # Passes rewrite the graph in place: each compile gets its own copy.
         return dataclasses.replace(stored, graph=stored.graph.copy(), seconds=0.0)
+
+    def _capture_model(self, args: tuple, kwargs: dict, dynamic: bool) -> CapturedProgram:
+        """torch.export's capture of the model, or the import of an ONNX model's graph."""
+        if isinstance(self.model, OnnxModule):
+            return capture_onnx_program(self.model, args, kwargs)
+        return capture_program(self.model, args, kwargs, method=self.method, dynamic=dynamic)
 
     # --- calling ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -700,6 +709,64 @@ class CompiledModule(torch.nn.Module):
     def explain(self) -> list[tuple[str, str]]:
         """Near-misses of attention detection: ``(where, why it was not fused)``."""
         return self._latest().explanations
+
+    # --- generation -------------------------------------------------------------------------
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **options: Any,
+    ) -> torch.Tensor:
+        """Generate tokens like ``model.generate``, with compiled prefill and decode programs.
+
+        The first call captures the model twice (prompt pass, one-token step; both with
+        symbolic batch and length) and compiles them; later calls of any batch, prompt length
+        and token count reuse them. The prompt pass runs this module's pipeline; decode steps
+        run the exact pipeline, growing a static key/value cache in place (see
+        :mod:`attnopt.generation`). Greedy tokens equal ``model.generate``'s.
+
+        Args:
+            input_ids: ``[batch, length]`` prompt token ids (left padding for batches).
+            attention_mask: ``[batch, length]``, 0 at padding (default: inferred from
+                ``pad_token_id`` as transformers does, else all ones).
+            **options: ``max_new_tokens``, ``max_length``, ``do_sample``, ``temperature``,
+                ``top_k``, ``top_p``, ``repetition_penalty``, ``min_new_tokens``,
+                ``eos_token_id``, ``pad_token_id`` (GenerationConfig semantics, over the model's
+                ``generation_config``); ``generator`` (a ``torch.Generator`` for sampling; the
+                global RNG otherwise, as ``model.generate`` uses); ``max_cache_len`` (refuse
+                requests needing more cache positions).
+
+        Returns:
+            ``[batch, length + new]`` token ids: the prompt followed by the generated tokens
+            (``pad_token_id`` after a row's EOS), as ``model.generate`` returns them.
+
+        Raises:
+            GenerationError: not a decoder-only causal LM, an option not implemented (beam
+                search, several sequences per prompt, ...), or a length past ``max_cache_len``,
+                the model's learned positions or its own sliding window.
+        """
+        if self._generator is None:
+            self._generator = Generator(self.model, self._compile_step)
+        return self._generator.generate(input_ids, attention_mask, **options)
+
+    def _compile_step(self, module: torch.nn.Module, pipeline: str | None) -> CompiledModule:
+        """A generation step compiled with this module's options (``pipeline`` None: its own)."""
+        return CompiledModule(
+            module,
+            self.pipeline if pipeline is None else as_pipeline(pipeline),
+            backend=self.backend,
+            method=self.method,
+            retain_memory=self.retain_memory,
+            strict=self.strict,
+            # One program for every prompt length: a per-shape program that proves more (a
+            # window inert at this length) would compile again for each new prompt length.
+            check_static=False,
+        )
+
+    @property
+    def generation_stats(self) -> GenerationStats | None:
+        """Times and counts of the last :meth:`generate` call (None before one)."""
+        return None if self._generator is None else self._generator.stats
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle as (model, plan JSON, options): never programs, kernels or calibration data."""

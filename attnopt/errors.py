@@ -36,3 +36,9 @@ class PlanError(AttnoptError, ValueError):
 
 class CalibrationError(AttnoptError, ValueError):
     """Calibration or validation data is missing, empty, ill-shaped, or does not run the model."""
+
+
+class GenerationError(AttnoptError, ValueError):
+    """``generate`` cannot serve this model or request: no causal LM head, an option it does not
+    implement, a prompt or token count past the cache or the model's positions; names the limit
+    and the option to change."""

@@ -105,12 +105,20 @@ def dynamic_shapes_for(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any
         args: example positional inputs.
         kwargs: example keyword inputs.
 
+    A module that knows its own dynamic dims says so with a method
+    ``attnopt_dynamic_shapes(args, kwargs)`` returning the spec (the generation driver's decode
+    step does: one new token, a cache of any length).
+
     Returns:
         A dict from ``forward``'s parameter names to per-input specs.
     """
     import inspect
 
     from torch.export import Dim
+
+    own = getattr(model, "attnopt_dynamic_shapes", None)
+    if callable(own):
+        return own(args, kwargs)
 
     def spec(leaf: Any) -> Any:
         if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:

@@ -10,6 +10,7 @@ registered once ``attnopt.ir`` is imported.
 
 from attnopt.ir import (
     core_ops,  # noqa: F401 - registers the built-in ops
+    kv_cache,  # noqa: F401 - registers the decoding cache append
     token_reduce,  # noqa: F401 - registers token merging / pruning
     tokens,  # noqa: F401 - registers token packing (padding removal)
 )

@@ -9,6 +9,7 @@ from attnopt.passes.block_sparse import BlockSparse
 from attnopt.passes.canonicalize import Canonicalize
 from attnopt.passes.fuse_attention import FuseAttention
 from attnopt.passes.head_prune import HeadPrune
+from attnopt.passes.kv_cache import StaticKVCache
 from attnopt.passes.linearize import Linearize
 from attnopt.passes.neighborhood import Neighborhood
 from attnopt.passes.precision import Precision
@@ -26,6 +27,7 @@ __all__ = [
     "Precision",
     "RemovePadding",
     "SlidingWindow",
+    "StaticKVCache",
     "TokenMerge",
     "TokenPrune",
     "Pass",

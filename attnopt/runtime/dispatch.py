@@ -42,6 +42,7 @@ from attnopt.runtime.cpu.neighborhood import neighborhood_attention
 from attnopt.runtime.cpu.projection import linear as projection_linear
 from attnopt.runtime.cpu.sliding_window import sliding_window_attention
 from attnopt.runtime.cpu.varlen import document_attention_cpu
+from attnopt.runtime.kv_cache import append_kv
 
 VariantKernel = Callable[[AttentionOperands, AttentionAttrs], torch.Tensor]
 
@@ -196,6 +197,11 @@ class KernelNamespace:
     def run_op(op: str, inputs: list[Any], attrs: Any) -> Any:
         """Run any registered op through its reference implementation (ops without an emitter)."""
         return get_op(op).impl(inputs, attrs)
+
+    @staticmethod
+    def kv_append(past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """The ``kv_append`` op: in place into a static cache (:mod:`attnopt.runtime.kv_cache`)."""
+        return append_kv(past, new)
 
     @staticmethod
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
