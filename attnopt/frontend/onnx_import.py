@@ -15,7 +15,8 @@ Standard ops become core IR ops or ``aten`` calls (:mod:`attnopt.frontend.onnx_o
 ``Attention`` and onnxruntime's ``com.microsoft.Attention``/``MultiHeadAttention`` become
 ``scaled_dot_product_attention`` calls that ``fuse-attention`` takes over; an op without a
 lowering becomes an ``onnx_node`` (:mod:`attnopt.ir.onnx_node`) that runs in onnxruntime.
-Control flow (``If``/``Loop``/``Scan``) is refused with :class:`~attnopt.errors.CaptureError`.
+An ``If`` whose condition folds to a constant is replaced by its branch; other control flow
+(``If``/``Loop``/``Scan``) is refused with :class:`~attnopt.errors.CaptureError`.
 """
 
 from __future__ import annotations
@@ -415,8 +416,6 @@ def _static_example(proto: Any) -> dict[str, torch.Tensor]:
 
 
 def _import_bound(proto: Any, bound: dict[str, torch.Tensor], name: str | None) -> Graph:
-    from attnopt.frontend.onnx_ops import lower_node
-
     opsets = {
         ("" if e.domain == "ai.onnx" else e.domain): int(e.version) for e in proto.opset_import
     }
@@ -438,26 +437,42 @@ def _import_bound(proto: Any, bound: dict[str, torch.Tensor], name: str | None) 
         # (projections, norms, embeddings); constant masks and shapes are not.
         if value.is_floating_point() and value.dim() in (1, 2):
             im.mark_weight(value)
-    for node in proto.graph.node:
-        im.node = node
-        if node.op_type in CONTROL_FLOW:
-            raise CaptureError(
-                f"{im.where()}: control flow ({node.op_type}) in the graph; attnopt imports "
-                "dataflow graphs, where attention can be proven. Export with the shapes fixed "
-                "(so the exporter folds the branch) or move the control flow out of the model "
-                "(e.g. onnxsim / onnx's constant folding, or torch.onnx.export(dynamo=True))"
-            )
-        inputs = [im.operand(name) for name in node.input]
-        outputs = lower_node(im, node, inputs)
-        for out_name, out in zip(node.output, outputs):
-            if out_name:
-                im.env[out_name] = out
+    _lower_nodes(im, proto.graph.node)
     im.node = None
     for value in proto.graph.output:
         out = im.operand(value.name)
         graph.outputs.append(im.value(out, value.name))
     graph.dead_code_elimination()
     return graph
+
+
+def _lower_nodes(im: Importer, nodes: Any) -> None:
+    """Lower ``nodes`` in order; an ``If`` whose condition folded to a constant is replaced by the
+    branch it takes (shape checks of exports fold that way), other control flow is refused."""
+    from attnopt.frontend.onnx_ops import lower_node
+
+    for node in nodes:
+        im.node = node
+        condition = im.operand(node.input[0]) if node.op_type == "If" else None
+        if isinstance(condition, torch.Tensor) and condition.numel() == 1:
+            branches = {a.name: a.g for a in node.attribute}
+            branch = branches["then_branch" if bool(condition) else "else_branch"]
+            for tensor in branch.initializer:
+                im.env[tensor.name] = tensor_from_proto(tensor)
+            _lower_nodes(im, branch.node)
+            outputs = [im.operand(value.name) for value in branch.output]
+        elif node.op_type in CONTROL_FLOW:
+            raise CaptureError(
+                f"{im.where()}: control flow ({node.op_type}) that depends on the inputs' "
+                "values; attnopt imports dataflow graphs, where attention can be proven. Export "
+                "without data-dependent control flow (torch.onnx.export(dynamo=True) traces one "
+                "path), or fold it first (onnxsim, or onnx's constant folding)"
+            )
+        else:
+            outputs = lower_node(im, node, [im.operand(name) for name in node.input])
+        for out_name, out in zip(node.output, outputs):
+            if out_name:
+                im.env[out_name] = out
 
 
 class OnnxModule(torch.nn.Module):

@@ -397,19 +397,38 @@ def test_missing_external_data(tmp_path):
         attnopt.capture(path)
 
 
+def _if_model(condition_from_input: bool):
+    def branch(name, scale):
+        nodes = [
+            helper.make_node("Mul", ["x", f"{name}_scale"], [f"{name}_s"]),
+            helper.make_node("Softmax", [f"{name}_s"], [f"{name}_out"], axis=-1),
+        ]
+        outputs = [_info(f"{name}_out", TensorProto.FLOAT, [2, 3])]
+        scales = [_array(f"{name}_scale", np.float32(scale))]
+        return helper.make_graph(nodes, name, [], outputs, scales)
+
+    nodes = [helper.make_node("If", ["c"], ["y"], name="gate", then_branch=branch("then", 2.0),
+                              else_branch=branch("else", 0.5))]  # fmt: skip
+    inputs = [_info("x", TensorProto.FLOAT, [2, 3])]
+    if condition_from_input:
+        inputs.append(_info("c", TensorProto.BOOL, []))
+    else:
+        nodes.insert(0, helper.make_node("Constant", [], ["c"], value=_array("v", np.bool_(False))))
+    return _model(nodes, inputs, [_info("y", TensorProto.FLOAT, [2, 3])])
+
+
+def test_if_on_a_constant_takes_its_branch():
+    model = _if_model(condition_from_input=False)
+    x = _rng().standard_normal((2, 3)).astype(np.float32)
+    cm = _run_both(model, {"x": x}, sites=0)
+    (scale,) = [n for n in cm.graph.nodes if n.op == "mul"]
+    assert scale.attrs.scalar == 0.5  # the else branch
+
+
 def test_control_flow_is_refused():
-    branch = helper.make_graph(
-        [helper.make_node("Softmax", ["x"], ["s"], axis=-1)], "then", [],
-        [_info("s", TensorProto.FLOAT, [2, 3])],
-    )  # fmt: skip
-    node = helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch, name="gate")
-    model = _model(
-        [node],
-        [_info("c", TensorProto.BOOL, []), _info("x", TensorProto.FLOAT, [2, 3])],
-        [_info("y", TensorProto.FLOAT, [2, 3])],
-    )
-    with pytest.raises(attnopt.CaptureError, match=r"'gate' \(If\).*control flow"):
-        attnopt.capture(model)
+    with pytest.raises(attnopt.CaptureError, match=r"'gate' \(If\).*control flow.*values"):
+        attnopt.capture(_if_model(condition_from_input=True), kwargs={
+            "x": torch.zeros(2, 3), "c": torch.tensor(True)})  # fmt: skip
 
 
 def test_dynamic_dims_need_examples(onnx_file):
