@@ -490,6 +490,7 @@ class OnnxModule(torch.nn.Module):
         self.input_names = [v.name for v in graph_inputs(self.proto)]
         self.output_names = [v.name for v in self.proto.graph.output]
         self._session: Any = None
+        self.eval()  # an inference graph: no dropout to turn off, but say so to callers
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
         """Run the ONNX model in onnxruntime on these inputs."""

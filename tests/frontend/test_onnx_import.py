@@ -126,6 +126,9 @@ def test_new_shapes_compile_again_and_match(onnx_file):
         _, kwargs = get("bert").example(batch, seq)
         torch.testing.assert_close(cm(**kwargs), reference(**kwargs), rtol=0, atol=TOLERANCE)
     assert cm.stats["compilations"] == 2
+    assert not reference.training
+    report = attnopt.validate(reference, cm, kwargs=kwargs, tolerance="exact-elementwise")
+    assert report.ok and len(report.sites) == LAYERS
     restored = pickle.loads(pickle.dumps(cm))  # the file travels as its ModelProto
     torch.testing.assert_close(restored(**kwargs), cm(**kwargs), rtol=0, atol=TOLERANCE)
 
