@@ -1,7 +1,7 @@
 """Import an ONNX model into the IR.
 
-Entry points: :func:`load_onnx` (a path or ``onnx.ModelProto``, checked), :func:`import_onnx`
-(-> :class:`~attnopt.ir.Graph`), :func:`capture_onnx_program` (what the compile driver needs),
+Entry points: :func:`import_onnx` (-> :class:`~attnopt.ir.Graph`), :func:`capture_onnx_program`
+(what the compile driver needs),
 :class:`OnnxModule` (an ONNX model as an ``nn.Module``: ``attnopt.compile("model.onnx")`` wraps
 the file in one; calling it runs the file in onnxruntime, the reference a compiled module is
 compared with), :func:`example_inputs`.
@@ -11,7 +11,8 @@ shape computations (``Shape``, ``Gather``, ``Concat``, ``ConstantOfShape``...) f
 constants and ``Reshape``/``Expand`` targets become static ``reshape``/``expand`` attributes.
 Any node whose inputs are all constants is evaluated at import (with the same torch reference
 the op runs with), so masks built from shapes arrive as constant tensors, as torch.export's do.
-Standard ops become core IR ops or ``aten`` calls (:mod:`attnopt.frontend.onnx_ops`); ONNX's
+Files are read and checked by :mod:`attnopt.frontend.onnx_load`. Standard ops become core IR
+ops or ``aten`` calls (:mod:`attnopt.frontend.onnx_ops`); ONNX's
 ``Attention`` and onnxruntime's ``com.microsoft.Attention``/``MultiHeadAttention`` become
 ``scaled_dot_product_attention`` calls that ``fuse-attention`` takes over; an op without a
 lowering becomes an ``onnx_node`` (:mod:`attnopt.ir.onnx_node`) that runs in onnxruntime.
@@ -31,27 +32,20 @@ import torch
 import torch.utils._pytree as pytree
 
 from attnopt.errors import CaptureError
+from attnopt.frontend.onnx_load import (
+    graph_inputs,
+    input_dims,
+    is_onnx_source,
+    load_onnx,
+    tensor_from_proto,
+    torch_dtype,
+)
 from attnopt.ir import Graph, TensorType, Value, dtype_name
 from attnopt.ir import onnx_node as _onnx_node  # noqa: F401 - registers the onnx_node op
 from attnopt.ir.core_ops import AtenAttrs
 from attnopt.ir.onnx_node import OnnxNodeAttrs
 from attnopt.ir.ops import get_op
 
-#: Opsets of the default ONNX domain attnopt imports (13: Softmax over one axis, axes inputs).
-MIN_OPSET = 13
-
-ONNX_DTYPES: dict[int, torch.dtype] = {
-    1: torch.float32,
-    2: torch.uint8,
-    3: torch.int8,
-    5: torch.int16,
-    6: torch.int32,
-    7: torch.int64,
-    9: torch.bool,
-    10: torch.float16,
-    11: torch.float64,
-    16: torch.bfloat16,
-}
 CONTROL_FLOW = {"If", "Loop", "Scan", "SequenceMap"}
 # Ops whose results are not a function of their inputs: never evaluated at import.
 _UNFOLDABLE = {
@@ -66,118 +60,6 @@ _UNFOLDABLE = {
 _FOLD_LIMIT = 1 << 24
 
 Operand = Value | torch.Tensor | None
-
-
-def load_onnx(model: Any) -> Any:
-    """An ``onnx.ModelProto`` from a path or a ModelProto, checked for what the importer needs.
-
-    Args:
-        model: a path to a ``.onnx`` file, or a ``ModelProto``.
-
-    Returns:
-        The ModelProto, external data loaded.
-
-    Raises:
-        CaptureError: not an ONNX model, an opset outside ``13..onnx.defs.onnx_opset_version()``,
-            or external data that cannot be found.
-    """
-    import onnx
-
-    if isinstance(model, (str, os.PathLike)):
-        path = Path(model)
-        if not path.is_file():
-            raise CaptureError(f"{path}: no such ONNX file")
-        try:
-            proto = onnx.load(str(path), load_external_data=False)
-        except Exception as err:  # noqa: BLE001 - protobuf's decode errors vary by version
-            raise CaptureError(
-                f"{path} is not an ONNX model ({type(err).__name__}: {err}); give a .onnx file "
-                "saved by onnx.save or torch.onnx.export"
-            ) from None
-        _check_proto(proto, str(path))
-        _load_external(proto, path.parent, str(path))
-        return proto
-    if isinstance(model, onnx.ModelProto):
-        _check_proto(model, "the ONNX model")
-        _load_external(model, None, "the ONNX model")
-        return model
-    raise CaptureError(f"expected an ONNX file path or onnx.ModelProto, not {type(model).__name__}")
-
-
-def _check_proto(proto: Any, where: str) -> None:
-    import onnx
-
-    if proto.ir_version == 0 or not proto.HasField("graph") or not proto.opset_import:
-        raise CaptureError(
-            f"{where} is not an ONNX model (no IR version, graph or opset); give a .onnx file "
-            "saved by onnx.save or torch.onnx.export"
-        )
-    opset = default_opset(proto)
-    newest = onnx.defs.onnx_opset_version()
-    if opset < MIN_OPSET:
-        raise CaptureError(
-            f"{where} uses ONNX opset {opset}; attnopt imports opsets {MIN_OPSET}..{newest}. "
-            f"Convert it first: onnx.version_converter.convert_version(model, {MIN_OPSET + 4})"
-        )
-    if opset > newest:
-        raise CaptureError(
-            f"{where} uses ONNX opset {opset}, newer than the installed onnx {onnx.__version__} "
-            f"knows ({newest}): upgrade onnx, or export the model with opset <= {newest}"
-        )
-
-
-def default_opset(proto: Any) -> int:
-    """The version of the default (``ai.onnx``) domain a model imports."""
-    for entry in proto.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return int(entry.version)
-    return 0
-
-
-def _load_external(proto: Any, base: Path | None, where: str) -> None:
-    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
-
-    external = [t for t in proto.graph.initializer if uses_external_data(t)]
-    if not external:
-        return
-    for tensor in external:
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        if base is None or not (base / location).is_file():
-            raise CaptureError(
-                f"{where}: initializer {tensor.name!r} keeps its data in the external file "
-                f"{location!r}, which is missing"
-                + (f" (looked in {base})" if base else " (a ModelProto has no directory)")
-                + ": put the data file next to the .onnx file, or load the model with "
-                "onnx.load(path, load_external_data=True)"
-            )
-    load_external_data_for_model(proto, str(base))
-
-
-def torch_dtype(elem_type: int, where: str = "") -> torch.dtype:
-    """The torch dtype of an ONNX ``TensorProto`` element type."""
-    try:
-        return ONNX_DTYPES[elem_type]
-    except KeyError:
-        raise CaptureError(f"{where}: ONNX element type {elem_type} has no torch dtype") from None
-
-
-def tensor_from_proto(tensor: Any) -> torch.Tensor:
-    """A torch tensor holding an ONNX ``TensorProto``'s data."""
-    from onnx import numpy_helper
-
-    array = numpy_helper.to_array(tensor)
-    return torch.from_numpy(array.copy())
-
-
-def graph_inputs(proto: Any) -> list[Any]:
-    """The graph's real inputs (ValueInfos), without initializers listed as inputs."""
-    initializers = {t.name for t in proto.graph.initializer}
-    return [value for value in proto.graph.input if value.name not in initializers]
-
-
-def _dims(value_info: Any) -> list[int | str]:
-    shape = value_info.type.tensor_type.shape
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in shape.dim]
 
 
 class Importer:
@@ -360,7 +242,7 @@ def bind_inputs(proto: Any, args: tuple, kwargs: dict) -> tuple[dict[str, torch.
                 f"ONNX input {value.name!r} must be a tensor, not {type(tensor).__name__}"
             )
         expected = torch_dtype(value.type.tensor_type.elem_type, f"input {value.name!r}")
-        dims = _dims(value)
+        dims = input_dims(value)
         if (
             tensor.dtype != expected
             or tensor.dim() != len(dims)
@@ -403,7 +285,7 @@ def import_onnx(
 def _static_example(proto: Any) -> dict[str, torch.Tensor]:
     example = {}
     for value in graph_inputs(proto):
-        dims = _dims(value)
+        dims = input_dims(value)
         if not all(isinstance(d, int) for d in dims):
             raise CaptureError(
                 f"ONNX input {value.name!r} has dynamic dims {dims}: attnopt imports an ONNX graph "
@@ -563,7 +445,7 @@ def example_inputs(model: Any, batch: int = 2, seq: int = 16) -> dict[str, torch
     for value in graph_inputs(proto):
         dims = [
             d if isinstance(d, int) else (batch if "batch" in d.lower() or i == 0 else seq)
-            for i, d in enumerate(_dims(value))
+            for i, d in enumerate(input_dims(value))
         ]
         dtype = torch_dtype(value.type.tensor_type.elem_type, f"input {value.name!r}")
         if dtype.is_floating_point:
@@ -571,17 +453,6 @@ def example_inputs(model: Any, batch: int = 2, seq: int = 16) -> dict[str, torch
         else:
             example[value.name] = torch.ones(dims, dtype=dtype)
     return example
-
-
-def is_onnx_source(model: Any) -> bool:
-    """Whether ``model`` is something :func:`load_onnx` takes (a path or a ModelProto)."""
-    if isinstance(model, (str, os.PathLike)):
-        return True
-    try:
-        import onnx
-    except ImportError:
-        return False
-    return isinstance(model, onnx.ModelProto)
 
 
 __all__ = [

@@ -5,7 +5,8 @@ Entry point: :func:`lower_node`. Each lowering takes the importer, the ONNX node
 emit through :meth:`Importer.op` / :meth:`Importer.aten`, which evaluate the op at import when
 every input is a constant. An op or attribute combination without a lowering runs as it is in
 onnxruntime (``onnx_node``). Attention ops (ONNX ``Attention``, ``com.microsoft.Attention`` and
-``MultiHeadAttention``) are in :mod:`attnopt.frontend.onnx_attention`.
+``MultiHeadAttention``) and onnxruntime's other transformer ops are in
+:mod:`attnopt.frontend.onnx_transformer`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 
 import torch
 
-from attnopt.frontend.onnx_import import Importer, Operand, torch_dtype
+from attnopt.frontend.onnx_import import Importer, Operand
+from attnopt.frontend.onnx_load import tensor_from_proto, torch_dtype
 from attnopt.ir import Value
 from attnopt.ir.core_ops import (
     CastAttrs,
@@ -35,8 +37,6 @@ class Unsupported(Exception):
 def attributes(node: Any) -> dict[str, Any]:
     """The node's attributes as Python values (tensors as torch tensors)."""
     from onnx import helper
-
-    from attnopt.frontend.onnx_import import tensor_from_proto
 
     result = {}
     for attr in node.attribute:
@@ -452,62 +452,8 @@ def _einsum(im: Importer, node: Any, ins: list[Operand]) -> list[Operand]:
     return [im.aten("aten.einsum.default", [attributes(node)["equation"], list(ins)])]
 
 
-# --- onnxruntime contrib ops around attention -------------------------------------------------
-def _skip_layer_norm(im: Importer, node: Any, ins: list[Operand]) -> list[Operand]:
-    x, skip, gamma, beta, bias = (list(ins) + [None] * 5)[:5]
-    if any(node.output[1:3]):
-        raise Unsupported("SkipLayerNormalization's mean/inv_std outputs are used")
-    total = im.op("add", [x, skip], ScalarOperandAttrs())
-    if bias is not None:
-        total = im.op("add", [total, bias], ScalarOperandAttrs())
-    eps = float(attributes(node).get("epsilon", 1e-12))
-    hidden = [shape_of(x)[-1]]
-    out = im.aten("aten.layer_norm.default", [total, hidden, gamma, beta, eps])
-    return [out, None, None, total]
-
-
-def _embed_layer_norm(im: Importer, node: Any, ins: list[Operand]) -> list[Operand]:
-    ids, segments, words, positions, segment_table, gamma, beta, mask, position_ids = (
-        list(ins) + [None] * 9
-    )[:9]
-    wants_index = len(node.output) > 1 and bool(node.output[1])
-    if wants_index and (mask is None or attributes(node).get("mask_index_type", 1) != 1):
-        raise Unsupported("a mask index without a mask, or another mask index type")
-
-    def lookup(table: Operand, index: Operand) -> Operand:
-        index = im.op("cast", [index], CastAttrs(dtype=torch.int64))
-        return im.aten("aten.index.Tensor", [table, [index]])
-
-    if position_ids is None:
-        position_ids = torch.arange(shape_of(ids)[1]).reshape(1, -1)
-    total = im.op(
-        "add", [lookup(words, ids), lookup(positions, position_ids)], ScalarOperandAttrs()
-    )
-    if segments is not None and segment_table is not None:
-        total = im.op("add", [total, lookup(segment_table, segments)], ScalarOperandAttrs())
-    eps = float(attributes(node).get("epsilon", 1e-12))
-    hidden = [shape_of(words)[-1]]
-    out = im.aten("aten.layer_norm.default", [total, hidden, gamma, beta, eps])
-    mask_index = None
-    if mask is not None and wants_index:
-        # onnxruntime's mask index: per row, how many mask entries are 1.
-        ones = im.op("cast", [im.aten("aten.eq.Scalar", [mask, 1])], CastAttrs(dtype=torch.int32))
-        mask_index = im.aten("aten.sum.dim_IntList", [ones, [1], False], {"dtype": torch.int32})
-    return [out, mask_index, total]
-
-
-def _bias_gelu(approximate: str) -> Callable:
-    def lower(im: Importer, node: Any, ins: list[Operand]) -> list[Operand]:
-        x = ins[0]
-        if len(ins) > 1 and ins[1] is not None:
-            x = im.op("add", [x, ins[1]], ScalarOperandAttrs())
-        return [im.aten("aten.gelu.default", [x], {"approximate": approximate})]
-
-    return lower
-
-
 def _lowerings() -> dict[tuple[str, str], Callable]:
-    from attnopt.frontend.onnx_attention import LOWERINGS as ATTENTION
+    from attnopt.frontend.onnx_transformer import LOWERINGS as TRANSFORMER
 
     table: dict[str, Callable] = {
         "Add": _binary("add"), "Sub": _binary("sub"), "Mul": _binary("mul"), "Div": _binary("div"),
@@ -538,14 +484,7 @@ def _lowerings() -> dict[tuple[str, str], Callable]:
         "Identity": _identity, "Dropout": _dropout, "Conv": _conv, "Einsum": _einsum,
     }  # fmt: skip
     lowerings = {("", name): fn for name, fn in table.items()}
-    lowerings.update({
-        ("com.microsoft", "SkipLayerNormalization"): _skip_layer_norm,
-        ("com.microsoft", "BiasGelu"): _bias_gelu("none"),
-        ("com.microsoft", "EmbedLayerNormalization"): _embed_layer_norm,
-        ("com.microsoft", "Gelu"): _bias_gelu("none"),
-        ("com.microsoft", "FastGelu"): _bias_gelu("tanh"),
-    })  # fmt: skip
-    lowerings.update(ATTENTION)
+    lowerings.update(TRANSFORMER)
     return lowerings
 
 

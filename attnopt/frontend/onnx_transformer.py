@@ -1,4 +1,5 @@
-"""Lowerings of ONNX attention ops into ``scaled_dot_product_attention`` calls.
+"""Lowerings of transformer ops: attention into ``scaled_dot_product_attention`` calls, and the
+other ops onnxruntime's transformer optimizer fuses (layer norms with skip or embeddings, GELUs).
 
 Entry point: :data:`LOWERINGS`, merged into :mod:`attnopt.frontend.onnx_ops`' table.
 
@@ -6,11 +7,14 @@ Entry point: :data:`LOWERINGS`, merged into :mod:`attnopt.frontend.onnx_ops`' ta
   into heads, ``is_causal`` (top-left aligned, as torch's SDPA) is passed on, or folded into the
   mask when there is one; soft-capping is decomposed into the standard ops detection matches.
 * ``com.microsoft.Attention`` (onnxruntime's transformer optimizer): the packed QKV projection
-  becomes three ``linear`` ops, ``mask_index`` (end positions ``[B]`` or a 0/1 mask
-  ``[B, L]``/``[B, S, L]``) and ``unidirectional`` one additive mask holding ``mask_filter_value``
-  at hidden positions, as onnxruntime computes it.
+  becomes three ``linear`` ops; ``mask_index`` (end positions ``[B]`` or a 0/1 mask
+  ``[B, L]``/``[B, S, L]``) and ``unidirectional`` become one additive mask, as onnxruntime
+  computes it: ``mask_filter_value`` at padded keys, ``-inf`` at future keys.
 * ``com.microsoft.MultiHeadAttention``: separate 3-D query/key/value, optional packed bias,
   ``key_padding_mask`` as above, ``attention_bias`` added to the mask.
+* ``SkipLayerNormalization``, ``EmbedLayerNormalization`` (its mask index counts the mask's ones
+  per row, as onnxruntime does), ``BiasGelu``, ``FastGelu`` and contrib ``Gelu``: adds,
+  embedding lookups, ``layer_norm`` and ``gelu``.
 
 Forms these do not cover (past key/values, rotary, packed layouts, extra outputs that are read)
 raise :class:`~attnopt.frontend.onnx_ops.Unsupported`, so the node runs as it is in onnxruntime.
@@ -20,13 +24,14 @@ raise :class:`~attnopt.frontend.onnx_ops.Unsupported`, so the node runs as it is
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from attnopt.frontend.onnx_import import Importer, Operand
 from attnopt.frontend.onnx_ops import Unsupported, attributes, const, shape_of
-from attnopt.ir.core_ops import DimAttrs, PermuteAttrs, ScalarOperandAttrs, ShapeAttrs
+from attnopt.ir.core_ops import CastAttrs, DimAttrs, PermuteAttrs, ScalarOperandAttrs, ShapeAttrs
 
 _SDPA = "aten.scaled_dot_product_attention.default"
 
@@ -203,8 +208,67 @@ def _ms_multi_head_attention(im: Importer, node: Any, ins: list[Operand]) -> lis
     return [_heads_last(im, _sdpa(im, q, k, v, mask, scale=float(scale)))]
 
 
+# --- onnxruntime contrib ops around attention -------------------------------------------------
+def _skip_layer_norm(im: Importer, node: Any, ins: list[Operand]) -> list[Operand]:
+    x, skip, gamma, beta, bias = (list(ins) + [None] * 5)[:5]
+    if any(node.output[1:3]):
+        raise Unsupported("SkipLayerNormalization's mean/inv_std outputs are used")
+    total = im.op("add", [x, skip], ScalarOperandAttrs())
+    if bias is not None:
+        total = im.op("add", [total, bias], ScalarOperandAttrs())
+    eps = float(attributes(node).get("epsilon", 1e-12))
+    hidden = [shape_of(x)[-1]]
+    out = im.aten("aten.layer_norm.default", [total, hidden, gamma, beta, eps])
+    return [out, None, None, total]
+
+
+def _embed_layer_norm(im: Importer, node: Any, ins: list[Operand]) -> list[Operand]:
+    ids, segments, words, positions, segment_table, gamma, beta, mask, position_ids = (
+        list(ins) + [None] * 9
+    )[:9]
+    wants_index = len(node.output) > 1 and bool(node.output[1])
+    if wants_index and (mask is None or attributes(node).get("mask_index_type", 1) != 1):
+        raise Unsupported("a mask index without a mask, or another mask index type")
+
+    def lookup(table: Operand, index: Operand) -> Operand:
+        index = im.op("cast", [index], CastAttrs(dtype=torch.int64))
+        return im.aten("aten.index.Tensor", [table, [index]])
+
+    if position_ids is None:
+        position_ids = torch.arange(shape_of(ids)[1]).reshape(1, -1)
+    total = im.op(
+        "add", [lookup(words, ids), lookup(positions, position_ids)], ScalarOperandAttrs()
+    )
+    if segments is not None and segment_table is not None:
+        total = im.op("add", [total, lookup(segment_table, segments)], ScalarOperandAttrs())
+    eps = float(attributes(node).get("epsilon", 1e-12))
+    hidden = [shape_of(words)[-1]]
+    out = im.aten("aten.layer_norm.default", [total, hidden, gamma, beta, eps])
+    mask_index = None
+    if mask is not None and wants_index:
+        # onnxruntime's mask index: per row, how many mask entries are 1.
+        ones = im.op("cast", [im.aten("aten.eq.Scalar", [mask, 1])], CastAttrs(dtype=torch.int32))
+        mask_index = im.aten("aten.sum.dim_IntList", [ones, [1], False], {"dtype": torch.int32})
+    return [out, mask_index, total]
+
+
+def _bias_gelu(approximate: str) -> Callable:
+    def lower(im: Importer, node: Any, ins: list[Operand]) -> list[Operand]:
+        x = ins[0]
+        if len(ins) > 1 and ins[1] is not None:
+            x = im.op("add", [x, ins[1]], ScalarOperandAttrs())
+        return [im.aten("aten.gelu.default", [x], {"approximate": approximate})]
+
+    return lower
+
+
 LOWERINGS = {
     ("", "Attention"): _onnx_attention,
     ("com.microsoft", "Attention"): _ms_attention,
     ("com.microsoft", "MultiHeadAttention"): _ms_multi_head_attention,
+    ("com.microsoft", "SkipLayerNormalization"): _skip_layer_norm,
+    ("com.microsoft", "EmbedLayerNormalization"): _embed_layer_norm,
+    ("com.microsoft", "BiasGelu"): _bias_gelu("none"),
+    ("com.microsoft", "Gelu"): _bias_gelu("none"),
+    ("com.microsoft", "FastGelu"): _bias_gelu("tanh"),
 }
