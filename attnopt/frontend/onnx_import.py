@@ -131,9 +131,9 @@ class Importer:
         hint = hint or (self.node.output[0] if self.node is not None and self.node.output else op)
         count = opdef.output_count(attrs)
         node = self.graph.make_node(op, values, attrs, names=[hint] * count)
-        if self.node is not None and self.node.name:
-            node.meta["source"] = self.node.name
-            module = _module_of(self.node.name)
+        if self.node is not None:
+            node.meta["source"] = self.node.name or self.node.op_type
+            module = _module_of(self.node)
             if module:
                 node.meta["module"] = module
         if count > 1:
@@ -199,14 +199,25 @@ def _zeros(value: Value) -> torch.Tensor:
     return torch.zeros(value.shape, dtype=value.dtype)
 
 
-def _module_of(name: str) -> str | None:
-    """``/encoder/layer.0/attention/self/MatMul`` -> ``encoder.layer.0.attention.self``."""
-    if not name.startswith("/"):
-        return None
-    parts = [p for p in name.split("/")[:-1] if p]
-    if parts and parts[0] in ("m", "model"):
-        parts = parts[1:]
-    return ".".join(parts) or None
+def _module_of(node: Any) -> str | None:
+    """The module path torch's exporters record: the dynamo exporter's name scopes
+    (``['', 'encoder', 'encoder.layer.0', ..., 'softmax']``), or the TorchScript exporter's node
+    node names (``/encoder/layer.0/attention/self/MatMul`` -> ``encoder.layer.0.attention.self``),
+    else its output names."""
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                break
+            return (scopes[-2] or None) if len(scopes) >= 2 else None
+    # onnxruntime's fused nodes keep the output name of the subgraph they replace.
+    for name in (node.name, *node.output):
+        if name.startswith("/"):
+            return ".".join(p for p in name.split("/")[:-1] if p) or None
+    return None
 
 
 def bind_inputs(proto: Any, args: tuple, kwargs: dict) -> tuple[dict[str, torch.Tensor], list[int]]:

@@ -112,6 +112,8 @@ def test_detects_every_site_and_matches_onnxruntime(onnx_file, name, how):
     cm = attnopt.compile(path, kwargs=kwargs)
     assert len(cm.sites) == LAYERS, cm.explain()
     assert not cm.graph.find("onnx_node")  # every op lowered
+    modules = [site.module for site in cm.sites]  # from the exporters' names
+    assert None not in modules and len(set(modules)) == LAYERS, modules
     if name == "gpt2":
         assert all(site.causal for site in cm.sites)
     expected = OnnxModule(path)(**kwargs)
