@@ -30,7 +30,7 @@ import torch.utils._pytree as pytree
 from attnopt.errors import BackendError, CaptureError, PassError, PlanError, SignatureError
 from attnopt.frontend.capture import CapturedProgram, capture_program
 from attnopt.frontend.onnx_import import OnnxModule, capture_onnx_program
-from attnopt.generation import GenerationStats, Generator
+from attnopt.generation import GenerationStats, Generator, streaming_of
 from attnopt.ir import Graph, verify
 from attnopt.ir.symbolic import bind_symbols
 from attnopt.passes.base import PassContext, PassManager, as_pipeline
@@ -734,7 +734,8 @@ class CompiledModule(torch.nn.Module):
                 ``eos_token_id``, ``pad_token_id`` (GenerationConfig semantics, over the model's
                 ``generation_config``); ``generator`` (a ``torch.Generator`` for sampling; the
                 global RNG otherwise, as ``model.generate`` uses); ``max_cache_len`` (refuse
-                requests needing more cache positions).
+                requests needing more cache positions); ``record_steps`` (keep each decode
+                step's end time in ``generation_stats.token_seconds``).
 
         Returns:
             ``[batch, length + new]`` token ids: the prompt followed by the generated tokens
@@ -744,9 +745,25 @@ class CompiledModule(torch.nn.Module):
             GenerationError: not a decoder-only causal LM, an option not implemented (beam
                 search, several sequences per prompt, ...), or a length past ``max_cache_len``,
                 the model's learned positions or its own sliding window.
+
+        Streaming: compiled with one ``sliding-window{window,sinks}`` pass over every site, the
+        decode steps keep only the sinks and the ``window`` most recent positions in the cache
+        (StreamingLLM eviction; see :class:`attnopt.generation.Streaming`): memory and the time
+        per token stay flat however many tokens are generated.
         """
         if self._generator is None:
-            self._generator = Generator(self.model, self._compile_step)
+            streaming, reason = streaming_of(self.pipeline.passes)
+            if reason is not None:
+                message = (
+                    f"attnopt: sliding-window applies to the prompt pass of "
+                    f"{type(self.model).__name__} only, not to its decode steps: {reason}. "
+                    "Decode steps are exact and keep every position; for a bounded cache "
+                    "(StreamingLLM) use one sliding-window{window,sinks} over every site."
+                )
+                if self.strict:
+                    raise PassError(message + " (strict=True)")
+                warnings.warn(message, UserWarning, stacklevel=2)
+            self._generator = Generator(self.model, self._compile_step, streaming)
         return self._generator.generate(input_ids, attention_mask, **options)
 
     def _compile_step(self, module: torch.nn.Module, pipeline: str | None) -> CompiledModule:

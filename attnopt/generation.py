@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +35,15 @@ from torch import nn
 from attnopt.errors import GenerationError
 from attnopt.runtime.kv_cache import static_cache
 
-__all__ = ["DECODE_PIPELINE", "DecodeStep", "GenerationStats", "Generator", "PrefillStep"]
+__all__ = [
+    "DECODE_PIPELINE",
+    "DecodeStep",
+    "GenerationStats",
+    "Generator",
+    "PrefillStep",
+    "Streaming",
+    "streaming_of",
+]
 
 #: The decode program's passes: exact fusion, and caches grown in place.
 DECODE_PIPELINE = "canonicalize,fuse-attention,static-kv-cache"
@@ -182,6 +191,7 @@ class GenerationStats:
         decode_seconds: every decode step, including compilation on a first call.
         compile_seconds: compilation inside those (first call, or a new structure).
         cache_capacity: positions allocated per layer for keys and values.
+        token_seconds: see the field.
     """
 
     prompt_tokens: int = 0
@@ -190,7 +200,9 @@ class GenerationStats:
     decode_seconds: float = 0.0
     compile_seconds: float = 0.0
     cache_capacity: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
+    #: Seconds from the first decode step's start to the end of each step (with
+    #: ``generate(..., record_steps=True)``; None otherwise).
+    token_seconds: list[float] | None = None
 
 
 #: ``compile_step(module, pipeline_text_or_None)`` -> a callable compiled module; ``None`` means
@@ -237,6 +249,118 @@ def _check_model(model: nn.Module) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Streaming:
+    """StreamingLLM decoding: the cache keeps the first ``sinks`` positions and the ``window``
+    most recent ones; the rest are evicted.
+
+    It is what ``sliding-window{window,sinks}`` means for every query (a query at position ``t``
+    sees keys ``j <= t`` with ``j < sinks`` or ``t - j <= window``), so decode steps stay exact
+    with respect to the windowed model while the cache, the step's time and the memory stay
+    bounded. Positions are the tokens' own (rotary models see their true distances), not
+    StreamingLLM's re-numbering inside the cache.
+
+    Attributes:
+        window: recent keys kept besides the query's own.
+        sinks: leading keys kept.
+    """
+
+    window: int
+    sinks: int
+
+    @property
+    def capacity(self) -> int:
+        """Cache positions a step needs: sinks, the window, and the new token."""
+        return self.sinks + self.window + 1
+
+
+def streaming_of(passes: Any) -> tuple[Streaming | None, str | None]:
+    """The streaming cache a pipeline asks for, or why its sliding window applies to the prefill
+    only.
+
+    Args:
+        passes: the pipeline's passes.
+
+    Returns:
+        ``(streaming, None)`` for one ``sliding-window`` pass over every site, layer and head;
+        ``(None, reason)`` for a sliding window the decode steps cannot follow by eviction;
+        ``(None, None)`` without one.
+    """
+    from attnopt.passes.sliding_window import SlidingWindow
+
+    windows = [p for p in passes if isinstance(p, SlidingWindow)]
+    if not windows:
+        return None, None
+    if len(windows) > 1:
+        return None, "the pipeline has several sliding-window passes"
+    (window,) = windows
+    if window.layers is not None or window.sites is not None or window.heads is not None:
+        return None, "it selects some layers, sites or heads (the others need every position)"
+    streaming = Streaming(window=window.window, sinks=window.sinks)
+    if window.min_len > streaming.capacity:
+        return None, f"its min_len={window.min_len} keeps longer caches dense"
+    return streaming, None
+
+
+class _Cache:
+    """The decode steps' key/value caches and attention mask in static buffers.
+
+    Growing: one buffer of ``capacity`` positions per cache, views extended in place by each
+    step's ``kv_append``. Streaming: ``capacity`` is the streaming one; once a step fills the
+    buffers, the oldest non-sink position's slot takes the newest entry (one position copied per
+    cache) and the views shrink back by one: order inside the cache does not matter to attention
+    with one query per row, and the mask slots move with their keys.
+    """
+
+    def __init__(
+        self,
+        kv: tuple[torch.Tensor, ...],
+        mask: torch.Tensor,
+        capacity: int,
+        streaming: Streaming | None,
+    ):
+        length = mask.shape[1]
+        keep = None
+        if streaming is not None and length > streaming.capacity - 1:
+            # The prompt's sinks and its most recent window: what the next query may see.
+            keep = torch.cat(
+                [
+                    torch.arange(streaming.sinks, device=mask.device),
+                    torch.arange(length - streaming.window, length, device=mask.device),
+                ]
+            )
+            kv = tuple(t.index_select(2, keep) for t in kv)
+            mask = mask.index_select(1, keep)
+            length = keep.numel()
+        self.streaming = streaming
+        self.capacity = capacity
+        self.views = [static_cache(t, capacity) for t in kv]
+        self.mask = mask.new_zeros(mask.shape[0], capacity)
+        self.mask[:, :length] = mask
+        self.length = length
+        first = streaming.sinks if streaming is not None else 0
+        self._oldest = deque(range(first, capacity - 1))
+
+    def step_mask(self) -> torch.Tensor:
+        """The mask of a step: the cached positions and the new token's."""
+        self.mask[:, self.length] = 1
+        return self.mask[:, : self.length + 1]
+
+    def advance(self, views: Any) -> None:
+        """Take the step's grown views; evict one position when streaming filled the buffers."""
+        self.views = list(views)
+        self.length += 1
+        if self.streaming is None or self.length < self.capacity:
+            return
+        slot, newest = self._oldest.popleft(), self.capacity - 1
+        for view in self.views:
+            view[:, :, slot] = view[:, :, newest]
+        self.mask[:, slot] = self.mask[:, newest]
+        self._oldest.append(slot)
+        self.length -= 1
+        self.views = [view[:, :, : self.length] for view in self.views]
+
+
 class Generator:
     """Generates tokens with compiled prefill and decode programs of a causal LM.
 
@@ -245,9 +369,12 @@ class Generator:
         compile_step: compiles a step module with a pipeline (see :data:`StepCompiler`).
     """
 
-    def __init__(self, model: nn.Module, compile_step: StepCompiler):
+    def __init__(
+        self, model: nn.Module, compile_step: StepCompiler, streaming: Streaming | None = None
+    ):
         _check_model(model)
         self.model = model
+        self.streaming = streaming
         self._compile_step = compile_step
         self.prefill: Any = None
         self.decode: Any = None
@@ -328,6 +455,7 @@ class Generator:
         *,
         generator: torch.Generator | None = None,
         max_cache_len: int | None = None,
+        record_steps: bool = False,
         **options: Any,
     ) -> torch.Tensor:
         """Generate tokens after each prompt; see ``CompiledModule.generate``."""
@@ -373,7 +501,9 @@ class Generator:
                 f"nothing to generate: max_new_tokens={config.max_new_tokens}, max_length="
                 f"{config.max_length} for a prompt of {prompt} tokens; set max_new_tokens >= 1"
             )
-        capacity = prompt + new
+        total = capacity = prompt + new
+        if self.streaming is not None:
+            capacity = min(capacity, self.streaming.capacity)
         if max_cache_len is not None and capacity > max_cache_len:
             raise GenerationError(
                 f"the prompt ({prompt} tokens) plus max_new_tokens={new} needs {capacity} cache "
@@ -381,13 +511,13 @@ class Generator:
                 "max_new_tokens"
             )
         limit = _absolute_position_limit(self.model)
-        if limit is not None and capacity > limit:
+        if limit is not None and total > limit:
             raise GenerationError(
                 f"{type(self.model).__name__} has {limit} learned positions; the prompt "
-                f"({prompt} tokens) plus max_new_tokens={new} needs {capacity}: lower "
+                f"({prompt} tokens) plus max_new_tokens={new} needs {total}: lower "
                 "max_new_tokens or shorten the prompt"
             )
-        self._check_windows(capacity)
+        self._check_windows(total)
         processors = self._processors(config, prompt, device)
 
         compile_before = 0.0
@@ -395,12 +525,14 @@ class Generator:
             compile_before = _compile_seconds(self.prefill) + _compile_seconds(self.decode)
         prefill, decode = self._steps(device)
         stats = GenerationStats(prompt_tokens=prompt, cache_capacity=capacity)
+        if record_steps:
+            stats.token_seconds = []
         mask = attention_mask.long()
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         start = time.perf_counter()
         with torch.no_grad():
             logits, kv = prefill(input_ids, mask, positions)
-            caches = [static_cache(t, capacity) for t in kv]
+            cache = _Cache(kv, mask, capacity, self.streaming)
         stats.prefill_seconds = time.perf_counter() - start
         tokens = input_ids
         unfinished = torch.ones(batch, dtype=torch.long, device=device)
@@ -425,10 +557,11 @@ class Generator:
                         break
                 if step == new - 1:
                     break
-                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
                 position = position + 1
-                logits, caches = decode(chosen[:, None], mask, position, caches)
-                caches = list(caches)
+                logits, views = decode(chosen[:, None], cache.step_mask(), position, cache.views)
+                cache.advance(views)
+                if stats.token_seconds is not None:
+                    stats.token_seconds.append(time.perf_counter() - start)
         stats.decode_seconds = time.perf_counter() - start
         stats.compile_seconds = _compile_seconds(prefill) + _compile_seconds(decode)
         stats.compile_seconds -= compile_before

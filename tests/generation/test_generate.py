@@ -130,3 +130,43 @@ def test_models_without_an_lm_head_are_refused():
 def test_eos_constant_is_outside_prompts():
     ids, _ = left_padded([50], seed=0)
     assert not bool((ids == EOS).any())
+
+
+WINDOWED = "canonicalize,fuse-attention,sliding-window{window=6,sinks=2}"
+
+
+def _windowed_reference(compiled, ids, mask, new):
+    """Greedy decoding by recomputing the whole sequence through the windowed model."""
+    tokens = ids
+    with torch.no_grad():
+        for _ in range(new):
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            out = compiled(input_ids=tokens, attention_mask=mask, position_ids=positions)
+            chosen = out.logits[:, -1].argmax(-1)
+            tokens = torch.cat([tokens, chosen[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return tokens
+
+
+@pytest.mark.parametrize("lengths", [[5], [7, 4], [12, 3]])
+def test_streaming_cache_keeps_sinks_and_window_and_matches_the_windowed_model(lengths):
+    model = build_decoder("llama")
+    generating = attnopt.compile(model, passes=WINDOWED)
+    reference = attnopt.compile(model, passes=WINDOWED)
+    ids, mask = left_padded(lengths, seed=7)
+    out = generating.generate(ids, attention_mask=mask, max_new_tokens=20)
+    assert torch.equal(out, _windowed_reference(reference, ids, mask, 20))
+    assert generating.generation_stats.cache_capacity == 2 + 6 + 1  # sinks + window + new
+    assert {site.variant for site in reference.sites} == {"sliding_window"}
+    assert generating._generator.decode.stats["compilations"] == 1
+
+
+def test_a_partial_sliding_window_applies_to_the_prompt_only_and_says_so():
+    model = build_decoder("llama")
+    cm = attnopt.compile(
+        model, passes="canonicalize,fuse-attention,sliding-window{window=6,layers=[1]}"
+    )
+    ids, mask = left_padded([5])
+    with pytest.warns(UserWarning, match="prompt pass .* only"):
+        cm.generate(ids, attention_mask=mask, max_new_tokens=12)
+    assert cm.generation_stats.cache_capacity == 17  # every position kept
