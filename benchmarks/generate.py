@@ -13,8 +13,9 @@ Usage::
     python benchmarks/generate.py                  # the issue's matrix
     python benchmarks/generate.py --quick          # prompt 64, 16 new tokens, batch 1
     python benchmarks/generate.py --models gpt2 --batches 1 --repeats 1
+    python benchmarks/generate.py --streaming      # 16,384 tokens, window 1024 + 4 sinks
 
-Writes benchmarks/results/generate.json. Asserts nothing.
+Writes benchmarks/results/generate.json (generate_streaming.json). Asserts nothing.
 """
 
 from __future__ import annotations
@@ -124,6 +125,71 @@ def run(variant: str, config: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def streaming(args: argparse.Namespace) -> list[dict]:
+    """StreamingLLM: ``args.stream_tokens`` greedy tokens with ``sliding-window{window,sinks}``;
+    mean time per token and peak RSS over the first and the last 1,000 tokens."""
+    import resource
+
+    import attnopt
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=args.stream_tokens + 64,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config).eval()
+    passes = (
+        f"canonicalize,fuse-attention,sliding-window{{window={args.window},sinks={args.sinks}}}"
+    )
+    compiled = attnopt.compile(model, passes=passes)
+    inputs = prompts(1, 16, config.vocab_size)
+    options = {"do_sample": False, "min_new_tokens": 1}
+    rows = []
+    with torch.inference_mode():
+        compiled.generate(**inputs, max_new_tokens=8, **options)  # compiles
+        for new in (1000, args.stream_tokens):
+            compiled.generate(**inputs, max_new_tokens=new, record_steps=True, **options)
+            ends = compiled.generation_stats.token_seconds
+            steps = [b - a for a, b in zip([0.0, *ends[:-1]], ends, strict=True)]
+            rows.append(
+                {
+                    "tokens": len(steps) + 1,
+                    "first_1000_ms": 1e3 * sum(steps[:999]) / len(steps[:999]),
+                    "last_1000_ms": 1e3 * sum(steps[-999:]) / len(steps[-999:]),
+                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                    "cache_positions": compiled.generation_stats.cache_capacity,
+                }
+            )
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"StreamingLLM decoding (LLaMA-style 4x512, GQA 8/2), window {args.window} + "
+        f"{args.sinks} sinks, batch 1"
+    )
+    for column in ("tokens", "cache positions", "first 1000 ms/token", "last 1000 ms/token",
+                   "last/first", "peak RSS MB"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            str(row["tokens"]),
+            str(row["cache_positions"]),
+            f"{row['first_1000_ms']:.2f}",
+            f"{row['last_1000_ms']:.2f}",
+            f"{row['last_1000_ms'] / row['first_1000_ms']:.2f}",
+            f"{row['peak_rss_mb']:.0f}",
+        )
+    Console(width=140).print(table)
+    return rows
+
+
 def main() -> None:
     """Parse the options, run the matrix, print the table and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -134,7 +200,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--quick", action="store_true", help="prompt 64, 16 new, batch 1")
+    parser.add_argument(
+        "--streaming", action="store_true", help="the StreamingLLM run only (see streaming())"
+    )
+    parser.add_argument("--stream-tokens", type=int, default=16384)
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--sinks", type=int, default=4)
     args = parser.parse_args()
+    if args.streaming:
+        write_results("generate_streaming.json", streaming(args))
+        return
     if args.quick:
         args.prompt, args.new, args.batches, args.repeats = 64, 16, [1], 1
     configs = [

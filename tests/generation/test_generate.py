@@ -170,3 +170,15 @@ def test_a_partial_sliding_window_applies_to_the_prompt_only_and_says_so():
     with pytest.warns(UserWarning, match="prompt pass .* only"):
         cm.generate(ids, attention_mask=mask, max_new_tokens=12)
     assert cm.generation_stats.cache_capacity == 17  # every position kept
+
+
+def test_example_runs_and_does_what_it_says():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "generate.py"
+    spec = importlib.util.spec_from_file_location("generate_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main()
+    assert result == {"same_tokens": True, "streamed": 64, "cache_capacity": 21}
