@@ -75,7 +75,8 @@ class Importer:
         self.names: dict[int, str] = {}  # initializer names, by tensor id
         self.weights: set[int] = set()  # tensors that are learned weights (see mark_weight)
         self.node: Any = None  # the ONNX node being lowered
-        self.used: set[str] = set()
+        self.readers: dict[str, list[Any]] = {}  # ONNX value name -> nodes reading it
+        self.absorbed: dict[str, Operand] = {}  # outputs of nodes a lowering already computed
 
     # --- operands ---------------------------------------------------------------------------
     def operand(self, name: str) -> Operand:
@@ -104,6 +105,11 @@ class Importer:
         if name is not None:
             self.names[id(tensor)] = name
         return tensor
+
+    def sole_reader(self, name: str) -> Any:
+        """The one node that reads ONNX value ``name``, or None (several, none, or an output)."""
+        readers = self.readers.get(name, [])
+        return readers[0] if len(readers) == 1 else None
 
     def where(self) -> str:
         """The node being imported, for messages."""
@@ -330,6 +336,11 @@ def _import_bound(proto: Any, bound: dict[str, torch.Tensor], name: str | None) 
         # (projections, norms, embeddings); constant masks and shapes are not.
         if value.is_floating_point() and value.dim() in (1, 2):
             im.mark_weight(value)
+    for node in proto.graph.node:
+        for name in node.input:
+            im.readers.setdefault(name, []).append(node)
+    for value in proto.graph.output:
+        im.readers.setdefault(value.name, []).append(None)
     _lower_nodes(im, proto.graph.node)
     im.node = None
     for value in proto.graph.output:

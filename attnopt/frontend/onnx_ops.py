@@ -176,12 +176,38 @@ def _gelu(im: Importer, node: Any, ins: list[Operand]) -> list[Operand]:
 
 
 # --- matmul -----------------------------------------------------------------------------------
+def _matmul(im: Importer, node: Any, ins: list[Operand]) -> list[Operand]:
+    """``MatMul`` by a constant matrix is a projection: ``linear``, with the bias of an ``Add``
+    that is the product's only reader (the TorchScript exporter's form of ``nn.Linear``)."""
+    x, weight = ins
+    if not (isinstance(x, Value) and isinstance(weight, torch.Tensor) and weight.dim() == 2):
+        return [im.op("matmul", [x, weight])]
+    if not weight.is_floating_point() or weight.dtype != x.dtype or len(shape_of(x)) < 2:
+        return [im.op("matmul", [x, weight])]
+    add, bias = im.sole_reader(node.output[0]), None
+    if add is not None and add.op_type == "Add" and add.domain in ("", "ai.onnx"):
+        other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+        found = im.env.get(other)
+        if isinstance(found, torch.Tensor) and found.shape == (weight.shape[1],):
+            bias = found if found.dtype == weight.dtype else None
+    name = im.names.get(id(weight), "weight")
+    transposed = im.mark_weight(weight.t().contiguous(), f"{name}.T")
+    out = im.op("linear", [x, transposed, bias])
+    if bias is not None:
+        im.absorbed[add.output[0]] = out
+    return [out]
+
+
 def _gemm(im: Importer, node: Any, ins: list[Operand]) -> list[Operand]:
     a, b, c = (list(ins) + [None])[:3]
     attrs = attributes(node)
     alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
     if attrs.get("transA", 0):
         a = im.op("transpose", [a], None)
+    if not attrs.get("transB", 0) and isinstance(b, torch.Tensor):
+        # A constant [K, N] operand (GPT-2's Conv1D): the [N, K] weight of a linear, once.
+        b = im.mark_weight(b.t().contiguous(), f"{im.names.get(id(b), 'weight')}.T")
+        attrs["transB"] = 1
     if attrs.get("transB", 0) and alpha == 1.0 and (c is None or beta == 1.0):
         if c is None or len(shape_of(c)) == 1 and shape_of(c)[0] == shape_of(b)[0]:
             return [im.op("linear", [a, b, c])]
@@ -457,7 +483,7 @@ def _lowerings() -> dict[tuple[str, str], Callable]:
 
     table: dict[str, Callable] = {
         "Add": _binary("add"), "Sub": _binary("sub"), "Mul": _binary("mul"), "Div": _binary("div"),
-        "Pow": _pow, "MatMul": lambda im, n, ins: [im.op("matmul", list(ins))], "Gemm": _gemm,
+        "Pow": _pow, "MatMul": _matmul, "Gemm": _gemm,
         "Sqrt": _unary_core("sqrt"), "Tanh": _unary_core("tanh"), "Exp": _unary_core("exp"),
         "Neg": _unary_core("neg"), "Sigmoid": _unary_core("sigmoid"),
         "Erf": _unary_aten("aten.erf.default"), "Relu": _unary_aten("aten.relu.default"),
@@ -504,6 +530,8 @@ def lower_node(im: Importer, node: Any, inputs: list[Operand]) -> list[Operand]:
     """
     if not _TABLE:
         _TABLE.update(_lowerings())
+    if node.output and node.output[0] in im.absorbed:  # computed by the lowering of a producer
+        return [im.absorbed.pop(node.output[0])]
     domain = "" if node.domain == "ai.onnx" else node.domain
     lowering = _TABLE.get((domain, node.op_type))
     if lowering is not None:
