@@ -130,8 +130,9 @@ def streaming(args: argparse.Namespace) -> list[dict]:
     mean time per token and peak RSS over the first and the last 1,000 tokens."""
     import resource
 
-    import attnopt
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import attnopt
 
     torch.manual_seed(0)
     config = LlamaConfig(

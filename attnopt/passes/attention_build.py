@@ -275,11 +275,11 @@ def build_attention(
         keep = visible_keys_mask(q_len, kv_len, window_left=window_left, window_right=0)
         masks = [*masks, graph.add_tensor("window_keep", keep)]
         windowed = False
-    mask = _combine_masks(graph, anchor, [_to_rank4(graph, anchor, x) for x in masks], q.dtype)
+    mask, additive = _combine_masks(graph, anchor, [_to_rank4(graph, anchor, x) for x in masks])
     if mask is not None and _inert_constant(graph, mask):
         mask = None  # a constant that masks nothing (ViT/DeiT's all-zero mask): no mask at all
     bias = None
-    for term in biases:
+    for term in [*biases, *([additive] if additive is not None else [])]:
         term = _to_rank4(graph, anchor, term)
         bias = term if bias is None else emit_before(graph, anchor, "add", [bias, term])
     if mask is not None and "mask" not in kinds and not analysis.key_masks:
@@ -397,12 +397,19 @@ def _inert_constant(graph: Graph, mask: Value) -> bool:
 
 
 def _combine_masks(
-    graph: Graph, anchor: Node, masks: list[Value], dtype: torch.dtype
-) -> Value | None:
+    graph: Graph, anchor: Node, masks: list[Value]
+) -> tuple[Value | None, Value | None]:
+    """One mask for the op, and an additive term for its bias when bool and float masks meet.
+
+    The bool masks are and-ed and stay the op's mask; float masks are summed. With both, the
+    float sum goes to the bias: the op adds the bias and then hides what the bool mask hides, as
+    eager's ``masked_fill`` does (folding the bool mask into the float one as ``-inf`` would add
+    it, and ``-inf`` added to a NaN score stays NaN where eager replaced it).
+    """
     if not masks:
-        return None
+        return None, None
     if len(masks) == 1:
-        return masks[0]
+        return masks[0], None
     bools = [m for m in masks if m.dtype == torch.bool]
     floats = [m for m in masks if m.dtype != torch.bool]
     keep = None
@@ -415,13 +422,9 @@ def _combine_masks(
     additive = None
     for m in floats:
         additive = m if additive is None else emit_before(graph, anchor, "add", [additive, m])
-    if additive is None:
-        return keep
-    if keep is None:
-        return additive
-    return emit_before(
-        graph, anchor, "masked_fill", [additive, _not(graph, anchor, keep)], _fill(-math.inf)
-    )
+    if additive is None or keep is None:
+        return keep if additive is None else additive, None
+    return keep, additive
 
 
 def _not(graph: Graph, anchor: Node, value: Value) -> Value:
