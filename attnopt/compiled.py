@@ -732,7 +732,8 @@ class CompiledModule(torch.nn.Module):
             **options: ``max_new_tokens``, ``max_length``, ``do_sample``, ``temperature``,
                 ``top_k``, ``top_p``, ``repetition_penalty``, ``min_new_tokens``,
                 ``eos_token_id``, ``pad_token_id`` (GenerationConfig semantics, over the model's
-                ``generation_config``); ``generator`` (a ``torch.Generator`` for sampling; the
+                ``generation_config`` or a ``generation_config=`` given, as pipelines pass);
+                ``generator`` (a ``torch.Generator`` for sampling; the
                 global RNG otherwise, as ``model.generate`` uses); ``max_cache_len`` (refuse
                 requests needing more cache positions); ``record_steps`` (keep each decode
                 step's end time in ``generation_stats.token_seconds``).

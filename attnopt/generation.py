@@ -334,7 +334,8 @@ class _Cache:
             length = keep.numel()
         self.streaming = streaming
         self.capacity = capacity
-        self.views = [static_cache(t, capacity) for t in kv]
+        self.buffers = [static_cache(t, capacity) for t in kv]  # held while views are used
+        self.views = [buffer[:, :, :length] for buffer in self.buffers]
         self.mask = mask.new_zeros(mask.shape[0], capacity)
         self.mask[:, :length] = mask
         self.length = length
@@ -382,7 +383,8 @@ class Generator:
 
     # -- options ---------------------------------------------------------------------------
     def _config(self, options: dict[str, Any]) -> Any:
-        config = copy.deepcopy(self.model.generation_config)
+        base = options.pop("generation_config", None)
+        config = copy.deepcopy(self.model.generation_config if base is None else base)
         try:
             unused = config.update(**options)
             config.validate()
@@ -391,8 +393,8 @@ class Generator:
         if unused:
             raise GenerationError(
                 f"generate() does not take {sorted(unused)}: pass input_ids, attention_mask, "
-                "generator, max_cache_len and GenerationConfig options (max_new_tokens, "
-                "do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, ...)"
+                "generator, max_cache_len, a generation_config and GenerationConfig options "
+                "(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, ...)"
             )
         for option, default in _UNSUPPORTED.items():
             value = getattr(config, option, default)

@@ -1,7 +1,7 @@
 """Static key/value caches for decoding: preallocated once, grown in place, never copied.
 
-Entry points: :func:`static_cache` (a preallocated cache holding a prefix, returned as the
-prefix view), :func:`append_kv` (the ``kv_append`` op's kernel, ``K.kv_append``).
+Entry points: :func:`static_cache` (a preallocated cache buffer holding a prefix),
+:func:`append_kv` (the ``kv_append`` op's kernel, ``K.kv_append``).
 
 A decoding step's graph says ``kv_append(past, new)``: the cache with the new positions after it
 (``torch.cat`` along the sequence dim). When ``past`` is the prefix view ``buffer[:, :, :P]`` of a
@@ -23,20 +23,26 @@ import torch
 
 __all__ = ["append_kv", "static_cache"]
 
-#: Buffers made by :func:`static_cache`, by ``id``: only these are written beyond a view.
+#: Buffers made by :func:`static_cache`, by the address of their storage: only these are
+#: written beyond a view. (Not found through ``view._base``: views made under
+#: ``torch.inference_mode()`` do not keep it.) The caller keeps its buffers alive; an entry
+#: whose buffer is gone is dropped.
 _OWNED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 
 
 def static_cache(prefix: torch.Tensor, capacity: int) -> torch.Tensor:
-    """A cache of ``capacity`` positions holding ``prefix``, as the view of its filled part.
+    """A cache buffer of ``capacity`` positions whose first ``P`` hold ``prefix``.
+
+    Keep the buffer while its views are in use and pass ``buffer[:, :, :P]`` as the cache:
+    :func:`append_kv` grows such views in place (a buffer no one holds is forgotten, and its
+    views are then concatenated like any tensor).
 
     Args:
         prefix: ``[batch, kv_heads, P, head_dim]``, the keys or values computed so far.
         capacity: positions to allocate (at least ``P``).
 
     Returns:
-        ``buffer[:, :, :P]`` of a new ``[batch, kv_heads, capacity, head_dim]`` buffer, which
-        :func:`append_kv` grows in place.
+        The new ``[batch, kv_heads, capacity, head_dim]`` buffer.
 
     Raises:
         ValueError: ``prefix`` is not 4-D or ``capacity`` is smaller than its length.
@@ -48,14 +54,14 @@ def static_cache(prefix: torch.Tensor, capacity: int) -> torch.Tensor:
         raise ValueError(f"capacity {capacity} is smaller than the prefix's {length} positions")
     buffer = torch.empty(batch, heads, capacity, dim, dtype=prefix.dtype, device=prefix.device)
     buffer[:, :, :length].copy_(prefix)
-    _OWNED[id(buffer)] = buffer
-    return buffer[:, :, :length]
+    _OWNED[buffer.untyped_storage().data_ptr()] = buffer
+    return buffer
 
 
 def _owned_base(past: torch.Tensor) -> torch.Tensor | None:
     """The buffer ``past`` is the prefix view of, when :func:`static_cache` made it."""
-    base = past._base  # noqa: SLF001 - a view's base is how its buffer is found
-    if base is None or _OWNED.get(id(base)) is not base:
+    base = _OWNED.get(past.untyped_storage().data_ptr())
+    if base is None or base.device != past.device:
         return None
     if (
         past.dim() != 4

@@ -182,3 +182,33 @@ def test_example_runs_and_does_what_it_says():
     spec.loader.exec_module(module)
     result = module.main()
     assert result == {"same_tokens": True, "streamed": 64, "cache_capacity": 21}
+
+
+def test_text_generation_pipeline_runs_the_compiled_decoder():
+    """A real client: transformers' text-generation pipeline with the compiled module as its
+    model gives the original model's text (greedy), for a batch of prompts of varying length."""
+    from transformers import GPT2Config, GPT2LMHeadModel, pipeline
+
+    from attnopt.zoo.minilm import minilm_tokenizer
+
+    tokenizer = minilm_tokenizer()
+    tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=tokenizer.vocab_size,
+        n_positions=128,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+    )
+    model = GPT2LMHeadModel(config).eval()
+    prompts = ["attention is all you need", "a compiler", "tokens in, tokens out, faster now"]
+    options = {"max_new_tokens": 10, "do_sample": False, "batch_size": 3}
+    expected = pipeline("text-generation", model=model, tokenizer=tokenizer)(prompts, **options)
+    cm = attnopt.compile(model)
+    got = pipeline("text-generation", model=cm, tokenizer=tokenizer)(prompts, **options)
+    assert got == expected
+    assert cm.generation_stats is not None and cm.generation_stats.new_tokens == 10
