@@ -210,6 +210,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.streaming:
         write_results("generate_streaming.json", streaming(args))
+        print(json.dumps({"written": "benchmarks/results/generate_streaming.json"}))
         return
     if args.quick:
         args.prompt, args.new, args.batches, args.repeats = 64, 16, [1], 1
@@ -221,6 +222,7 @@ def main() -> None:
     rows = run_matrix(__file__, args.variants, configs, timeout=3600)
     render(rows)
     write_results("generate.json", rows)
+    print(json.dumps({"written": "benchmarks/results/generate.json"}))
 
 
 def render(rows: list[dict]) -> None:
@@ -266,4 +268,3 @@ if __name__ == "__main__":
         worker_main(run)
     else:
         main()
-        print(json.dumps({"written": "benchmarks/results/generate.json"}))
