@@ -187,11 +187,12 @@ def test_example_runs_and_does_what_it_says():
 def test_text_generation_pipeline_runs_the_compiled_decoder():
     """A real client: transformers' text-generation pipeline with the compiled module as its
     model gives the original model's text (greedy), for a batch of prompts of varying length."""
-    from transformers import GPT2Config, GPT2LMHeadModel, pipeline
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
 
-    from attnopt.zoo.minilm import minilm_tokenizer
+    from attnopt.zoo.minilm import minilm_dir
 
-    tokenizer = minilm_tokenizer()
+    # A tokenizer of our own: the zoo's shared one must keep its right padding for other tests.
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
     tokenizer.padding_side = "left"
     torch.manual_seed(0)
     config = GPT2Config(
