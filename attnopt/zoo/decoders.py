@@ -42,68 +42,43 @@ def _gpt2(impl: str) -> nn.Module:
     return GPT2LMHeadModel(config)
 
 
-def _llama(impl: str) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+#: The LLaMA-family layout the tests use: hidden 64 in 4 query heads of 16, 2 layers.
+_GQA = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
 
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        **_common(impl),
-    )
-    return LlamaForCausalLM(config)
+
+def _gqa(config_name: str, model_name: str, impl: str, **extra: object) -> nn.Module:
+    """A transformers ``model_name(config_name(**_GQA, **extra))`` with random weights."""
+    import transformers
+
+    config = getattr(transformers, config_name)(**{**_GQA, **extra, **_common(impl)})
+    return getattr(transformers, model_name)(config)
+
+
+def _llama(impl: str) -> nn.Module:
+    return _gqa("LlamaConfig", "LlamaForCausalLM", impl)
 
 
 def _qwen2(impl: str) -> nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        **_common(impl),
-    )
-    return Qwen2ForCausalLM(config)
+    return _gqa("Qwen2Config", "Qwen2ForCausalLM", impl)
 
 
 def _mistral(impl: str) -> nn.Module:
-    from transformers import MistralConfig, MistralForCausalLM
-
-    config = MistralConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        sliding_window=128,
-        **_common(impl),
+    # MQA and a native sliding window longer than the tests' sequences.
+    return _gqa(
+        "MistralConfig", "MistralForCausalLM", impl, num_key_value_heads=1, sliding_window=128
     )
-    return MistralForCausalLM(config)
 
 
 def _gemma2(impl: str) -> nn.Module:
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    config = Gemma2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        sliding_window=128,
-        # transformers runs Gemma-2's soft-capped attention in its eager form only.
-        **_common("eager"),
-    )
-    return Gemma2ForCausalLM(config)
+    # transformers runs Gemma-2's soft-capped attention in its eager form only.
+    return _gqa("Gemma2Config", "Gemma2ForCausalLM", "eager", head_dim=16, sliding_window=128)
 
 
 #: Decoder builders by name: ``builder(attn_implementation) -> model`` (random weights).
