@@ -78,9 +78,8 @@ def _flat_cache(cache: Any) -> tuple[torch.Tensor, ...]:
     return tuple(t for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-class PrefillStep(nn.Module):
-    """The prompt pass: ``(input_ids, attention_mask, position_ids)`` -> the last position's
-    logits and every layer's keys and values, as a flat tuple.
+class _Step(nn.Module):
+    """A step module: the causal LM called with a transformers cache it builds.
 
     Args:
         model: a transformers causal LM (its own dynamic cache runs inside the captured graph).
@@ -91,13 +90,14 @@ class PrefillStep(nn.Module):
         self.model = model
         self._cache_keyword = _cache_keyword(model)
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    def _call(
+        self,
+        cache: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Logits ``[B, vocab]`` of the last position and ``(k0, v0, k1, v1, ...)``."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
+        """The last position's logits and the cache's keys and values after the call."""
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -109,7 +109,25 @@ class PrefillStep(nn.Module):
         return out.logits[:, -1], _flat_cache(cache)
 
 
-class DecodeStep(nn.Module):
+class PrefillStep(_Step):
+    """The prompt pass: ``(input_ids, attention_mask, position_ids)`` -> the last position's
+    logits and every layer's keys and values, as a flat tuple.
+
+    Args:
+        model: a transformers causal LM (its own dynamic cache runs inside the captured graph).
+    """
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Logits ``[B, vocab]`` of the last position and ``(k0, v0, k1, v1, ...)``."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        return self._call(cache, input_ids, attention_mask, position_ids)
+
+
+class DecodeStep(_Step):
     """One decoding step: ``(input_ids [B, T], attention_mask [B, P+T], position_ids [B, T],
     past)`` -> logits ``[B, vocab]`` of the last position and the caches ``P + T`` long.
 
@@ -119,11 +137,6 @@ class DecodeStep(nn.Module):
     Args:
         model: a transformers causal LM.
     """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self._cache_keyword = _cache_keyword(model)
 
     def forward(
         self,
@@ -149,15 +162,7 @@ class DecodeStep(nn.Module):
             layer.keys, layer.values = keys, values
             if hasattr(layer, "cumulative_length"):
                 layer.cumulative_length = keys.shape[-2]
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_keyword: cache},
-        )
-        return out.logits[:, -1], _flat_cache(cache)
+        return self._call(cache, input_ids, attention_mask, position_ids)
 
     def attnopt_dynamic_shapes(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """Batch and cache length symbolic; the step's token count static (see
@@ -398,7 +403,7 @@ class Generator:
             )
         for option, default in _UNSUPPORTED.items():
             value = getattr(config, option, default)
-            if value not in (default, None) and value != default:
+            if value not in (default, None):
                 raise GenerationError(
                     f"generate() with {option}={value!r} is not implemented by attnopt (greedy "
                     f"and sampling with one sequence per prompt are): leave {option} at "
