@@ -24,8 +24,9 @@ class AttentionSite:
         kind: "self" or "cross" (keys/values from another sequence).
         causal: bottom-right aligned causal rule (the attribute).
         mask_causal: the site's mask only lets queries see keys the causal rule allows.
-        num_heads: query heads.
-        num_kv_heads: key/value heads (GQA/MQA when fewer).
+        num_heads: query heads: an int, or a symbolic dim where a ``bmm`` form folds the heads
+            into a batch of any size.
+        num_kv_heads: key/value heads (GQA/MQA when fewer); an int or a symbolic dim.
         head_dim: query/key head dim.
         q_len: query length: an int, or a symbolic dim (``"s1"``) when one program serves
             every length.
@@ -49,9 +50,9 @@ class AttentionSite:
     layer: int | None
     kind: str
     causal: bool
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+    num_heads: int | str
+    num_kv_heads: int | str
+    head_dim: int | str
     q_len: int | str
     kv_len: int | str
     has_mask: bool
@@ -103,9 +104,9 @@ def collect_sites(graph: Graph) -> list[AttentionSite]:
                 layer=layer_of(module),
                 kind=info.get("kind", "self" if q_len == kv_len else "cross"),
                 causal=attrs.causal,
-                num_heads=int(q.shape[1]),
-                num_kv_heads=int(k.shape[1]),
-                head_dim=int(q.shape[3]),
+                num_heads=q.shape[1],
+                num_kv_heads=k.shape[1],
+                head_dim=q.shape[3],
                 q_len=q_len,
                 kv_len=kv_len,
                 has_mask=len(node.inputs) > 3 and node.inputs[3] is not None,

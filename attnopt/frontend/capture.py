@@ -120,6 +120,12 @@ def dynamic_shapes_for(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any
     if callable(own):
         return own(args, kwargs)
 
+    tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+    widest = max((x.dim() for x in tensors), default=0)
+    # A size-1 axis where another input is larger is a broadcast (a [1, 1, 1, S] bias beside a
+    # batch of 4), not a batch of one: it stays static, or the broadcast fails symbolically.
+    larger = [any(x.dim() > axis and x.shape[axis] > 1 for x in tensors) for axis in range(widest)]
+
     def spec(leaf: Any) -> Any:
         if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
             return None
@@ -127,7 +133,7 @@ def dynamic_shapes_for(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any
             axes = range(2 if leaf.dim() == 3 else 1)
         else:
             axes = range(leaf.dim())
-        return {axis: Dim.AUTO for axis in axes}
+        return {axis: Dim.AUTO for axis in axes if leaf.shape[axis] > 1 or not larger[axis]}
 
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
     return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
@@ -144,6 +150,31 @@ def _size_oblivious(dynamic: bool) -> Iterator[None]:
 
     with _config.patch(backed_size_oblivious=True):
         yield
+
+
+@contextlib.contextmanager
+def _inputs_unmarked(args: tuple, kwargs: dict) -> Iterator[None]:
+    """Leave the caller's tensors as they were: torch.export with dynamic shapes marks its inputs
+    dynamic (``_dynamo_*`` attributes) and keeps the marks, on failure too, so a later capture
+    of the same tensors (the per-shape fallback, or the user's own torch.compile) turned
+    symbolic behind the user's back."""
+    tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+    before = [
+        {key: value for key, value in vars(x).items() if key.startswith(_DYNAMO_MARKS)}
+        for x in tensors
+    ]
+    try:
+        yield
+    finally:
+        for tensor, kept in zip(tensors, before):
+            for key in [k for k in vars(tensor) if k.startswith(_DYNAMO_MARKS)]:
+                if key not in kept:
+                    delattr(tensor, key)
+            for key, value in kept.items():
+                setattr(tensor, key, value)
+
+
+_DYNAMO_MARKS = ("_dynamo_", "_has_dynamo_")
 
 
 def _symbol_ranges(ep: Any) -> dict[str, tuple[int, int | None]]:
@@ -223,7 +254,12 @@ def _export(
     if constants:
         model = _BoundKeywords(model, constants)
         kwargs = {name: value for name, value in kwargs.items() if name not in constants}
-    with torch.no_grad(), _mask_hints_off(), _size_oblivious(dynamic):
+    with (
+        torch.no_grad(),
+        _mask_hints_off(),
+        _size_oblivious(dynamic),
+        _inputs_unmarked(args, kwargs),
+    ):
         shapes = dynamic_shapes_for(model, args, kwargs) if dynamic else None
         ep = torch.export.export(model, args, kwargs, strict=strict, dynamic_shapes=shapes)
         if _has_mutation(ep):

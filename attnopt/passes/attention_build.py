@@ -275,7 +275,16 @@ def build_attention(
         keep = visible_keys_mask(q_len, kv_len, window_left=window_left, window_right=0)
         masks = [*masks, graph.add_tensor("window_keep", keep)]
         windowed = False
-    mask, additive = _combine_masks(graph, anchor, [_to_rank4(graph, anchor, x) for x in masks])
+    # Additive key masks go last, alone in the op's mask slot when float terms meet: the op adds
+    # (scores + bias) + mask, eager's order when the padding is added after a bias (a -1e9 fill
+    # summed into the bias first rounds the bias away and a row it hides entirely changes).
+    # Unchanged masks are in eager's order: the last one is added last.
+    ranked = [_to_rank4(graph, anchor, x) for x in masks]
+    if analysis.changed and not masks_override:
+        lasts = ranked[: len(analysis.key_masks)]
+    else:
+        lasts = ranked[-1:]
+    mask, additive = _combine_masks(graph, anchor, ranked, lasts)
     if mask is not None and _inert_constant(graph, mask):
         mask = None  # a constant that masks nothing (ViT/DeiT's all-zero mask): no mask at all
     bias = None
@@ -397,7 +406,7 @@ def _inert_constant(graph: Graph, mask: Value) -> bool:
 
 
 def _combine_masks(
-    graph: Graph, anchor: Node, masks: list[Value]
+    graph: Graph, anchor: Node, masks: list[Value], lasts: list[Value] | None = None
 ) -> tuple[Value | None, Value | None]:
     """One mask for the op, and an additive term for its bias when bool and float masks meet.
 
@@ -405,6 +414,9 @@ def _combine_masks(
     float sum goes to the bias: the op adds the bias and then hides what the bool mask hides, as
     eager's ``masked_fill`` does (folding the bool mask into the float one as ``-inf`` would add
     it, and ``-inf`` added to a NaN score stays NaN where eager replaced it).
+
+    With float masks only, those of ``lasts`` (eager adds them last) stay the op's mask and the
+    other floats go to the bias: the op adds its bias first.
     """
     if not masks:
         return None, None
@@ -412,6 +424,10 @@ def _combine_masks(
         return masks[0], None
     bools = [m for m in masks if m.dtype == torch.bool]
     floats = [m for m in masks if m.dtype != torch.bool]
+    lasts = [m for m in lasts or [] if m.dtype != torch.bool]
+    others = [m for m in floats if all(m is not x for x in lasts)]
+    if not bools and lasts and others:
+        return _sum(graph, anchor, lasts), _sum(graph, anchor, others)
     keep = None
     for m in bools:
         keep = (
@@ -419,12 +435,17 @@ def _combine_masks(
             if keep is None
             else emit_aten_before(graph, anchor, "aten.logical_and.default", [keep, m])
         )
-    additive = None
-    for m in floats:
-        additive = m if additive is None else emit_before(graph, anchor, "add", [additive, m])
+    additive = _sum(graph, anchor, floats) if floats else None
     if additive is None or keep is None:
         return keep if additive is None else additive, None
     return keep, additive
+
+
+def _sum(graph: Graph, anchor: Node, terms: list[Value]) -> Value:
+    total = terms[0]
+    for term in terms[1:]:
+        total = emit_before(graph, anchor, "add", [total, term])
+    return total
 
 
 def _not(graph: Graph, anchor: Node, value: Value) -> Value:

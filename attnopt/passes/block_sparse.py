@@ -117,10 +117,9 @@ class BlockSparse(Pass):
             )
             if self.permute_keys and not permute:
                 decline(notes, declined, site.index, "keys not permuted (causal, mask or bias)")
-            if self.heads is not None and max(self.heads) >= site.num_heads:
-                decline(
-                    notes, declined, site.index, f"has {site.num_heads} heads, heads={self.heads}"
-                )
+            unfit = site.heads_unfit(self.heads)
+            if unfit is not None:
+                decline(notes, declined, site.index, unfit)
                 continue
             original[site.index] = site.attrs
             site.update(

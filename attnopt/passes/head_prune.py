@@ -238,6 +238,9 @@ class HeadPrune(Pass):
 
         The kept heads are ``planned`` (from a replayed plan) or the best by ``head_norms``."""
         users = graph.users()
+        unfit = site.heads_unfit(())
+        if unfit is not None:
+            return unfit, None
         heads, kv_heads = site.num_heads, int(site.k.shape[1])
         head_dim, value_dim = int(site.q.shape[3]), int(site.v.shape[3])
         group = heads // kv_heads
@@ -321,6 +324,9 @@ def _planned_heads(owner: HeadPrune, site: Site, ctx: PassContext) -> torch.Tens
     decision = ctx.decision(owner, site)
     if decision is None or decision.get("heads_kept") is None:
         return None
+    unfit = site.heads_unfit(())
+    if unfit is not None:
+        raise PlanError(f"{owner.name}: the plan prunes heads of site {site.index}, but {unfit}")
     heads, kv_heads = site.num_heads, int(site.k.shape[1])
     group = heads // kv_heads
     kept = decision["heads_kept"]

@@ -59,9 +59,10 @@ class PlanSite:
         index: site index in graph order (the key's fallback only).
         kind: "self" or "cross".
         causal: whether the site is causal.
-        num_heads: query heads.
-        num_kv_heads: key/value heads.
-        head_dim: query/key head dimension.
+        num_heads: query heads; None where the size is symbolic (a ``bmm`` form folds heads
+            into the batch, which a symbolic compile cannot split).
+        num_kv_heads: key/value heads; None where symbolic.
+        head_dim: query/key head dimension; None where symbolic.
     """
 
     key: str
@@ -70,9 +71,9 @@ class PlanSite:
     index: int
     kind: str
     causal: bool
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+    num_heads: int | None
+    num_kv_heads: int | None
+    head_dim: int | None
 
     def describe(self) -> str:
         """``'<key>' (layer L, site I)`` for messages."""
@@ -86,6 +87,10 @@ def _site_key(site: Site, seen: dict[str, int]) -> str:
     count = seen.get(site.module, 0)
     seen[site.module] = count + 1
     return site.module if count == 0 else f"{site.module}#{count}"
+
+
+def _concrete(dim: int | str) -> int | None:
+    return dim if isinstance(dim, int) else None
 
 
 def site_table(graph: Graph) -> list[PlanSite]:
@@ -111,9 +116,9 @@ def site_table(graph: Graph) -> list[PlanSite]:
                 index=site.index,
                 kind=site.node.meta.get("site", {}).get("kind", "self"),
                 causal=site.causal,
-                num_heads=int(site.q.shape[1]),
-                num_kv_heads=int(site.k.shape[1]),
-                head_dim=int(site.q.shape[3]),
+                num_heads=_concrete(site.q.shape[1]),
+                num_kv_heads=_concrete(site.k.shape[1]),
+                head_dim=_concrete(site.q.shape[3]),
             )
         )
     return table
@@ -209,7 +214,8 @@ class Plan:
             # Not ``kind``: self or cross is how a call wires q and kv (nn.MultiheadAttention
             # projects an unbatched query apart from its keys), not the model's head layout.
             for name in ("causal", "num_heads", "num_kv_heads", "head_dim"):
-                if getattr(old, name) != getattr(new, name):
+                recorded_value, value = getattr(old, name), getattr(new, name)
+                if None not in (recorded_value, value) and recorded_value != value:
                     raise PlanError(
                         f"site {old.describe()}: the plan has {name}={getattr(old, name)!r}, "
                         f"this model has {getattr(new, name)!r}"

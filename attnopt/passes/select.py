@@ -102,9 +102,23 @@ class Site:
         return self.k.shape[2]
 
     @property
-    def num_heads(self) -> int:
-        """Query heads."""
-        return int(self.q.shape[1])
+    def num_heads(self) -> Dim:
+        """Query heads: an int, or a symbolic dim where a ``bmm`` form folds them into a batch
+        of any size (:meth:`heads_unfit` says why a head choice cannot apply then)."""
+        return self.q.shape[1]
+
+    def heads_unfit(self, heads: tuple[int, ...] | None) -> str | None:
+        """Why a pass's ``heads=`` choice cannot apply to this site, or None when it can."""
+        if heads is None:
+            return None  # no choice made; () asks whether heads can be chosen at all
+        if not isinstance(self.num_heads, int) or not isinstance(self.k.shape[1], int):
+            return (
+                f"its heads are folded into a symbolic batch ({self.num_heads}): compile with "
+                "dynamic=False to choose heads"
+            )
+        if heads and max(heads) >= self.num_heads:
+            return f"has {self.num_heads} heads, heads={heads}"
+        return None
 
     @property
     def causal(self) -> bool:

@@ -63,10 +63,9 @@ class SlidingWindow(Pass):
             if site.attrs.softcap is not None:
                 decline(notes, declined, site.index, "soft-capped sites stay dense")
                 continue
-            if self.heads is not None and max(self.heads) >= site.num_heads:
-                decline(
-                    notes, declined, site.index, f"has {site.num_heads} heads, heads={self.heads}"
-                )
+            unfit = site.heads_unfit(self.heads)
+            if unfit is not None:
+                decline(notes, declined, site.index, unfit)
                 continue
             site.update(
                 heads=tuple(self.heads or ()),

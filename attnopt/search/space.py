@@ -162,7 +162,7 @@ def search_space(
                     )
                 )
     if "head-prune" in wanted:
-        if max((s.num_heads for s in sites), default=0) >= 4:
+        if max((s.num_heads or 0 for s in sites), default=0) >= 4:
             keeps = (0.9, 0.75, 0.6, 0.5)
             space.families.append(
                 Family("head-prune", "head-prune", [f"head-prune{{keep={k}}}" for k in keeps])

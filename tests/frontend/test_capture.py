@@ -71,6 +71,43 @@ def test_capture_error_names_model_and_methods():
     assert "_DataDependent" in message and "export" in message and "Next:" in message
 
 
+def test_failed_symbolic_capture_leaves_the_inputs_unmarked(monkeypatch):
+    """torch.export marks its inputs dynamic and keeps the marks when it fails: a later capture
+    of the same tensors (the per-shape fallback, the user's own torch.compile) turned symbolic.
+    The fuzzer's program: bmm attention at batch 2 with a [1, 1, 1, 1] bias input, every batch
+    axis marked (as before size-1 broadcast axes stayed static), fails symbolically."""
+    from torch.export import Dim
+
+    from attnopt.frontend import capture
+    from tests.regressions.modules import _fuzz_program
+
+    build, inputs = _fuzz_program(
+        batch=2, heads=1, kv_heads=1, q_len=1, kv_len=1, head_dim=1, score="bmm", bias="input"
+    )
+    every_batch = {name: {0: Dim.AUTO} for name in ("q", "k", "v", "bias")}
+    monkeypatch.setattr(capture, "dynamic_shapes_for", lambda *_: every_batch)
+    args, kwargs = inputs()
+    with pytest.raises(attnopt.CaptureError):
+        capture.capture_program(build().eval(), args, kwargs, dynamic=True)
+    for tensor in [*args, *kwargs.values()]:
+        assert not [key for key in vars(tensor) if key.startswith("_dynamo")], vars(tensor)
+
+
+def test_size_one_axis_beside_a_larger_one_stays_static():
+    """A ``[1, 1, S]`` bias beside a batch of 2 is a broadcast, not a batch of one."""
+
+    class Biased(nn.Module):
+        def forward(self, x, bias):
+            return torch.softmax(x + bias, dim=-1)
+
+    x, bias = torch.randn(2, 3, 5), torch.randn(1, 1, 5)
+    cm = attnopt.compile(Biased(), (x, bias), passes="none")
+    assert cm.stats["mode"] == "symbolic"
+    for batch in (1, 3):
+        y = torch.randn(batch, 4, 5)
+        torch.testing.assert_close(cm(y, bias), torch.softmax(y + bias, dim=-1))
+
+
 def test_capture_rejects_non_modules():
     with pytest.raises(attnopt.CaptureError, match="nn.Module"):
         attnopt.capture(lambda x: x, (torch.randn(2),))

@@ -27,6 +27,22 @@ def _combine_additive(mask: torch.Tensor | None, bias: torch.Tensor | None, dtyp
     return bias + mask.to(dtype)
 
 
+#: A float mask row whose largest entry is at most this hides every key with a finite fill.
+_HIDDEN_ROW = -1.0e3
+
+
+def _hidden_row_beside_bias(mask: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    """Whether a float mask hides a whole row with a finite fill while a bias is added too.
+
+    SDPA takes one sum, ``bias + mask``; eager adds the bias to the scores first. Where a row
+    has a visible key the fill's weights underflow to zero either way, but on a row the fill
+    hides entirely every weight comes from the rounded sum, and ``bias + -1e9`` rounds the
+    bias to multiples of 64: such calls run eager's order (the exact reference)."""
+    if mask is None or bias is None or mask.dtype == torch.bool:
+        return False
+    return bool((mask.amax(dim=-1) <= _HIDDEN_ROW).any())
+
+
 #: Masks up to this many elements are checked at run time for being all-visible.
 _INERT_CHECK_LIMIT = 1 << 16
 
@@ -72,9 +88,10 @@ def dense_attention_cpu(
         ``[B, Hq, Sq, Dv]``.
     """
     mask = _drop_if_inert(mask)
-    if softcap is not None or not _all_finite(q, k, v):
+    if softcap is not None or not _all_finite(q, k, v) or _hidden_row_beside_bias(mask, bias):
         # SDPA's CPU flash kernel loses NaN from q at some lengths (torch 2.13: a NaN query
         # row gives finite outputs at length 7, NaN at 8); eager propagates it, so must we.
+        # Rows hidden entirely beside a bias take eager's order of additions.
         return _chunked_exact(
             q, k, v, mask=mask, bias=bias, scale=scale, causal=causal, cap=softcap
         )
