@@ -77,6 +77,11 @@ class AttentionAttrs:
         mask_kind: what mask analysis proved about the site's masks, ``+``-joined from
             ``causal``, ``sliding_window``, ``key_padding``, ``key_mask``, ``documents`` and
             ``mask`` (an unproven remainder); ``none`` without masks ("" before analysis).
+        nan_weights_zero: a weight that is NaN counts as 0, as in
+            ``where(isnan(softmax(s)), 0, softmax(s)) @ v`` (how exporters decompose SDPA):
+            a row of weights that softmax made NaN (NaN in its scores, inputs or mask) gives
+            ``0 @ v`` instead of NaN. Finite inputs never differ (a row with no visible key is
+            zeros either way).
     """
 
     scale: float = 1.0
@@ -106,6 +111,7 @@ class AttentionAttrs:
     seed: int = 0
     local_window: int | None = None
     mask_kind: str = ""
+    nan_weights_zero: bool = False
 
 
 def _infer(types: list[Type | None], attrs: AttentionAttrs) -> list[Type]:
@@ -366,7 +372,12 @@ def reference_attention(inputs: Sequence[Any], attrs: AttentionAttrs) -> torch.T
     if operands.segments is not None and variant in ("linear", "hybrid"):
         return operands.per_document(lambda part: reference_attention(part.as_list(), attrs))
     operands = operands.without_segments()
-    dense = {"scale": attrs.scale, "causal": attrs.causal, "softcap": attrs.softcap}
+    dense = {
+        "scale": attrs.scale,
+        "causal": attrs.causal,
+        "softcap": attrs.softcap,
+        "nan_weights_zero": attrs.nan_weights_zero,
+    }
     if variant == "dense":
         return attention_reference(q, k, v, mask=operands.mask, bias=operands.bias, **dense)
     heads = variant_heads(attrs, q.shape[1])

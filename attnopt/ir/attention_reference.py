@@ -94,6 +94,7 @@ def attention_reference(
     causal: bool = False,
     softcap: float | None = None,
     visible: torch.Tensor | None = None,
+    nan_weights_zero: bool = False,
 ) -> torch.Tensor:
     """The `attention` op computed naively in float32 (or float64 for float64 inputs).
 
@@ -107,6 +108,7 @@ def attention_reference(
         causal: bottom-right aligned causal rule.
         softcap: tanh soft-capping of the scaled scores.
         visible: extra bool visibility (sparsity), broadcastable to ``[B, Hq, Sq, Sk]``.
+        nan_weights_zero: NaN weights count as 0 (``where(isnan(w), 0, w) @ v``).
 
     Returns:
         ``[B, Hq, Sq, Dv]`` in q's dtype. Rows with no visible key are zeros.
@@ -144,5 +146,7 @@ def attention_reference(
     denom = weights.sum(dim=-1, keepdim=True)
     # Rows with no visible key give zeros; NaN (from NaN in q/k/v) propagates as in eager.
     probs = torch.where(denom == 0, 0.0, weights / denom.clamp_min(torch.finfo(compute).tiny))
+    if nan_weights_zero:
+        probs = torch.where(torch.isnan(probs), 0.0, probs)
     out = torch.matmul(probs, v.to(compute))
     return out.to(q.dtype)

@@ -179,6 +179,7 @@ def build_attention(
     replaces: Value,
     empty_rows: tuple[Value, Value] | None = None,
     window_left: int | None = None,
+    nan_weights_zero: bool = False,
 ) -> Value:
     """Insert an ``attention`` node for rank-2..4 q/k/v in place of ``replaces``.
 
@@ -199,6 +200,8 @@ def build_attention(
             with a last axis of 1) is True take ``fill`` instead of the attention output.
         window_left: with ``causal``, keys further back than this are not visible (an exact
             sliding window found in a constant mask); None or ``>= kv_len - 1``: plain causal.
+        nan_weights_zero: the model zeroes NaN weights before ``@ v`` (see
+            :class:`attnopt.ir.AttentionAttrs`).
 
     Returns:
         The replacement value (same shape and dtype as ``replaces``).
@@ -299,6 +302,7 @@ def build_attention(
         softcap=softcap,
         mask_causal=mask_causal and not causal,
         mask_kind="+".join(kinds) or "none",
+        nan_weights_zero=nan_weights_zero,
     )
     if windowed:
         attrs = dataclasses.replace(
@@ -537,6 +541,7 @@ def rewrite_match(graph: Graph, m: AttentionMatch) -> Value:
         source=m.softmax,
         replaces=m.pv.output,
         empty_rows=_uniform_rows(graph, anchor, m, fill_keeps, canon),
+        nan_weights_zero=m.nan_weights_zero,
     )
 
 

@@ -28,6 +28,7 @@ from attnopt.ir import Graph, Node, Value, aten_call_args
 from attnopt.ir.core_ops import ScalarOperandAttrs
 from attnopt.passes.helpers import (
     constant_scalar,
+    constant_tensor,
 )
 
 #: A fill at or below this value masks a key (its softmax weight underflows to exactly zero).
@@ -73,6 +74,36 @@ class AttentionMatch:
     # Readers of the scores, the weights or a value between that take only its shape, dtype and
     # device: (reader, the value it reads). The rewrite detaches them from the value.
     shape_readers: list[tuple[Node, Value]] = field(default_factory=list)
+    nan_weights_zero: bool = False  # where(isnan(w), 0, w) between softmax and @ v
+
+
+def _nan_zeroing(
+    graph: Graph, users: dict[Value, list[Node]], readers: list[Node], w: Value
+) -> Node | None:
+    """The node computing ``where(isnan(w), 0, w)`` (or ``w.masked_fill(isnan(w), 0)``) when
+    ``readers`` of the weights ``w`` are exactly that and its ``isnan``, else None."""
+    if len(readers) != 2 or _returned(graph, w):
+        return None
+    isnan = next(
+        (n for n in readers if n.op == "aten" and n.attrs.target == "aten.isnan.default"), None
+    )
+    if isnan is None:
+        return None
+    select = next(n for n in readers if n is not isnan)
+    flag = isnan.output
+    if users.get(flag) != [select] or _returned(graph, flag):
+        return None
+    if select.op == "where" and select.inputs[0] is flag and select.inputs[2] is w:
+        zero = constant_tensor(graph, select.inputs[1])
+        is_zero = zero is not None and zero.numel() == 1 and float(zero) == 0.0
+    elif select.op == "masked_fill" and select.inputs == [w, flag]:
+        is_zero = float(select.attrs.value) == 0.0
+    elif select.op == "aten" and select.attrs.target == "aten.where.ScalarSelf":
+        args, kwargs = aten_call_args(select)
+        is_zero = not kwargs and args[0] is flag and args[2] is w and args[1] == 0
+    else:
+        return None
+    return select if is_zero and select.output.dtype == w.dtype else None
 
 
 def reads_metadata_only(node: Node, value: Value) -> bool:
@@ -202,9 +233,14 @@ def match_attention(graph: Graph, softmax: Node, users: dict[Value, list[Node]])
     out_cast = None
     weight_casts: list[torch.dtype] = []
     shape_readers: list[tuple[Node, Value]] = []
+    nan_weights_zero = False
     while True:
         readers = _element_readers(users, weights, shape_readers)
         returned = _returned(graph, weights)
+        zeroing = None if nan_weights_zero else _nan_zeroing(graph, users, readers, weights)
+        if zeroing is not None:
+            weights, nan_weights_zero = zeroing.output, True
+            continue
         if len(readers) + returned != 1:
             raise NoMatch(
                 f"the attention weights %{weights.name} are used {len(readers) + returned} times "
@@ -249,7 +285,12 @@ def match_attention(graph: Graph, softmax: Node, users: dict[Value, list[Node]])
     if qk.output.shape != steps_final_shape(qk, steps):
         raise NoMatch("reshapes between q @ k^T and softmax change the score layout")
     m = AttentionMatch(
-        softmax=softmax, qk=qk, pv=pv, out_cast=out_cast, shape_readers=shape_readers
+        softmax=softmax,
+        qk=qk,
+        pv=pv,
+        out_cast=out_cast,
+        shape_readers=shape_readers,
+        nan_weights_zero=nan_weights_zero,
     )
     _canonical_form(graph, m, list(reversed(steps)))
     return m

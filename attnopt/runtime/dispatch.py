@@ -29,6 +29,7 @@ from attnopt.ir.attention import (
     block_meta_of,
     effective_variant,
     feature_map_of,
+    reference_attention,
     variant_heads,
 )
 from attnopt.ir.block_routing import apply_permutation, permute_for_sparsity
@@ -117,6 +118,8 @@ def attention_torch(inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor:
         The attention output.
     """
     ops = AttentionOperands.of(inputs)
+    if attrs.nan_weights_zero and not _finite_operands(ops):
+        return reference_attention(inputs, attrs)  # the kernels propagate NaN weights
     variant = effective_variant(attrs, ops.k.shape[2])
     if ops.segments is not None:
         ops = ops.single_documents()
@@ -136,6 +139,17 @@ def attention_torch(inputs: list[Any], attrs: AttentionAttrs) -> torch.Tensor:
     if heads is not None:
         return _per_head(ops, attrs, kernel, heads)
     return kernel(ops, attrs)
+
+
+def _finite_operands(ops: AttentionOperands) -> bool:
+    """Whether q, k, v and a float mask or bias hold finite values only (one sum each)."""
+    tensors = [ops.q, ops.k, ops.v] + [
+        t for t in (ops.mask, ops.bias) if isinstance(t, torch.Tensor) and t.is_floating_point()
+    ]
+    # -inf in a mask hides keys: a mask is finite enough when no entry is NaN or +inf.
+    return all(bool(torch.isfinite(t.sum())) for t in tensors[:3]) and all(
+        not bool(torch.isnan(t).any() or torch.isposinf(t).any()) for t in tensors[3:]
+    )
 
 
 def _documents_fit(ops: AttentionOperands, attrs: AttentionAttrs) -> bool:
@@ -213,7 +227,8 @@ class KernelNamespace:
         if self.input_taps is not None and attrs.site >= 0:
             self.input_taps.setdefault(attrs.site, []).append(list(inputs))
         out = None
-        if self.backend in ("triton", "triton-interpret"):
+        nan_rows = attrs.nan_weights_zero and not _finite_operands(AttentionOperands.of(inputs))
+        if self.backend in ("triton", "triton-interpret") and not nan_rows:
             out = self._try_triton(inputs, attrs)
         if out is None:
             out = attention_torch(inputs, attrs)

@@ -47,7 +47,11 @@ class _Positional(torch.nn.Module):
 
 
 def _export(name: str, how: str, path: str) -> None:
-    impl = "sdpa" if how == "dynamo23" else "eager"
+    """``how``: the exporter ("legacy" or "dynamoNN", opset NN); "-sdpa" exports the model's
+    SDPA attention, which exporters below opset 23 decompose into MatMul/Softmax followed by
+    ``Where(IsNaN(weights), 0, weights)``."""
+    impl = "sdpa" if how == "dynamo23" or how.endswith("-sdpa") else "eager"
+    how = how.removesuffix("-sdpa")
     model = get(name).build(impl).eval()
     kwargs = _inputs(name)
     names = list(kwargs)
@@ -99,7 +103,7 @@ def _ops(path: str) -> dict[tuple[str, str], int]:
     return counts
 
 
-@pytest.mark.parametrize("how", ["legacy", "dynamo18", "dynamo23", "ort"])
+@pytest.mark.parametrize("how", ["legacy", "dynamo18", "dynamo23", "ort", "legacy-sdpa"])
 @pytest.mark.parametrize("name", ["bert", "gpt2", "vit"])
 def test_detects_every_site_and_matches_onnxruntime(onnx_file, name, how):
     path = onnx_file(name, how)
@@ -120,6 +124,18 @@ def test_detects_every_site_and_matches_onnxruntime(onnx_file, name, how):
         assert all(site.causal for site in cm.sites)
     expected = OnnxModule(path)(**kwargs)
     torch.testing.assert_close(cm(**kwargs), expected, rtol=0, atol=TOLERANCE)
+
+
+def test_decomposed_sdpa_zeroes_nan_weights_like_onnxruntime(onnx_file):
+    """The dynamo exporter at opset 18 decomposes SDPA with ``Where(IsNaN(w), 0, w)``: the site
+    fuses with ``nan_weights_zero`` (NaN inputs: tests/passes/test_attention_variants.py)."""
+    path = onnx_file("bert", "dynamo18-sdpa")
+    assert _ops(path).get(("", "IsNaN")) == LAYERS
+    kwargs = _inputs("bert")
+    cm = attnopt.compile(path, kwargs=kwargs)
+    assert len(cm.sites) == LAYERS, cm.explain()
+    assert all(n.attrs.nan_weights_zero for n in cm.graph.find("attention"))
+    torch.testing.assert_close(cm(**kwargs), OnnxModule(path)(**kwargs), rtol=0, atol=TOLERANCE)
 
 
 def test_new_shapes_compile_again_and_match(onnx_file):

@@ -882,3 +882,37 @@ def test_a_constant_mask_that_masks_nothing_is_dropped():
     assert_close(cm(q, k, v), model(q, k, v))
     linear = attnopt.compile(model, (q, k, v), passes="canonicalize,fuse-attention,linearize")
     assert [s.variant for s in linear.sites] == ["linear"]
+
+
+def _nan_zero_where(w):
+    return torch.where(torch.isnan(w), 0.0, w)
+
+
+def _nan_zero_fill(w):
+    return w.masked_fill(w.isnan(), 0)
+
+
+@pytest.mark.parametrize("zero", [_nan_zero_where, _nan_zero_fill], ids=["where", "masked_fill"])
+def test_nan_weights_zeroed_before_v(zero):
+    """``where(isnan(w), 0, w) @ v`` (exporters' SDPA decomposition, or written by hand) fuses
+    with ``nan_weights_zero``: a fully masked row, a NaN query and an inf key give eager's
+    zeros, NaN and finite values in the same places."""
+
+    def fn(_module, q, k, v, keep):
+        s = (q @ k.transpose(-1, -2) * SCALE).masked_fill(~keep, float("-inf"))
+        return zero(torch.softmax(s, dim=-1)) @ v
+
+    q, k, v = _qkv()
+    keep = _padding()[:, None, None, :].expand(B, 1, S, S).clone()
+    keep[1, :, 4] = False  # query 4 of sequence 1 sees no key: NaN weights in eager
+    model = Fn(fn).eval()
+    cm = attnopt.compile(model, (q, k, v, keep), dynamic=False)
+    assert len(cm.sites) == 1 and cm.graph.find("attention")[0].attrs.nan_weights_zero
+    nan_q, inf_k = q.clone(), k.clone()
+    nan_q[0, 1, 2, 3] = float("nan")
+    inf_k[1, 2, 5, 0] = float("inf")
+    for inputs in ((q, k, v, keep), (nan_q, k, v, keep), (q, inf_k, v, keep)):
+        expected, actual = model(*inputs), cm(*inputs)
+        assert torch.equal(expected.isnan(), actual.isnan())
+        assert_close(actual.nan_to_num(), expected.nan_to_num())
+    assert bool(model(nan_q, k, v, keep).isfinite().all())  # the NaN row was zeroed
