@@ -43,11 +43,17 @@ from attnopt.passes.attention_build import (
     derived_from_parameter,
     rewrite_match,
 )
-from attnopt.passes.attention_match import AttentionMatch, NoMatch, match_attention
+from attnopt.passes.attention_match import (
+    ADDITIVE_MASK_LIMIT,
+    AttentionMatch,
+    NoMatch,
+    match_attention,
+)
 from attnopt.passes.base import Pass, PassContext, PassResult
 from attnopt.passes.canonical_views import VIEW_RULES
 from attnopt.passes.helpers import (
     constant_tensor,
+    emit_before,
     set_aten_call,
     view_chain_source,
 )
@@ -86,6 +92,11 @@ def fuse_sdpa(graph: Graph, node: Node) -> Value:
         else:  # SDPA's is_causal is top-left aligned
             tri = torch.ones(q_len, kv_len, dtype=torch.bool).tril()
             masks.append(graph.add_tensor("sdpa_causal_top_left", tri))
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        if derived_from_parameter(graph, attn_mask):
+            split = _masked_bias(graph, node, attn_mask)
+            biases.append(attn_mask if split is None else split[0])
+            attn_mask = None if split is None else split[1]
     if attn_mask is not None:
         constant = constant_tensor(graph, attn_mask)
         found = None
@@ -97,8 +108,6 @@ def fuse_sdpa(graph: Graph, node: Node) -> Value:
             )
         if found is not None:
             window = found
-        elif attn_mask.dtype != torch.bool and derived_from_parameter(graph, attn_mask):
-            biases.append(attn_mask)
         else:
             masks.append(attn_mask)
     return build_attention(
@@ -116,6 +125,54 @@ def fuse_sdpa(graph: Graph, node: Node) -> Value:
         source=node,
         replaces=node.outputs[0],
     )
+
+
+def _masked_bias(graph: Graph, anchor: Node, value: Value) -> tuple[Value, Value] | None:
+    """``(bias, additive mask)`` for an SDPA mask ``where(keep, bias, fill)`` with a fill at
+    ``finfo.min`` scale (T5 with SDPA folds its padding into the position bias so), else None.
+
+    The op adds ``bias`` and then the mask ``where(keep, 0, fill)``: a hidden score becomes the
+    fill in both orders (``x + fill`` rounds to ``fill`` for any score below 1e30), so mask
+    analysis can prove the padding the bias hid.
+    """
+    while value.producer is not None and value.producer.op in ("contiguous", "cast"):
+        if value.producer.op == "cast" and value.producer.inputs[0].dtype != value.dtype:  # type: ignore[union-attr]
+            return None
+        value = value.producer.inputs[0]  # type: ignore[assignment]
+    node = value.producer
+    if node is None or node.op != "aten" or node.attrs.target != "aten.where.ScalarOther":
+        return None
+    args, kwargs = aten_call_args(node)
+    keep, bias, fill = args[0], args[1], args[2]
+    if kwargs or not isinstance(fill, (int, float)) or fill > ADDITIVE_MASK_LIMIT:
+        return None
+    if keep.dtype != torch.bool or derived_from_parameter(graph, keep):
+        return None
+    if not _reads_graph_inputs(graph, keep):
+        # A pattern of positions only (T5's causal decoder without a padding input) is a
+        # constant per shape and symbolic otherwise: left in the bias, it reads the same in both
+        # compiles (a symbolic compile must not prove less than the per-shape one).
+        return None
+    zero = graph.add_tensor("mask_zero", torch.zeros((), dtype=value.dtype))
+    low = graph.add_tensor("mask_fill", torch.tensor(float(fill), dtype=value.dtype))
+    return bias, emit_before(graph, anchor, "where", [keep, zero, low])
+
+
+def _reads_graph_inputs(graph: Graph, value: Value, budget: int = 256) -> bool:
+    """Whether ``value`` is computed from one of the graph's inputs (a padding mask)."""
+    inputs = {id(v) for v in graph.inputs}
+    stack, seen = [value], set()
+    while stack and budget > 0:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        budget -= 1
+        if id(current) in inputs:
+            return True
+        if current.producer is not None:
+            stack.extend(v for v in current.producer.inputs if v is not None)
+    return False
 
 
 #: ``*_like`` factories and the ``new_*`` factory that makes the same tensor from a given size.

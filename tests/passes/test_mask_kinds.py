@@ -58,9 +58,10 @@ KINDS: dict[tuple[str, str | None], list[str]] = {
 #: Configurations whose kinds are wrong for a reason outside mask analysis (strict xfail: the
 #: test fails once they are right, so the entry gets removed).
 KNOWN_WRONG = {
-    ("t5", "sdpa"): "T5's sdpa path adds its mask into the position bias "
-    "(where(keep, bias, finfo.min)): fuse_sdpa passes it on as a bias, never analysed; the self "
-    "sites say 'none' and the decoder's is not causal",
+    ("t5", "sdpa"): "T5's sdpa path folds its mask into the position bias "
+    "(where(keep, bias, finfo.min)); fuse_sdpa splits it out where the mask reads the inputs "
+    "(padding), but the decoder's causal pattern reads positions only and stays in the bias (split "
+    "per shape and not symbolically, the two compiles would differ): those sites say 'none'",
 }
 
 #: Sequence models whose example has an attention_mask (padding applies); the others run as is.
@@ -168,11 +169,14 @@ def test_gpt2_without_a_mask_is_causal_only():
     assert all(s.causal and not s.has_mask for s in cm.sites)
 
 
-def test_t5_sdpa_cross_sites_are_key_padding():
-    # the part of T5's sdpa table that is right today: the cross sites' masks are analysed
-    cm = compiled("t5", "sdpa", "static")
-    assert [s.mask_kind for s in cm.sites if s.kind == "cross"] == [KP, KP]
+@pytest.mark.parametrize("mode", ["static", "symbolic"])
+def test_t5_sdpa_padding_split_from_the_position_bias(mode):
+    """The part of T5's sdpa table that is right today: the padding folded into the position
+    bias is split out and proven (encoder self and cross sites), in both compiles."""
+    cm = compiled("t5", "sdpa", mode)
+    assert [s.mask_kind for s in cm.sites] == [KP, KP, "none", KP, "none", KP]
     assert all(s.has_bias for s in cm.sites if s.kind == "self")
+    assert cm.stats["mode"] == ("per-shape" if mode == "static" else "symbolic")
 
 
 @pytest.mark.parametrize(
