@@ -49,6 +49,8 @@ VIT_VARIANTS = {
     "merge ratio=0.35 L0-3": f"{BASE},token-merge{{ratio=0.35,layers=[0,1,2,3]}}",
     "prune keep=0.8 L3,6,9 (EViT)": f"{BASE},token-prune{{keep=0.8,layers=[3,6,9]}}",
     "prune keep=0.5 L1": f"{BASE},token-prune{{keep=0.5,layers=[1]}}",
+    "merge ratio=0.5 L0": f"{BASE},token-merge{{ratio=0.5,layers=[0]}}",
+    "prune keep=0.5 L0": f"{BASE},token-prune{{keep=0.5,layers=[0]}}",
 }
 
 MINILM_VARIANTS = {
