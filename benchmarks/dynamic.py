@@ -25,9 +25,8 @@ original's own cold start does not flatter the others), the median of ``--repeat
 encodes (steady state) and its speed-up, the compilations (``cm.stats`` for attnopt, Dynamo's
 unique graphs for torch.compile), the cost of each new padded shape (time of the Transformer
 module on the first batch of a shape minus its steady-state time on the same batch, median and
-max over the shapes), that cost beyond the original's on the same shape (the process's own
-first-call costs, which the original pays too, cancel: what compiling a shape adds), and the
-embeddings' agreement with the original (min cosine, max |diff|).
+max over the shapes; ``shape_costs_s`` in the JSON has each shape's), and the embeddings'
+agreement with the original (min cosine, max |diff|).
 Prints a table, writes benchmarks/results/dynamic.json. Asserts nothing.
 
 Run: ``.venv/bin/python benchmarks/dynamic.py [--sentences 1000] [--repeats 2]``
@@ -203,19 +202,6 @@ def _stats_text(stats: dict[str, Any]) -> str:
     return " ".join(shown) or "-"
 
 
-def _beyond(row: dict, base: dict | None) -> str:
-    """A new shape's cost beyond the original's cold cost on the same shape (the process's own
-    first-call costs, paid by every variant, cancel): what compiling a shape adds."""
-    if base is None or row is base:
-        return "-"
-    mine, theirs = row.get("shape_costs_s", {}), base.get("shape_costs_s", {})
-    extra = [mine[shape] - theirs[shape] for shape in mine if shape in theirs]
-    row["beyond_original_ms_median"], row["beyond_original_ms_max"] = (
-        x * 1e3 for x in _median_max(extra)
-    )
-    return f"{row['beyond_original_ms_median']:.1f} / {row['beyond_original_ms_max']:.1f}"
-
-
 def render_table(rows: list[dict], title: str) -> None:
     """Print the rich table and write benchmarks/results/dynamic.json."""
     from rich.console import Console
@@ -233,7 +219,6 @@ def render_table(rows: list[dict], title: str) -> None:
         "batches / shapes",
         "compilations",
         "new-shape cost ms median / max",
-        "beyond original's ms median / max",
         "min cosine",
         "max |diff|",
     )
@@ -256,7 +241,6 @@ def render_table(rows: list[dict], title: str) -> None:
             f"{row['batches']} / {row['new_shapes']}",
             _stats_text(row.get("stats", {})),
             f"{row['shape_cost_ms_median']:.1f} / {row['shape_cost_ms_max']:.1f}",
-            _beyond(row, base),
             f"{row.get('min_cosine', float('nan')):.7f}",
             f"{row.get('max_abs_diff', float('nan')):.2e}",
         )
