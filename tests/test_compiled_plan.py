@@ -100,7 +100,7 @@ def test_head_pruned_minilm_compiled_at_one_batch_runs_a_smaller_one():
     args, kwargs = zoo.get("minilm").example(16, 48)
     cm = attnopt.compile(model, args, kwargs, passes=PRUNE, calibration=[(args, kwargs)])
     reference = _pruned_reference(model, cm.plan)
-    for batch, seq in [(12, 48), (3, 40)]:
+    for batch, seq in [(12, 48), (3, 40), *OTHER_SHAPES]:
         small_args, small_kwargs = zoo.get("minilm").example(batch, seq)
         out = _hidden(cm, small_args, small_kwargs)
         # oneDNN projections against eager's: a few 1e-5 differences on MiniLM's scale
@@ -108,6 +108,27 @@ def test_head_pruned_minilm_compiled_at_one_batch_runs_a_smaller_one():
             out, _hidden(reference, small_args, small_kwargs), atol=1e-4, rtol=1e-4
         )
     assert [s.heads_kept for s in cm.sites] == [6] * 6
+
+
+def test_budget_linearised_minilm_plan_reapplies_at_five_other_shapes(tmp_path, monkeypatch):
+    """The real MiniLM linearised within a budget, calibrated at one shape: the chosen sites hold
+    at five other shapes, and the saved plan reapplied without calibration gives equal outputs."""
+    model = zoo_model("minilm", "eager")
+    args, kwargs = zoo.get("minilm").example(8, 32)
+    cm = attnopt.compile(
+        model, args, kwargs, passes=FUSE + "linearize{budget=0.9}", calibration=[(args, kwargs)]
+    )
+    linear = [s.index for s in cm.sites if s.variant == "linear"]
+    assert 0 < len(linear) < len(cm.sites), "the budget must select some sites, not all"
+    path = cm.plan.save(tmp_path / "minilm.json")
+    monkeypatch.setattr(attnopt.compiled, "run_graph", refuse_graph_runs)
+    again = attnopt.compile(model, args, kwargs, plan=path, calibration=None)
+    for batch, seq in OTHER_SHAPES:
+        other_args, other_kwargs = zoo.get("minilm").example(batch, seq)
+        out = _hidden(cm, other_args, other_kwargs)
+        assert [s.index for s in cm.sites if s.variant == "linear"] == linear
+        assert torch.equal(out, _hidden(again, other_args, other_kwargs))
+    assert [s.variant for s in again.sites] == [s.variant for s in cm.sites]
 
 
 def test_saved_plan_reapplies_without_calibration(tmp_path, monkeypatch):
