@@ -13,6 +13,7 @@ def _compile(name, passes, **options):
     entry = zoo.get(name)
     model = entry.build("eager")
     args, kwargs = entry.example(2, 8)
+    options.setdefault("dynamic", False)  # what is told does not depend on the capture's shapes
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cm = attnopt.compile(model, args, kwargs, passes=passes, **options)
