@@ -227,8 +227,10 @@ class KernelNamespace:
         if self.input_taps is not None and attrs.site >= 0:
             self.input_taps.setdefault(attrs.site, []).append(list(inputs))
         out = None
-        nan_rows = attrs.nan_weights_zero and not _finite_operands(AttentionOperands.of(inputs))
-        if self.backend in ("triton", "triton-interpret") and not nan_rows:
+        if self.backend in ("triton", "triton-interpret") and not (
+            # NaN weight rows: the torch path runs the reference (attention_torch checks)
+            attrs.nan_weights_zero and not _finite_operands(AttentionOperands.of(inputs))
+        ):
             out = self._try_triton(inputs, attrs)
         if out is None:
             out = attention_torch(inputs, attrs)
