@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,19 +43,34 @@ from attnopt.passes.mask_analysis import MaskAnalysis, analyse_masks, causal_win
 def derived_from_parameter(graph: Graph, value: Value, budget: int = 64) -> bool:
     """Whether ``value`` is computed from a trainable parameter (a learned bias, not a mask)."""
     parameters = set(graph.meta.get("parameters", ()))
+    return computed_from(
+        value,
+        lambda v: (
+            v.producer is not None
+            and v.producer.op == "param"
+            and v.producer.attrs.name in parameters
+        ),
+        budget,
+    )
+
+
+def computed_from(value: Value, found: Callable[[Value], bool], budget: int = 64) -> bool:
+    """Whether ``found`` holds for ``value`` or a value it is computed from, within ``budget``
+    producers visited (graph inputs end a path without counting, ``param`` nodes end it)."""
     stack, seen = [value], set()
     while stack and budget > 0:
         current = stack.pop()
-        if id(current) in seen or current.producer is None:
+        if id(current) in seen:
             continue
         seen.add(id(current))
-        budget -= 1
+        if found(current):
+            return True
         node = current.producer
-        if node.op == "param":
-            if node.attrs.name in parameters:
-                return True
+        if node is None:
             continue
-        stack.extend(v for v in node.inputs if v is not None)
+        budget -= 1
+        if node.op != "param":
+            stack.extend(v for v in node.inputs if v is not None)
     return False
 
 

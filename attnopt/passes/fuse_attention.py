@@ -40,6 +40,7 @@ from attnopt.passes.attention_build import (
     additive_window,
     build_attention,
     causal_window,
+    computed_from,
     derived_from_parameter,
     rewrite_match,
 )
@@ -148,7 +149,8 @@ def _masked_bias(graph: Graph, anchor: Node, value: Value) -> tuple[Value, Value
         return None
     if keep.dtype != torch.bool or derived_from_parameter(graph, keep):
         return None
-    if not _reads_graph_inputs(graph, keep):
+    inputs = {id(v) for v in graph.inputs}
+    if not computed_from(keep, lambda v: id(v) in inputs, budget=256):
         # A pattern of positions only (T5's causal decoder without a padding input) is a
         # constant per shape and symbolic otherwise: left in the bias, it reads the same in both
         # compiles (a symbolic compile must not prove less than the per-shape one).
@@ -156,23 +158,6 @@ def _masked_bias(graph: Graph, anchor: Node, value: Value) -> tuple[Value, Value
     zero = graph.add_tensor("mask_zero", torch.zeros((), dtype=value.dtype))
     low = graph.add_tensor("mask_fill", torch.tensor(float(fill), dtype=value.dtype))
     return bias, emit_before(graph, anchor, "where", [keep, zero, low])
-
-
-def _reads_graph_inputs(graph: Graph, value: Value, budget: int = 256) -> bool:
-    """Whether ``value`` is computed from one of the graph's inputs (a padding mask)."""
-    inputs = {id(v) for v in graph.inputs}
-    stack, seen = [value], set()
-    while stack and budget > 0:
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        budget -= 1
-        if id(current) in inputs:
-            return True
-        if current.producer is not None:
-            stack.extend(v for v in current.producer.inputs if v is not None)
-    return False
 
 
 #: ``*_like`` factories and the ``new_*`` factory that makes the same tensor from a given size.
